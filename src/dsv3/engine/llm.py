@@ -42,8 +42,9 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         self.speculator = Speculator(self, speculative_tokens, speculative_max_batch) if speculative_tokens else None
+        draft_rows = 2 * min(max_num_seqs, speculative_max_batch) if speculative_tokens == 1 else 0
         self.runner = ModelRunner(model, self.latent_caches, block_size, self.max_model_len,
-                                  max_num_seqs * (1 + speculative_tokens), cuda_graphs, par)
+                                  max_num_seqs * (1 + speculative_tokens), cuda_graphs, par, draft_rows)
         eos = list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.append(tokenizer.eos_token_id)
@@ -117,13 +118,17 @@ class LLMEngine:
             first = seq.num_cached_tokens
             completes = first + n >= seq.num_tokens
             items.append((seq, first, (seq.all_token_ids[first:] + seq.draft)[:n], 1 + len(seq.draft) if completes else 0))
-        step = self.runner.pack(items, rows_mode)
-        hidden, logits = self.runner.run(step)
-        if any(seq.draft for seq, _ in scheduled):
-            valid = self.speculator.verify(items, logits)
-        else:
-            valid = self._sample(items, logits)
+        in_graph = self.speculator is not None and rows_mode and self.speculator.drafts_in_graph(items)
+        step = self.runner.pack(items, rows_mode, greedy_draft=in_graph)
+        hidden, out = self.runner.run(step)
         self.stats["steps"] += 1
+        if in_graph:  # out: the (2, N) tokens of verification and drafting
+            self.speculator.verify_and_draft(items, out)
+            return [item[0] for item in items]
+        if any(seq.draft for seq, _ in scheduled):
+            valid = self.speculator.verify(items, out)
+        else:
+            valid = self._sample(items, out)
         if self.speculator is not None:
             self.speculator.draft(items, valid, step, rows_mode)
         return [item[0] for item in items if item[3]]

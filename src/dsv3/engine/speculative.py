@@ -70,22 +70,51 @@ def accept(logits: torch.Tensor, drafts: list[int], draft_probs: list[torch.Tens
 
 class Speculator:
     """The engine's speculative side: verifies each step's drafts, then runs the MTP module over the
-    step's valid positions (filling its cache) and drafts up to k tokens per decoding sequence."""
+    step's valid positions (filling its cache) and drafts up to k tokens per decoding sequence.
+
+    The common case (one draft, greedy, every sequence decoding) runs in one forward instead:
+    ModelRunner.greedy_draft verifies and drafts at once, inside the decode step's CUDA graph, and
+    `verify_and_draft` reads both back with one device read.
+    """
 
     def __init__(self, engine, k: int, max_batch: int):
         self.engine, self.k, self.max_batch = engine, k, max_batch
+        self.in_graph = True  # False: always the two-pass path (tests compare the two)
 
-    def verify(self, items: list, logits: torch.Tensor) -> list[int]:
-        """Accept or reject each sequence's drafts (`accept`); returns the valid tokens per item."""
+    def decoding(self) -> int:
+        return sum(1 for seq in self.engine.scheduler.running if seq.num_uncomputed == 1)
+
+    def drafts_in_graph(self, items: list) -> bool:
+        """Whether this rows-mode step can verify and draft in one forward."""
+        return (self.in_graph and self.k == 1 and self.decoding() <= self.max_batch
+                and all(seq.params.greedy and seq.params.logprobs is None for seq, *_ in items))
+
+    def verify_and_draft(self, items: list, tokens: torch.Tensor) -> None:
+        """tokens (2, N): the main model's argmax and the MTP draft at every row of a greedy_draft step.
+        A sequence's next draft is the one at its last valid row (the real token plus accepted drafts)."""
+        target, drafted = tokens.tolist()
+        starts = [0]
+        for _, _, rows, _ in items:
+            starts.append(starts[-1] + len(rows))
+        for (seq, *_), start, v in zip(items, starts, self.verify(items, None, target)):
+            if not seq.finished and self.engine.blocks.can_append(seq, self.k):
+                self.engine.blocks.append(seq, self.k - 1)
+                seq.draft, seq.draft_probs = [self.propose_for(seq, None, drafted[start + v - 1])[0]], [None]
+
+    def verify(self, items: list, logits: torch.Tensor | None, argmax: list[int] | None = None) -> list[int]:
+        """Accept or reject each sequence's drafts (`accept`); returns the valid tokens per item.
+        argmax: the kept rows' argmaxes when the caller has them (then logits may be None: all greedy)."""
         engine = self.engine
         valid, row = [], 0
-        argmax = logits.argmax(dim=-1).tolist()  # one device read for every greedy window
+        if argmax is None:
+            argmax = logits.argmax(dim=-1).tolist()  # one device read for every greedy window
         for seq, _, tokens, keep in items:
             if not keep:
                 engine.scheduler.computed(seq, len(tokens))
                 valid.append(len(tokens))
                 continue
-            window, target = logits[row:row + keep], argmax[row:row + keep]
+            window = logits[row:row + keep] if logits is not None else None
+            target = argmax[row:row + keep]
             row += keep
             new = accept(window, seq.draft, seq.draft_probs, seq.params, seq.generator, target)
             accepted = new[:-1]
@@ -111,8 +140,7 @@ class Speculator:
         """Run the MTP module over this step's valid positions (filling its cache), and draft up to
         k tokens for every sequence that will decode next."""
         engine = self.engine
-        decoding = sum(1 for seq in engine.scheduler.running if seq.num_uncomputed == 1)
-        if decoding > self.max_batch:  # verification would cost more than it saves
+        if self.decoding() > self.max_batch:  # verification would cost more than it saves
             engine.stats["spec_off_steps"] += 1
             return
         mtp_items, hidden_rows, drafting = [], [], []
