@@ -12,6 +12,7 @@ comparison in bf16, at the model's shapes, is bench/kernels.py.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import os
 import subprocess
@@ -130,9 +131,156 @@ def check_fused_experts(gen: torch.Generator) -> dict[str, float]:
     return errors
 
 
+def check_norms_and_elementwise(gen: torch.Generator) -> dict[str, float]:
+    from dsv3.kernels import glue
+
+    errors = {}
+    for dtype in (torch.float32, torch.float16):
+        x = torch.randn(2, 3, 100, generator=gen).to(dtype)
+        weight, residual = torch.randn(100, generator=gen).to(dtype), torch.randn(2, 3, 100, generator=gen).to(dtype)
+        errors[f"rms_norm/{dtype}"] = rel_err(glue.rms_norm(x, weight, 1e-6), reference.rms_norm(x, weight, 1e-6))
+        (normed, summed), (ref_normed, ref_summed) = (f(x, weight, 1e-6, residual) for f in (glue.rms_norm,
+                                                                                            reference.rms_norm))
+        errors[f"rms_norm/residual/{dtype}/normed"] = rel_err(normed, ref_normed)
+        errors[f"rms_norm/residual/{dtype}/sum"] = rel_err(summed, ref_summed)
+        rows = torch.randn(5, 48 + 16, generator=gen).to(dtype)[:, :48]                     # strided rows
+        errors[f"rms_norm/strided/{dtype}"] = rel_err(glue.rms_norm(rows, weight[:48], 1e-6),
+                                                      reference.rms_norm(rows, weight[:48], 1e-6))
+        h = torch.randn(7, 2 * 1100, generator=gen).to(dtype)               # gate, up: the halves of one output
+        errors[f"silu_mul/{dtype}"] = rel_err(glue.silu_mul(h[:, :1100], h[:, 1100:]),
+                                              reference.silu_mul(h[:, :1100], h[:, 1100:]))
+        routed = torch.randn(3, 1100, generator=gen)
+        errors[f"moe_combine/{dtype}"] = rel_err(glue.moe_combine(routed, h[:3, :1100], dtype),
+                                                 reference.moe_combine(routed, h[:3, :1100], dtype))
+    return errors
+
+
+def check_mla_rope_and_cache(gen: torch.Generator) -> dict[str, float]:
+    from dsv3.kernels import glue
+
+    errors = {}
+    cases = [  # tokens, heads, kv_lora_rank, rope, dtype (heads * rope/2 > 2048: the heads loop turns twice)
+        (4, 3, 32, 16, torch.float32), (3, 40, 64, 128, torch.float32), (5, 4, 32, 16, torch.float16)]
+    for tokens, heads, c, r, dtype in cases:
+        for interleaved in (True, False):
+            name = f"mla_rope_and_cache/{tokens}x{heads}x{c}+{r}/{dtype}/interleaved={interleaved}"
+            q_pe = torch.randn(tokens, heads, 32 + r, generator=gen).to(dtype)[..., 32:]    # q's rope slice
+            kv = torch.randn(tokens, c + r, generator=gen).to(dtype)
+            rope = torch.polar(torch.rand(tokens, r // 2, generator=gen) + 0.5,
+                               torch.randn(tokens, r // 2, generator=gen))
+            weight = torch.randn(c, generator=gen).to(dtype)
+            cache = torch.randn(6, 4, c + r, generator=gen).to(dtype)
+            ref_cache = cache.clone()
+            slots = torch.randperm(24, generator=gen)[:tokens]
+            out = glue.mla_rope_and_cache(q_pe, kv, rope, weight, 1e-6, cache, slots, interleaved)
+            ref = reference.mla_rope_and_cache(q_pe, kv, rope, weight, 1e-6, ref_cache, slots, interleaved)
+            errors[f"{name}/q_pe"] = rel_err(out, ref)
+            errors[f"{name}/cache"] = rel_err(cache, ref_cache)
+    return errors
+
+
+def check_route(gen: torch.Generator) -> dict[str, float]:
+    from dsv3.kernels import glue
+
+    errors = {}
+    cases = [  # experts, n_group, topk_group, top_k, norm_topk_prob
+        (8, 4, 2, 3, True),         # tests' tiny config
+        (64, 1, 1, 6, True),        # Moonlight
+        (64, 1, 1, 6, False),
+        (256, 8, 4, 8, True),       # DeepSeek-V3
+        (16, 8, 3, 4, False),       # two experts a group
+        (160, 8, 3, 6, True),       # 20 experts a group: not a power of two
+    ]
+    for experts, n_group, topk_group, top_k, norm in cases:
+        for tokens, dtype in ((3, torch.float32), (40, torch.float32), (5, torch.float16)):
+            name = f"route/E={experts}/groups={n_group}:{topk_group}/k={top_k}/norm={norm}/{tokens}x{dtype}"
+            x = torch.randn(tokens, 96, generator=gen).to(dtype)
+            weight = (torch.randn(experts, 96, generator=gen) * 0.1).to(dtype)
+            bias = torch.randn(experts, generator=gen) * 0.1
+            args = (top_k, n_group, topk_group, norm, 2.5)
+            weights, ids, scores = glue.route(x, weight, bias, *args)
+            ref_weights, ref_ids, ref_scores = reference.route(x, weight, bias, *args)
+            errors[f"{name}/weights"] = rel_err(weights, ref_weights)
+            errors[f"{name}/scores"] = rel_err(scores, ref_scores)
+            errors[f"{name}/ids_mismatches"] = float((ids != ref_ids).sum())
+    x, bias = torch.randn(4, 96, generator=gen), torch.zeros(64)
+    weight = (torch.randn(64, 96, generator=gen) * 0.1).half()
+    weights, ids, _ = glue.route(x, weight, bias, 6, 1, 1, True, 1.0)                       # float32 x, fp16 W
+    ref_weights, ref_ids, _ = reference.route(x, weight, bias, 6, 1, 1, True, 1.0)
+    errors["route/mixed_dtypes/weights"] = rel_err(weights, ref_weights)
+    errors["route/mixed_dtypes/ids_mismatches"] = float((ids != ref_ids).sum())
+    return errors
+
+
+def check_expert_blocks(gen: torch.Generator) -> dict[str, float]:
+    from dsv3.kernels.moe import expert_blocks
+
+    errors = {}
+    for pairs, experts, block_m, k in [(18, 6, 16, 3), (6, 64, 16, 6), (300, 64, 16, 6), (1000, 256, 64, 8),
+                                       (40, 10, 16, 4)]:
+        ids = torch.randint(-1, experts + 2, (pairs,), generator=gen)          # -1 and >= experts: other ranks
+        got = expert_blocks(ids, experts, block_m, k)
+        ref = reference.expert_blocks(ids, experts, block_m, k)
+        errors[f"expert_blocks/{pairs}x{experts}/block_m={block_m}/mismatches"] = float(
+            sum((a != b).sum() if a.shape == b.shape else a.numel() + b.numel() for a, b in zip(got, ref)))
+    return errors
+
+
+def check_paged_model(gen: torch.Generator) -> dict[str, float]:
+    """A paged prefill then a decode step of tiny models with dispatch told that the CPU is fast, against the
+    reference path: the kernels as the model calls them (float32, so the experts take the grouped GEMM)."""
+    from helpers import random_bias, tiny_config
+
+    from dsv3.config import ModelConfig
+    from dsv3.kernels import dispatch
+    from dsv3.model import DeepseekV3ForCausalLM, PagedBatch, init_weights
+
+    block_size, tables = 4, torch.randperm(8, generator=gen)[:6].view(2, 3).int()
+    ids = torch.randint(0, 256, (16,), generator=gen)
+
+    def slots(seq: int, positions) -> list[int]:
+        return [int(tables[seq, p // block_size]) * block_size + p % block_size for p in positions]
+
+    def run(model, caches, fast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two sequences of 5 and 9 prompt tokens, then one new token each."""
+        prefill = PagedBatch([0, 5, 14], torch.tensor([5, 9], dtype=torch.int32), tables,
+                             torch.tensor(slots(0, range(5)) + slots(1, range(9))), caches)
+        decode = PagedBatch([0, 1, 2], torch.tensor([6, 10], dtype=torch.int32), tables,
+                            torch.tensor(slots(0, [5]) + slots(1, [9])), caches, decode_only=True)
+        use_fast = dispatch.use_fast
+        if fast:
+            dispatch.use_fast = lambda t: not (t.requires_grad and torch.is_grad_enabled())
+        try:
+            with torch.no_grad():
+                return (model.model(ids[:14], torch.tensor([*range(5), *range(9)]), prefill),
+                        model.model(ids[14:], torch.tensor([5, 9]), decode))
+        finally:
+            dispatch.use_fast = use_fast
+
+    errors = {}
+    configs = {"base": {}, "moonlight_like": {"q_lora_rank": None, "n_group": 1, "topk_group": 1,
+                                              "num_experts_per_tok": 2, "norm_topk_prob": False,
+                                              "rope_interleave": False}}
+    for name, overrides in configs.items():
+        cfg = ModelConfig.from_dict(tiny_config(**overrides))
+        torch.manual_seed(0)
+        model = DeepseekV3ForCausalLM(cfg, dtype=torch.float32).eval()
+        init_weights(model, 0.2)
+        random_bias(model)
+        caches = [torch.zeros(8, block_size, cfg.latent_dim) for _ in model.model.layers]
+        ref_caches = [c.clone() for c in caches]
+        ref, out = run(model, ref_caches, fast=False), run(model, caches, fast=True)
+        errors[f"paged_model/{name}/prefill"] = rel_err(out[0], ref[0])
+        errors[f"paged_model/{name}/decode"] = rel_err(out[1], ref[1])
+        errors[f"paged_model/{name}/cache"] = rel_err(torch.stack(caches), torch.stack(ref_caches))
+    return errors
+
+
 def run_checks() -> dict[str, float]:
     gen = torch.Generator().manual_seed(0)
-    return {**check_mla_decode(gen), **check_fp8_gemm(gen), **check_fused_experts(gen)}
+    return {**check_mla_decode(gen), **check_fp8_gemm(gen), **check_fused_experts(gen),
+            **check_norms_and_elementwise(gen), **check_mla_rope_and_cache(gen), **check_route(gen),
+            **check_expert_blocks(gen), **check_paged_model(gen)}
 
 
 # ---- the tests ---------------------------------------------------------------------------------------
@@ -149,12 +297,15 @@ def interpreted() -> dict[str, float]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-# float32 throughout, except the float16 inputs (one rounding of q, p and the output).
-BOUNDS = {"float16": 2e-3, "empty_context_abs": 0.0}
+# float32 throughout, except the float16 inputs (one rounding of q, p and the output; for the glue, a
+# float32 difference that tips a rounding to float16 now and then). Chosen experts and layouts are exact.
+BOUNDS = {"float16": 2e-3, "empty_context_abs": 0.0, "mismatches": 0.0}
 
 
 @needs_triton
-@pytest.mark.parametrize("kernel", ["mla_decode", "fp8_linear", "fp8_dequantize", "fused_experts"])
+@pytest.mark.parametrize("kernel", ["mla_decode", "fp8_linear", "fp8_dequantize", "fused_experts", "rms_norm",
+                                    "silu_mul", "moe_combine", "mla_rope_and_cache", "route", "expert_blocks",
+                                    "paged_model"])
 def test_triton_kernel_matches_reference(interpreted, kernel):
     checked = {name: err for name, err in interpreted.items() if name.startswith(kernel + "/")}
     assert checked
@@ -162,6 +313,48 @@ def test_triton_kernel_matches_reference(interpreted, kernel):
         bound = next((b for key, b in BOUNDS.items() if key in name), 1e-5)
         print(f"{name}: {err:.2e} (bound {bound:.0e})")
         assert err <= bound, f"{name}: distance to the reference {err:.2e} > {bound:.0e}"
+
+
+def sm90_cases():
+    """(kernel, its pointer arguments' element types, its float arguments, constexprs) at the model's shapes."""
+    from dsv3.kernels import glue, moe
+
+    bf16 = dict.fromkeys(["x", "residual", "weight", "out", "summed"], "bf16")
+    return [
+        (glue._rms_norm, bf16, {"eps"}, {"HAS_RESIDUAL": True, "BLOCK": 8192}),
+        *((glue._mla_rope_and_cache, {**dict.fromkeys(["q_pe", "kv", "norm_weight", "cache", "q_out"], "bf16"),
+                                      "rope": "fp32", "slot_mapping": "i64"}, {"eps"},
+           {"C": 512, "HALF": 32, "BLOCK_C": 512, "BLOCK_HALF": 32, "BLOCK_H": 16, "INTERLEAVED": interleaved})
+          for interleaved in (True, False)),
+        *((glue._router_logits, {"x": x, "weight": "bf16", "logits": "fp32"}, set(),
+           {"UPCAST": x != "bf16", "BLOCK_M": block, "BLOCK_E": block, "BLOCK_K": 64})
+          for x, block in (("bf16", 16), ("bf16", 64), ("fp32", 16))),
+        *((glue._route, dict.fromkeys(["logits", "bias", "scores", "weights"], "fp32") | {"ids": "i64"}, {"scaling"},
+           {"GROUPS": g, "PER_GROUP": e // g, "TOPK_GROUP": tg, "TOP_K": k, "NORM": True, "G_POW2": g,
+            "PER_POW2": e // g, "K_POW2": 8}) for e, g, tg, k in ((64, 1, 1, 6), (256, 8, 4, 8))),
+        (glue._silu_mul, dict.fromkeys(["gate", "up", "out"], "bf16"), set(), {"BLOCK": 1024}),
+        (glue._moe_combine, {"routed": "fp32", "shared": "bf16", "out": "bf16"}, set(), {"BLOCK": 1024}),
+        (moe._expert_blocks, dict.fromkeys(["ids", "token_at", "row_at", "block_expert", "row_of_pair"], "i64"), set(),
+         {"BLOCK_M": 16, "E_POW2": 256, "BLOCK": 32}),
+        (moe._weighted_sum, {"y": "bf16", "row_of_pair": "i64", "weights": "fp32", "out": "fp32"}, set(),
+         {"K": 8, "BLOCK": 1024}),
+    ]
+
+
+@needs_triton
+def test_glue_kernels_compile_for_h100():
+    """The interpreter runs some programs the compiler refuses (a loop variable that changes shape, say):
+    compile each glue kernel for sm_90, which needs no GPU."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if "constexprs" not in inspect.signature(ASTSource).parameters:
+        pytest.skip("this Triton's ASTSource takes constants in an older form")
+    for kernel, pointers, floats, constexprs in sm90_cases():
+        signature = {name: "constexpr" if name in constexprs else "*" + pointers[name] if name in pointers
+                     else "fp32" if name in floats else "i32" for name in kernel.arg_names}
+        triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32))
 
 
 def test_dispatch_takes_the_reference_on_cpu():
@@ -172,6 +365,13 @@ def test_dispatch_takes_the_reference_on_cpu():
     q_latent, q_rope = torch.randn(2, 4, 32, generator=gen), torch.randn(2, 4, 16, generator=gen)
     assert torch.equal(dispatch.mla_decode(q_latent, q_rope, cache, tables, ctx, 32, 0.2),
                        reference.mla_decode(q_latent, q_rope, cache, tables, ctx, 32, 0.2))
+    x, residual, weight = torch.randn(3, 64, generator=gen), torch.randn(3, 64, generator=gen), torch.randn(64)
+    for got, ref in zip(dispatch.rms_norm(x, weight, 1e-6, residual), reference.rms_norm(x, weight, 1e-6, residual)):
+        assert torch.equal(got, ref)
+    gate, bias = torch.randn(8, 64, generator=gen), torch.randn(8, generator=gen)
+    args = (x, gate, bias, 3, 4, 2, True, 2.5)
+    for got, ref in zip(dispatch.route(*args), reference.route(*args)):
+        assert torch.equal(got, ref)
     assert not dispatch.use_triton(q_latent)
 
 

@@ -8,7 +8,7 @@ import transformers
 import dsv3
 from dsv3.config import ModelConfig
 from dsv3.model import DeepseekV3ForCausalLM, PagedBatch, init_weights
-from dsv3.model.layers import apply_rotary
+from dsv3.kernels.reference import apply_rotary
 from helpers import make_hf_checkpoint, tiny_config
 
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "mscale": 1.0,

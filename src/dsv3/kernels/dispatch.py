@@ -14,9 +14,9 @@ import torch
 from dsv3.kernels import reference, scaled_mm
 
 if importlib.util.find_spec("triton") is not None:
-    from dsv3.kernels import fp8_gemm, mla_decode as mla_decode_kernel, moe as moe_kernel
+    from dsv3.kernels import fp8_gemm, glue, mla_decode as mla_decode_kernel, moe as moe_kernel
 else:
-    fp8_gemm = mla_decode_kernel = moe_kernel = None
+    fp8_gemm = glue = mla_decode_kernel = moe_kernel = None
 
 # DeepSeek's scheme (activations to e4m3 per 128 columns) runs on the FP8 tensor cores; False keeps
 # bf16 activations and computes the reference's function. Both measured alike on an H100 in decode
@@ -25,11 +25,13 @@ QUANTIZE_ACTIVATIONS = True
 
 
 def use_fast(t: torch.Tensor) -> bool:
-    """CUDA, not forced off, and no gradient wanted (the fast paths have no backward)."""
+    """CUDA, not forced off, no gradient wanted (the fast paths have no backward) and no autocast (it
+    changes the reference's dtypes op by op, which the kernels do not follow)."""
     choice = os.environ.get("DSV3_KERNELS", "auto")
     if choice not in ("auto", "reference"):
         raise ValueError(f"DSV3_KERNELS must be 'auto' or 'reference', got {choice!r}")
-    return t.is_cuda and choice == "auto" and not (t.requires_grad and torch.is_grad_enabled())
+    return (t.is_cuda and choice == "auto" and not (t.requires_grad and torch.is_grad_enabled())
+            and not torch.is_autocast_enabled("cuda"))
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -99,3 +101,39 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tenso
     """See reference.routed_experts; only where fused_experts_available."""
     return moe_kernel.fused_experts(x, local_ids, weights, gate_up, gate_up_scale, down, down_scale,
                                     quantize_activations=QUANTIZE_ACTIVATIONS)
+
+
+# ---- the elementwise glue of a layer (glue.py): one kernel each where PyTorch runs several ----------------
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(x) and use_triton(weight) and (residual is None or use_triton(residual)):
+        return glue.rms_norm(x, weight, eps, residual)
+    return reference.rms_norm(x, weight, eps, residual)
+
+
+def mla_rope_and_cache(q_pe: torch.Tensor, kv: torch.Tensor, rope: torch.Tensor, norm_weight: torch.Tensor,
+                       eps: float, cache: torch.Tensor, slot_mapping: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    # The kernel rounds the normed latent to kv's dtype, the reference to its promotion with the weight's.
+    if use_triton(kv) and use_triton(q_pe) and use_triton(norm_weight) and norm_weight.dtype == kv.dtype:
+        return glue.mla_rope_and_cache(q_pe, kv, rope, norm_weight, eps, cache, slot_mapping, interleaved)
+    return reference.mla_rope_and_cache(q_pe, kv, rope, norm_weight, eps, cache, slot_mapping, interleaved)
+
+
+def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
+          norm_topk_prob: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if use_triton(x) and use_triton(weight):
+        return glue.route(x, weight, bias, top_k, n_group, topk_group, norm_topk_prob, scaling)
+    return reference.route(x, weight, bias, top_k, n_group, topk_group, norm_topk_prob, scaling)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if use_triton(gate) and use_triton(up):
+        return glue.silu_mul(gate, up)
+    return reference.silu_mul(gate, up)
+
+
+def moe_combine(routed: torch.Tensor, shared: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if use_triton(routed) and use_triton(shared):
+        return glue.moe_combine(routed, shared, dtype)
+    return reference.moe_combine(routed, shared, dtype)

@@ -4,46 +4,101 @@ As vLLM's fused_moe: the (token, choice) pairs are sorted by expert and each exp
 whole blocks of BLOCK_M rows, so a block of rows has one expert and the GEMM kernel reads only the
 weights of experts that received tokens (FP8 weights stay FP8 in memory). Nothing here reads a
 device value on the host: the padded layout has a size fixed by the shapes alone (every expert that
-can be present may waste BLOCK_M - 1 rows), so a decode step can be captured in a CUDA graph.
+can be present may waste BLOCK_M - 1 rows), so a decode step can be captured in a CUDA graph. In
+decode the layout is one kernel (a counting sort in one program), and so is each token's weighted
+sum over its experts: five kernels in all with the two GEMMs and the SwiGLU product between them.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+import triton
+import triton.language as tl
 
+from dsv3.kernels import reference
 from dsv3.kernels.fp8_gemm import block_scaled_matmul, gemm_config
+from dsv3.kernels.glue import silu_mul
+
+# One program walks the pairs twice, so past a few thousand pairs (prefill) the PyTorch layout, a
+# few dozen parallel kernels, is faster; below, launches dominate. An estimate, not measured.
+SINGLE_PROGRAM_PAIRS = 4096
 
 
-def expert_blocks(local_ids: torch.Tensor, n_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Lay the pairs out by expert in blocks of block_m rows.
+@triton.jit
+def _expert_blocks(ids, token_at, row_at, block_expert, row_of_pair, pairs, n_experts, capacity, k,
+                   BLOCK_M: tl.constexpr, E_POW2: tl.constexpr, BLOCK: tl.constexpr):
+    """reference.expert_blocks in one program: a counting sort, the pairs in chunks of BLOCK against all experts."""
+    e = tl.arange(0, E_POW2)
+    real = e < n_experts
+    counts = tl.zeros([E_POW2], tl.int32)
+    for p0 in range(0, pairs, BLOCK):
+        p = p0 + tl.arange(0, BLOCK)
+        x = tl.load(ids + p, mask=p < pairs, other=-1)
+        counts += tl.sum(((x[:, None] == e[None, :]) & real[None, :]).to(tl.int32), 0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    end = tl.cumsum(padded, 0)
+    start = end - padded
+    for r0 in range(0, capacity, BLOCK):
+        r = r0 + tl.arange(0, BLOCK)
+        tl.store(token_at + r, -1, mask=r < capacity)                # padding; the pairs' rows are written below
+        tl.store(row_at + r, -1, mask=r < capacity)
+    blocks = capacity // BLOCK_M
+    for b0 in range(0, blocks, BLOCK):
+        b = b0 + tl.arange(0, BLOCK)
+        owner = tl.sum(((end[None, :] <= (b * BLOCK_M)[:, None]) & real[None, :]).to(tl.int32), 1)  # searchsorted
+        tl.store(block_expert + b, tl.where(owner < n_experts, owner, -1), mask=b < blocks)
+    tl.debug_barrier()                   # the padding marks land before the rows that overwrite them
 
-    local_ids: (P,) expert of each pair on this rank; ids outside [0, n_experts) belong to other ranks.
-    Returns pair_at (capacity,): the pair in each padded row, -1 for padding; block_expert
-    (capacity / block_m,): the expert of each block, -1 for blocks past the last; row_of_pair (P,):
-    each pair's row, or `capacity` when the pair is not on this rank.
-    """
+    seen = tl.zeros([E_POW2], tl.int32)
+    for p0 in range(0, pairs, BLOCK):
+        p = p0 + tl.arange(0, BLOCK)
+        x = tl.load(ids + p, mask=p < pairs, other=-1)
+        hit = ((x[:, None] == e[None, :]) & real[None, :]).to(tl.int32)          # (BLOCK, E)
+        before = tl.cumsum(hit, 0) - hit + seen[None, :]                         # earlier pairs of the same expert
+        mine = tl.sum(hit, 1) > 0
+        row = tl.where(mine, tl.sum(hit * (start[None, :] + before), 1), capacity).to(tl.int64)
+        tl.store(row_of_pair + p, row, mask=p < pairs)
+        tl.store(token_at + row, p // k, mask=mine)
+        tl.store(row_at + row, row, mask=mine)
+        seen += tl.sum(hit, 0)
+
+
+def expert_blocks(local_ids: torch.Tensor, n_experts: int, block_m: int, k: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same arguments and result as reference.expert_blocks."""
     pairs = local_ids.numel()
-    mine = (local_ids >= 0) & (local_ids < n_experts)
-    expert = torch.where(mine, local_ids, n_experts)                                   # others sort last
-    # torch.bincount would read the largest id back to the host; scatter_add_ stays on the device.
-    counts = torch.zeros(n_experts + 1, dtype=torch.long, device=local_ids.device)
-    counts = counts.scatter_add_(0, expert, torch.ones_like(expert))[:n_experts]       # (E,)
-    padded = (counts + block_m - 1) // block_m * block_m
-    padded_end = torch.cumsum(padded, 0)
+    if pairs > SINGLE_PROGRAM_PAIRS:
+        return reference.expert_blocks(local_ids, n_experts, block_m, k)
     capacity = -(-(pairs + min(n_experts, pairs) * (block_m - 1)) // block_m) * block_m
 
-    order = torch.argsort(expert, stable=True)                                         # pairs by expert
-    sorted_expert = expert[order].clamp(max=n_experts - 1)
-    rank_in_expert = torch.arange(pairs, device=local_ids.device) - (torch.cumsum(counts, 0) - counts)[sorted_expert]
-    row = torch.where(mine[order], (padded_end - padded)[sorted_expert] + rank_in_expert, capacity)
-    pair_at = torch.full((capacity + 1,), -1, dtype=torch.long, device=local_ids.device)
-    pair_at = pair_at.scatter_(0, row, order)[:capacity]
-    row_of_pair = torch.empty_like(row).scatter_(0, order, row)
-    block_start = torch.arange(0, capacity, block_m, device=local_ids.device)
-    block_expert = torch.searchsorted(padded_end, block_start, right=True)
-    block_expert = torch.where(block_expert < n_experts, block_expert, -1)
-    return pair_at, block_expert, row_of_pair
+    def empty(n: int) -> torch.Tensor:
+        return torch.empty(n, dtype=torch.int64, device=local_ids.device)
+
+    token_at, row_at, block_expert, row_of_pair = (empty(capacity), empty(capacity), empty(capacity // block_m),
+                                                   empty(pairs))
+    e_pow2 = triton.next_power_of_2(n_experts)
+    _expert_blocks[(1,)](local_ids.contiguous(), token_at, row_at, block_expert, row_of_pair, pairs, n_experts,
+                         capacity, k, BLOCK_M=block_m, E_POW2=e_pow2, BLOCK=max(16, 8192 // e_pow2), num_warps=8)
+    return token_at, row_at, block_expert, row_of_pair
+
+
+@triton.jit
+def _weighted_sum(y, row_of_pair, weights, out, dim, capacity, stride_y, stride_o, K: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """out[t] = the sum over t's k choices of weight * y[row], in float32 and in choice order (batch-invariant,
+    no atomics); choices on other ranks add 0."""
+    t = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = c < dim
+    acc = tl.zeros([BLOCK], tl.float32)
+    for j in tl.static_range(K):
+        row = tl.load(row_of_pair + t * K + j)
+        w = tl.load(weights + t * K + j).to(tl.float32)
+        on = row < capacity
+        # tl.where, not ok & on: Triton's interpreter gives a scalar & block mask a non-boolean dtype.
+        v = tl.load(y + row * stride_y + c, mask=tl.where(on, ok, False), other=0.0).to(tl.float32)
+        acc += tl.where(on, v * w, 0.0)
+    tl.store(out + t * stride_o + c, acc, mask=ok)
 
 
 def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
@@ -55,22 +110,18 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tenso
     n_experts = gate_up.shape[0]
     pairs = tokens * k
     block_m = block_m or (16 if pairs <= 4 * n_experts else 64)                        # 16 or 64: gemm_config's
-    pair_at, block_expert, row_of_pair = expert_blocks(local_ids.flatten(), n_experts, block_m)
-    capacity = pair_at.numel()
-    padding = pair_at < 0
+    token_at, row_at, block_expert, row_of_pair = expert_blocks(local_ids.flatten(), n_experts, block_m, k)
+    capacity = token_at.numel()
     config = gemm_config(block_m, gate_up.shape[1])                                    # its BLOCK_M is block_m
 
-    source = torch.where(padding, -1, pair_at // k)                                     # token of each row
-    h = block_scaled_matmul(x, gate_up, gate_up_scale, capacity, source, block_expert,
+    h = block_scaled_matmul(x, gate_up, gate_up_scale, capacity, token_at, block_expert,
                             quantize_activations, config)                               # (capacity, 2I)
-    gate, up = h.chunk(2, dim=-1)
-    act = F.silu(gate) * up                                                             # (capacity, I)
-    rows = torch.where(padding, -1, torch.arange(capacity, device=x.device))
-    y = block_scaled_matmul(act, down, down_scale, capacity, rows, block_expert,
+    inter = h.shape[1] // 2
+    act = silu_mul(h[:, :inter], h[:, inter:])                                          # (capacity, I)
+    y = block_scaled_matmul(act, down, down_scale, capacity, row_at, block_expert,
                             quantize_activations, config)                               # (capacity, D)
 
-    # Weighted sum over each token's choices in a fixed order (no atomics: batch-invariant sums).
-    on_rank = row_of_pair < capacity
-    y = y[row_of_pair.clamp(max=capacity - 1)].float()                                  # (P, D)
-    y = torch.where(on_rank[:, None], y * weights.flatten()[:, None].float(), 0.0)
-    return y.view(tokens, k, -1).sum(1)
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    _weighted_sum[(tokens, triton.cdiv(x.shape[1], 1024))](
+        y, row_of_pair, weights.contiguous(), out, x.shape[1], capacity, y.stride(0), out.stride(0), K=k, BLOCK=1024)
+    return out

@@ -101,3 +101,117 @@ def routed_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tens
         y = F.linear(F.silu(gate) * up, w2[e])
         out.index_add_(0, token, y.float() * weights[token, choice, None].float())
     return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """weight * RMSNorm(x), normalised in float32 and cast back before the scale, as transformers (the
+    order matters in bf16). With the residual stream given: (that of h, h) for h = residual + x, the
+    residual add and the next norm of a block (vLLM's fused_add_rms_norm)."""
+    if residual is not None:
+        h = residual + x
+        return rms_norm(h, weight, eps), h
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def apply_rotary(x: torch.Tensor, rope: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate the rope dims of x (..., n, rope) by `rope` (..., rope/2), broadcast over the n heads.
+
+    DeepSeek pairs dims (0,1), (2,3), ... (interleaved, as its inference/model.py apply_rotary_emb);
+    transformers' rope_interleave=False pairs (i, i + rope/2). One complex product in float32.
+    """
+    dtype, rope = x.dtype, rope.unsqueeze(-2)
+    x = x.float()
+    if interleaved:
+        rotated = torch.view_as_complex(x.contiguous().unflatten(-1, (-1, 2))) * rope
+        return torch.view_as_real(rotated).flatten(-2).to(dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.complex(x1.contiguous(), x2.contiguous()) * rope
+    return torch.cat([rotated.real, rotated.imag], dim=-1).to(dtype)
+
+
+def mla_rope_and_cache(q_pe: torch.Tensor, kv: torch.Tensor, rope: torch.Tensor, norm_weight: torch.Tensor,
+                       eps: float, cache: torch.Tensor, slot_mapping: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """MLA's input side over a paged cache: the latent's RMSNorm and k_pe's rotation written to the
+    cache rows at slot_mapping, and the rotated q_pe returned.
+
+    q_pe: (N, H, rope); kv: (N, kv_lora_rank + rope), kv_a_proj's output; rope: (N, rope/2) complex;
+    cache: (num_blocks, block_size, kv_lora_rank + rope); slot_mapping: (N,) flat slots.
+    """
+    latent, k_pe = kv.split([norm_weight.shape[0], q_pe.shape[-1]], dim=-1)
+    latent = rms_norm(latent, norm_weight, eps)
+    k_pe = apply_rotary(k_pe.unsqueeze(-2), rope, interleaved).squeeze(-2)
+    cache.view(-1, cache.shape[-1])[slot_mapping] = torch.cat([latent, k_pe], -1).to(cache.dtype)
+    return apply_rotary(q_pe, rope, interleaved)
+
+
+def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
+          norm_topk_prob: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's router (V3 §2.1.2): x (N, D) -> gating weights (N, k) float32, expert ids (N, k),
+    sigmoid scores (N, E) float32.
+
+    Logits in float32. The bias only steers the choice: experts fall in n_group groups, each scored by
+    the sum of its two best biased scores, only the best topk_group groups stay eligible, and the top_k
+    biased scores among them are chosen; the weights are their unbiased scores, normalised when
+    norm_topk_prob, times `scaling`.
+    """
+    scores = F.linear(x.float(), weight.float()).sigmoid()                   # (N, E)
+    biased = scores + bias
+    if n_group > 1:
+        grouped = biased.unflatten(-1, (n_group, -1))                         # (N, G, E/G)
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1)                 # (N, G)
+        keep = group_scores.topk(topk_group, dim=-1).indices
+        dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+        biased = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
+    indices = biased.topk(top_k, dim=-1).indices                              # (N, k)
+    weights = scores.gather(1, indices)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * scaling, indices, scores
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's product, each op rounded to the inputs' dtype."""
+    return F.silu(gate) * up
+
+
+def moe_combine(routed: torch.Tensor, shared: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The routed experts' float32 sum plus the shared experts' output, added in float32."""
+    return (routed + shared.float()).to(dtype)
+
+
+def expert_blocks(local_ids: torch.Tensor, n_experts: int, block_m: int, k: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lay the (token, choice) pairs out by expert in blocks of block_m rows, for the grouped GEMMs.
+
+    local_ids: (P,) expert of each pair on this rank, pair p = token p // k; ids outside [0, n_experts)
+    belong to other ranks. The layout has `capacity` rows, a size fixed by the shapes alone (every
+    expert that can be present may waste block_m - 1 rows), pairs in order within each expert.
+    Returns, int64: token_at (capacity,), the token of each row, -1 for padding; row_at (capacity,),
+    the row itself, -1 for padding; block_expert (capacity / block_m,), the expert of each block, -1
+    past the last; row_of_pair (P,), each pair's row, or `capacity` when not on this rank.
+    """
+    pairs = local_ids.numel()
+    mine = (local_ids >= 0) & (local_ids < n_experts)
+    expert = torch.where(mine, local_ids, n_experts)                                   # others sort last
+    # torch.bincount would read the largest id back to the host; scatter_add_ stays on the device.
+    counts = torch.zeros(n_experts + 1, dtype=torch.long, device=local_ids.device)
+    counts = counts.scatter_add_(0, expert, torch.ones_like(expert))[:n_experts]       # (E,)
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = torch.cumsum(padded, 0)
+    capacity = -(-(pairs + min(n_experts, pairs) * (block_m - 1)) // block_m) * block_m
+
+    order = torch.argsort(expert, stable=True)                                         # pairs by expert
+    sorted_expert = expert[order].clamp(max=n_experts - 1)
+    rank_in_expert = torch.arange(pairs, device=local_ids.device) - (torch.cumsum(counts, 0) - counts)[sorted_expert]
+    row = torch.where(mine[order], (padded_end - padded)[sorted_expert] + rank_in_expert, capacity)
+    pair_at = torch.full((capacity + 1,), -1, dtype=torch.long, device=local_ids.device)
+    pair_at = pair_at.scatter_(0, row, order)[:capacity]
+    row_of_pair = torch.empty_like(row).scatter_(0, order, row)
+    block_start = torch.arange(0, capacity, block_m, device=local_ids.device)
+    block_expert = torch.searchsorted(padded_end, block_start, right=True)
+    block_expert = torch.where(block_expert < n_experts, block_expert, -1)
+    padding = pair_at < 0
+    token_at = torch.where(padding, -1, pair_at // k)
+    row_at = torch.where(padding, -1, torch.arange(capacity, device=local_ids.device))
+    return token_at, row_at, block_expert, row_of_pair

@@ -22,10 +22,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # As transformers: normalise in float32, cast back, then scale (the order matters in bf16).
-        # F.rms_norm is one fused kernel on the GPU where the spelled-out formula is five.
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """As transformers (reference.rms_norm). Given the residual stream: (norm of residual + x,
+        residual + x), the add and the norm in one kernel on the GPU."""
+        return dispatch.rms_norm(x, self.weight, self.eps, residual)
 
 
 def block_scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
@@ -169,7 +170,7 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 class Rotary(nn.Module):
     """Rotation angles by position, computed once per forward and shared by every layer: a complex
-    tensor cos + i sin (times YaRN's cos/sin scale), (..., rope/2)."""
+    tensor cos + i sin (times YaRN's cos/sin scale), (..., rope/2), that reference.apply_rotary applies."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -180,18 +181,3 @@ class Rotary(nn.Module):
         angles = positions.float().unsqueeze(-1) * self.inv_freq
         return torch.polar(torch.full_like(angles, self.scale), angles)
 
-
-def apply_rotary(x: torch.Tensor, rope: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotate the rope dims of x (..., n, rope) by `rope` (..., rope/2), broadcast over the n heads.
-
-    DeepSeek pairs dims (0,1), (2,3), ... (interleaved, as its inference/model.py apply_rotary_emb);
-    transformers' rope_interleave=False pairs (i, i + rope/2). One complex product in float32.
-    """
-    dtype, rope = x.dtype, rope.unsqueeze(-2)
-    x = x.float()
-    if interleaved:
-        rotated = torch.view_as_complex(x.contiguous().unflatten(-1, (-1, 2))) * rope
-        return torch.view_as_real(rotated).flatten(-2).to(dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.complex(x1.contiguous(), x2.contiguous()) * rope
-    return torch.cat([rotated.real, rotated.imag], dim=-1).to(dtype)

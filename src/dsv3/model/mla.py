@@ -22,7 +22,8 @@ from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.kernels import dispatch
-from dsv3.model.layers import ColumnParallelLinear, Linear, RMSNorm, RowParallelLinear, apply_rotary
+from dsv3.kernels.reference import apply_rotary
+from dsv3.model.layers import ColumnParallelLinear, Linear, RMSNorm, RowParallelLinear
 from dsv3.parallel import SINGLE, Parallel
 
 
@@ -75,16 +76,19 @@ class MLA(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.unflatten(-1, (self.n_heads, self.nope + self.rope_dim))      # (..., H, nope + rope)
         q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        latent = self.kv_a_layernorm(latent)                                # (..., kv_lora_rank)
-        q_pe = apply_rotary(q_pe, rope, self.interleaved)                  # (..., H, rope)
-        k_pe = apply_rotary(k_pe.unsqueeze(-2), rope, self.interleaved).squeeze(-2)  # (..., rope)
+        kv = self.kv_a_proj_with_mqa(x)                                     # (..., kv_lora_rank + rope)
 
         if batch is None:
+            latent, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+            latent = self.kv_a_layernorm(latent)                            # (..., kv_lora_rank)
+            q_pe = apply_rotary(q_pe, rope, self.interleaved)              # (..., H, rope)
+            k_pe = apply_rotary(k_pe.unsqueeze(-2), rope, self.interleaved).squeeze(-2)  # (..., rope)
             out = self.expanded(q_nope, q_pe, latent, k_pe, causal_offset=0, key_mask=attention_mask)
         else:
-            cache = batch.latent_caches[self.layer_idx]
-            cache.view(-1, cache.shape[-1])[batch.slot_mapping] = torch.cat([latent, k_pe], -1).to(cache.dtype)
+            # The latent's norm, both rotations and the cache write: one kernel on the GPU.
+            q_pe = dispatch.mla_rope_and_cache(q_pe, kv, rope, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps,
+                                               batch.latent_caches[self.layer_idx], batch.slot_mapping,
+                                               self.interleaved)
             out = self.absorbed_decode(q_nope, q_pe, batch) if batch.decode_only else self.paged_prefill(
                 q_nope, q_pe, batch)
         return self.o_proj(out.flatten(-2))
@@ -140,7 +144,10 @@ class MLA(nn.Module):
         q_latent = torch.einsum("nhd,hdc->nhc", q_nope, w_uk.to(q_nope.dtype))     # (S, H, C)
         out_latent = dispatch.mla_decode(q_latent, q_pe, batch.latent_caches[self.layer_idx], batch.block_tables,
                                          batch.context_lens, self.kv_lora_rank, self.softmax_scale)
-        return torch.einsum("nhc,hvc->nhv", out_latent, w_uv.to(out_latent.dtype))  # (S, H, v)
+        # Per head (H, S, C) x (H, C, v), written straight into (S, H, v): o_proj then flattens it without a copy.
+        out = torch.empty(*out_latent.shape[:2], self.v_dim, dtype=out_latent.dtype, device=out_latent.device)
+        torch.bmm(out_latent.transpose(0, 1), w_uv.to(out_latent.dtype).transpose(1, 2), out=out.transpose(0, 1))
+        return out                                                                   # (S, H, v)
 
     def absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
                  causal_offset: int = 0) -> torch.Tensor:

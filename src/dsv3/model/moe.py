@@ -23,7 +23,7 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(inter, dim, par, reduce=reduce, dtype=dtype, quant=quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(dispatch.silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class Gate(nn.Module):
@@ -43,20 +43,9 @@ class Gate(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: (N, D) -> gating weights (N, k) float32, expert ids (N, k), scores (N, E) float32."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()            # (N, E)
-        biased = scores + self.e_score_correction_bias
-        if self.n_group > 1:
-            grouped = biased.unflatten(-1, (self.n_group, -1))                   # (N, G, E/G)
-            group_scores = grouped.topk(2, dim=-1).values.sum(-1)                # (N, G)
-            keep = group_scores.topk(self.topk_group, dim=-1).indices
-            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
-            biased = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
-        indices = biased.topk(self.top_k, dim=-1).indices                        # (N, k)
-        weights = scores.gather(1, indices)
-        if self.norm_topk_prob:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return weights * self.scaling, indices, scores
+        """x: (N, D) -> gating weights (N, k) float32, expert ids (N, k), scores (N, E) float32 (reference.route)."""
+        return dispatch.route(x, self.weight, self.e_score_correction_bias, self.top_k, self.n_group,
+                              self.topk_group, self.norm_topk_prob, self.scaling)
 
 
 class Experts(nn.Module):
@@ -95,7 +84,8 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x: (N, D), indices/weights: (N, k) -> (N, D) float32, the weighted sum over this rank's experts."""
         if dispatch.fused_experts_available(x, self.gate_up_proj, indices.numel()):
-            return dispatch.fused_experts(x, indices - self.first, weights, self.gate_up_proj,
+            local = indices - self.first if self.first else indices                  # rank 0: no subtraction kernel
+            return dispatch.fused_experts(x, local, weights, self.gate_up_proj,
                                           self.gate_up_proj_scale_inv, self.down_proj, self.down_proj_scale_inv)
         k = indices.shape[1]
         local = (indices - self.first).flatten()                                # (N*k,)
@@ -152,6 +142,5 @@ class MoE(nn.Module):
             if len(shape) == 3:
                 self.balance_loss = sequence_balance_loss(scores.view(*shape[:2], -1),
                                                           indices.view(*shape[:2], -1), self.top_k)
-        routed = self.experts(flat, indices, weights)
-        out = routed + self.shared_experts(flat).float()
-        return self.par.all_reduce(out.to(x.dtype)).view(shape)
+        out = dispatch.moe_combine(self.experts(flat, indices, weights), self.shared_experts(flat), x.dtype)
+        return self.par.all_reduce(out).view(shape)

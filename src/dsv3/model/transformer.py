@@ -28,9 +28,14 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, batch: PagedBatch | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, batch, attention_mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+                attention_mask: torch.Tensor | None = None, residual: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The hidden state x, or the last block's two parts x + residual -> this block's two parts: its MLP's
+        output and the residual stream. Each residual add is left to the next norm, as in vLLM: add and norm
+        are one kernel on the GPU."""
+        h, residual = (self.input_layernorm(x), x) if residual is None else self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, rope, batch, attention_mask), residual)
+        return self.mlp(h), residual
 
 
 class SharedHead(nn.Module):
@@ -55,7 +60,7 @@ class MTPLayer(Block):
     def forward(self, hidden: torch.Tensor, next_embeds: torch.Tensor, rope: torch.Tensor,
                 batch: PagedBatch | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self.eh_proj(torch.cat([self.enorm(next_embeds), self.hnorm(hidden)], dim=-1))
-        return self.shared_head.norm(super().forward(x, rope, batch, attention_mask))
+        return self.shared_head.norm(*super().forward(x, rope, batch, attention_mask))[0]
 
 
 class Backbone(nn.Module):
@@ -75,11 +80,11 @@ class Backbone(nn.Module):
         """input_ids (B, T) without a cache, or (N,) flat with a PagedBatch -> final normed hidden states."""
         if positions is None:
             positions = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         rope = self.rotary(positions)
         for layer in self.layers[: self.num_hidden_layers]:
-            x = layer(x, rope, batch, attention_mask)
-        return self.norm(x)
+            x, residual = layer(x, rope, batch, attention_mask, residual)
+        return self.norm(x, residual)[0]
 
 
 def init_weights(module: nn.Module, std: float) -> None:
