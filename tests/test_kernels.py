@@ -131,6 +131,20 @@ def check_fused_experts(gen: torch.Generator) -> dict[str, float]:
     return errors
 
 
+def check_expert_sum(gen: torch.Generator) -> dict[str, float]:
+    """The grouped path's routed sum: rows in expert order, some pairs on another rank (weight ignored)."""
+    from dsv3.kernels.moe import expert_sum
+
+    tokens, k, dim = 9, 3, 1100  # dim > 1024: two column blocks
+    order = torch.randperm(tokens * k, generator=gen)
+    mine = torch.rand(tokens * k, generator=gen) > 0.25
+    weights = torch.rand(tokens, k, generator=gen)
+    ys = torch.randn(tokens * k, dim, generator=gen)
+    ys[~mine[order]] = float("nan")  # another rank's rows hold garbage: never read
+    ref = reference.expert_sum(ys.double(), order, mine, weights.double())
+    return {"expert_sum/partly_other_rank": rel_err(expert_sum(ys, order, mine, weights), ref)}
+
+
 def check_norms_and_elementwise(gen: torch.Generator) -> dict[str, float]:
     from dsv3.kernels import glue
 
@@ -278,7 +292,7 @@ def check_paged_model(gen: torch.Generator) -> dict[str, float]:
 
 def run_checks() -> dict[str, float]:
     gen = torch.Generator().manual_seed(0)
-    return {**check_mla_decode(gen), **check_fp8_gemm(gen), **check_fused_experts(gen),
+    return {**check_mla_decode(gen), **check_fp8_gemm(gen), **check_fused_experts(gen), **check_expert_sum(gen),
             **check_norms_and_elementwise(gen), **check_mla_rope_and_cache(gen), **check_route(gen),
             **check_expert_blocks(gen), **check_paged_model(gen)}
 
@@ -303,7 +317,7 @@ BOUNDS = {"float16": 2e-3, "empty_context_abs": 0.0, "mismatches": 0.0}
 
 
 @needs_triton
-@pytest.mark.parametrize("kernel", ["mla_decode", "fp8_linear", "fp8_dequantize", "fused_experts", "rms_norm",
+@pytest.mark.parametrize("kernel", ["mla_decode", "fp8_linear", "fp8_dequantize", "fused_experts", "expert_sum", "rms_norm",
                                     "silu_mul", "moe_combine", "mla_rope_and_cache", "route", "expert_blocks",
                                     "paged_model"])
 def test_triton_kernel_matches_reference(interpreted, kernel):

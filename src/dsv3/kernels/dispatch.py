@@ -133,6 +133,12 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return reference.silu_mul(gate, up)
 
 
+def expert_sum(ys: torch.Tensor, order: torch.Tensor, mine: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    if use_triton(ys):
+        return moe_kernel.expert_sum(ys, order, mine, weights)
+    return reference.expert_sum(ys, order, mine, weights)
+
+
 def moe_combine(routed: torch.Tensor, shared: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if use_triton(routed) and use_triton(shared):
         return glue.moe_combine(routed, shared, dtype)

@@ -101,6 +101,20 @@ def _weighted_sum(y, row_of_pair, weights, out, dim, capacity, stride_y, stride_
     tl.store(out + t * stride_o + c, acc, mask=ok)
 
 
+def expert_sum(ys: torch.Tensor, order: torch.Tensor, mine: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Same arguments and result as reference.expert_sum: one pass that reads each token's rows where the
+    grouped GEMM left them, instead of scaling, masking and index_add_-ing (pairs, D) float32 tensors
+    (about 2.5 ms a layer on moonlight-16b's 16k-token prefill steps, as long as the GEMMs)."""
+    tokens, k = weights.shape
+    pairs = order.numel()
+    row_of_pair = torch.empty_like(order).scatter_(0, order, torch.arange(pairs, device=order.device))
+    row_of_pair = torch.where(mine, row_of_pair, pairs)                                # pairs: not on this rank
+    out = torch.empty(tokens, ys.shape[1], dtype=torch.float32, device=ys.device)
+    _weighted_sum[(tokens, triton.cdiv(ys.shape[1], 1024))](
+        ys, row_of_pair, weights.contiguous(), out, ys.shape[1], pairs, ys.stride(0), out.stride(0), K=k, BLOCK=1024)
+    return out
+
+
 def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
                   gate_up: torch.Tensor, gate_up_scale: torch.Tensor | None,
                   down: torch.Tensor, down_scale: torch.Tensor | None, quantize_activations: bool = True,

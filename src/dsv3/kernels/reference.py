@@ -175,6 +175,16 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def expert_sum(ys: torch.Tensor, order: torch.Tensor, mine: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The routed sum after the grouped GEMMs: row i of ys is pair order[i] (pair p = token p // k, choice
+    p % k); out[t] = sum over t's choices on this rank (mine) of weight * that pair's row, in float32. (N, D)."""
+    n, k = weights.shape
+    acc = torch.promote_types(ys.dtype, torch.float32)                            # float64 stays float64
+    w = torch.where(mine, weights.flatten(), 0.0)[order]
+    ys = torch.where(w[:, None] != 0, ys.to(acc) * w[:, None], 0.0)              # rows of other ranks: 0
+    return torch.zeros(n, ys.shape[1], dtype=acc, device=ys.device).index_add_(0, order // k, ys)
+
+
 def moe_combine(routed: torch.Tensor, shared: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The routed experts' float32 sum plus the shared experts' output, added in float32."""
     return (routed + shared.float()).to(dtype)

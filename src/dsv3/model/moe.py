@@ -100,10 +100,8 @@ class Experts(nn.Module):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         xs = x[token].to(dtype)                                                  # (N*k, D) grouped by expert
         gate, up = dispatch.grouped_mm(xs, self.dense("gate_up_proj", dtype), counts).chunk(2, dim=-1)
-        ys = dispatch.grouped_mm(F.silu(gate) * up, self.dense("down_proj", dtype), counts)  # (N*k, D)
-        w = torch.where(mine, weights.flatten(), 0.0)[order]
-        ys = torch.where(w[:, None] != 0, ys.float() * w[:, None], 0.0)          # rows of other ranks: 0
-        return torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token, ys)
+        ys = dispatch.grouped_mm(dispatch.silu_mul(gate, up), self.dense("down_proj", dtype), counts)  # (N*k, D)
+        return dispatch.expert_sum(ys, order, mine, weights)
 
 
 def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, top_k: int) -> torch.Tensor:
