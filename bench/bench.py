@@ -309,7 +309,8 @@ def main() -> None:
                              tokens_per_s=tokens_per_s, ms_per_token=step * 1e3,
                              acceptance=accepted / max(drafted, 1), speedup=tokens_per_s / plain["tokens_per_s"],
                              greedy_equal_to_plain=outs == dsv3_tokens.get(b),
-                             speculation_off_steps=spec.stats["spec_off_steps"] - before["spec_off_steps"]))
+                             speculation_off_steps=spec.stats["spec_off_steps"] - before["spec_off_steps"],
+                             speculation_off_sequences=spec.stats["spec_off_sequences"] - before["spec_off_sequences"]))
             print(rows[-1], flush=True)
         del spec
     # Prefill: a pool sized for long prompts.

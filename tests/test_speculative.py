@@ -136,3 +136,19 @@ def test_drafting_inside_the_verification_forward_equals_two_passes():
     outs, drafted, accepted = runs[True]
     assert outs == generate(LLMEngine(trained, None, num_blocks=64, block_size=8), prompts, params)
     assert accepted > 0.2 * drafted
+
+
+def test_a_sequence_whose_drafts_never_stand_stops_drafting(model):
+    """Random MTP weights: drafts are almost never right, so after its probe each sequence decodes plainly
+    (greedy output unchanged) and the engine counts it in its stats."""
+    params = SamplingParams(max_tokens=40, temperature=0)
+    plain = generate(LLMEngine(model, None, num_blocks=80, block_size=4), PROMPTS, params)
+    engine = LLMEngine(model, None, num_blocks=80, block_size=4, speculative_tokens=1)
+    seqs = [engine.add_request(p, params) for p in PROMPTS]
+    while engine.has_unfinished():
+        engine.step()
+    assert [s.output_token_ids for s in seqs] == plain
+    probe = Speculator.PROBE
+    assert all(s.num_drafted <= probe + 1 for s in seqs if s.num_accepted < Speculator.MIN_ACCEPTANCE * probe)
+    assert engine.stats["spec_off_sequences"] == sum(
+        s.num_accepted < Speculator.MIN_ACCEPTANCE * s.num_drafted for s in seqs) > 0

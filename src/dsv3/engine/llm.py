@@ -51,7 +51,7 @@ class LLMEngine:
         self.eos_token_ids = {e for e in eos if e is not None}
         self.requests: dict[str, Sequence] = {}
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "spec_drafted": 0, "spec_accepted": 0,
-                      "spec_off_steps": 0}
+                      "spec_off_steps": 0, "spec_off_sequences": 0}
 
     def _blocks_for_memory(self, num_layers: int, block_size: int, fraction: float, max_num_seqs: int) -> int:
         """On a GPU, what free memory holds; on the CPU, enough for max_num_seqs full-length sequences."""
