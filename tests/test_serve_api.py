@@ -1,7 +1,12 @@
-"""The OpenAI API in-process (FastAPI's TestClient): every bad request is a 4xx with an OpenAI error body, fuzzed
-bodies never get a 5xx, a failing engine step fails only its requests, tools go through the chat template."""
+"""The OpenAI API over HTTP, served as `dsv3 serve` serves it (the front-end in a process of its own): every bad
+request is a 4xx with an OpenAI error body, fuzzed bodies never get a 5xx, a failing engine step fails only its
+requests, tools go through the chat template; and the in-process app (create_app) answers the same."""
 
 import json
+import socket
+import threading
+import time
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -9,9 +14,11 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 fastapi = pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from dsv3.engine.llm import LLM  # noqa: E402
+from dsv3.serve.frontend import Frontend  # noqa: E402
 from dsv3.serve.openai_api import create_app  # noqa: E402
 from dsv3.serve.protocol import ChatCompletionRequest  # noqa: E402
 
@@ -23,18 +30,56 @@ WEATHER_TOOL = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 
 
+def tiny_llm(chat_checkpoint):
+    return LLM(chat_checkpoint, max_model_len=64, max_num_seqs=16)  # a short context keeps fuzzed requests quick
+
+
 @pytest.fixture(scope="module")
 def llm(chat_checkpoint):
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the engine thread and the event loop share 2 cores: no intra-op threads
-    # A short context keeps fuzzed requests without max_tokens quick.
-    yield LLM(chat_checkpoint, max_model_len=64, max_num_seqs=16)
+    torch.set_num_threads(1)  # the engine loop, the front-end process and the client share 2 cores
+    yield tiny_llm(chat_checkpoint)
     torch.set_num_threads(threads)
+
+
+@contextmanager
+def serving(engine):
+    """The server as `dsv3 serve` runs it, the front-end in a process of its own, but with the engine loop in a
+    thread of this process, so tests can look inside the engine; yields the base URL and the Frontend once /health
+    answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    frontend = Frontend(engine, MODEL, port=port, shutdown_timeout=2, log_level="warning")
+    thread = threading.Thread(target=frontend.run, daemon=True)
+    thread.start()
+    base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
+    try:
+        while True:
+            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+            try:
+                if httpx.get(f"{base}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        yield base, frontend
+    finally:
+        frontend.stop()
+        thread.join(30)
+    assert not thread.is_alive() and not engine.has_unfinished()
 
 
 @pytest.fixture(scope="module")
 def client(llm):
-    with TestClient(create_app(llm, MODEL)) as client:
+    with serving(llm.engine) as (base, _), httpx.Client(base_url=base, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def inprocess(chat_checkpoint, llm):
+    """The app with its engine loop in a thread of this process (FastAPI's TestClient), on an engine of its own
+    (made after `llm`, under its one torch thread)."""
+    with TestClient(create_app(tiny_llm(chat_checkpoint), MODEL)) as client:
         yield client
 
 
@@ -148,8 +193,21 @@ def test_seeded_sampling_repeats_and_choices_differ(client):
     assert len({c["text"] for c in first}) > 1
 
 
-def test_tools_are_rendered_through_the_chat_template(client):
-    server = client.app.state.server
+def test_the_in_process_app_answers_the_same(client, inprocess):
+    """create_app (its engine loop in a thread beside the event loop) gives the answers of the front-end process."""
+    def choices(r):
+        assert r.status_code == 200, r.text
+        if r.headers["content-type"].startswith("text/event-stream"):
+            return [json.loads(line[6:])["choices"] for line in r.text.splitlines() if line.startswith("data: {")]
+        return r.json()["choices"]
+
+    for path, body in [(CHAT, chat(n=2, temperature=0, logprobs=True, top_logprobs=2, stream=True)),
+                       (COMPLETIONS, completion(prompt=["a b", "c d"], temperature=0, max_tokens=6, logprobs=2))]:
+        assert choices(client.post(path, json=body)) == choices(inprocess.post(path, json=body))
+
+
+def test_tools_are_rendered_through_the_chat_template(inprocess):
+    server = inprocess.app.state.server
     body = ChatCompletionRequest(**chat(tools=[WEATHER_TOOL]))
     text, ids = server.render_chat(body)
     assert "## Tools" in text and "### get_weather" in text and '"required": ["city"]' in text

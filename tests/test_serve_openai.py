@@ -1,6 +1,7 @@
-"""A real server on loopback, driven by the `openai` client and httpx: streamed answers equal whole ones,
-tool calls and reasoning come back parsed, hundreds of concurrent requests each get exactly their own answer,
-a client that leaves frees its cache at once, and `python -m dsv3 serve` checks API keys and stops on SIGTERM."""
+"""A real server on loopback, as `dsv3 serve` runs it (the HTTP front-end in a process of its own), driven by the
+`openai` client and httpx: streamed answers equal whole ones, tool calls and reasoning come back parsed, hundreds of
+concurrent requests each get exactly their own answer, a client that leaves frees its cache at once, the front-end
+process loads no model, and `python -m dsv3 serve` checks API keys and stops on SIGTERM."""
 
 import asyncio
 import json
@@ -10,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -18,11 +18,12 @@ import torch
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
+
+from test_serve_api import serving  # noqa: E402  (the server fixture of both files)
 
 import dsv3.engine.llm as engine_module  # noqa: E402
 from dsv3.engine.llm import LLM  # noqa: E402
-from dsv3.serve.openai_api import create_app  # noqa: E402
 
 MODEL = "tiny-chat"
 WEATHER_TOOL = {"type": "function", "function": {
@@ -35,27 +36,16 @@ TOOL_CALL_TEXT = ("<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>functi
 @pytest.fixture(scope="module")
 def llm(chat_checkpoint):
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the engine thread, the server and the clients share 2 cores
+    torch.set_num_threads(1)  # the engine loop, the front-end process and the clients share 2 cores
     yield LLM(chat_checkpoint, max_num_seqs=128)
     torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def server(llm):
-    """uvicorn in a thread of this process (so tests can look inside the engine); yields the base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(llm, MODEL), log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(10)
-    assert not llm.engine.has_unfinished()
+    with serving(llm.engine) as (base, frontend):
+        yield base
+    assert frontend.process.exitcode == 0
 
 
 @pytest.fixture
@@ -233,6 +223,37 @@ def test_a_client_that_leaves_frees_its_sequence_at_once(server, llm, monkeypatc
     assert seq.finish_reason == "abort" and len(seq.output_token_ids) < 100
 
 
+def test_when_the_front_end_dies_the_engine_loop_drops_its_requests_and_ends(llm, monkeypatch):
+    """Each process sees the other's end of the pipe close: here the engine loop cancels what the dead front-end
+    had asked for, frees the cache and returns (as `dsv3 serve` would, with the front-end's status)."""
+    real_step = llm.engine.step
+
+    def slow_step():
+        time.sleep(0.02)
+        return real_step()
+
+    monkeypatch.setattr(llm.engine, "step", slow_step)
+    body = {"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with serving(llm.engine) as (base, frontend), httpx.stream("POST", f"{base}/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        (seq,) = llm.engine.requests.values()
+        os.kill(frontend.process.pid, signal.SIGKILL)
+        with pytest.raises(httpx.HTTPError):  # cut off without [DONE]
+            list(lines)
+        wait_until_idle(llm.engine, seconds=5)
+    assert seq.finish_reason == "abort" and len(seq.output_token_ids) < 100 and frontend.process.exitcode == -9
+
+
+def test_the_front_end_process_loads_no_model():
+    """What the front-end process imports (its entry point's module, the app, uvicorn, the tokenizer it is sent)
+    pulls in neither the model nor the engine: it holds no GPU memory and has no CUDA to initialize."""
+    code = ("import sys, uvicorn, dsv3.serve.frontend, dsv3.serve.openai_api, dsv3.tokenizer; "
+            "print([m for m in sys.modules if m.startswith(('dsv3.model', 'dsv3.engine.llm', 'dsv3.kernels', "
+            "'dsv3.checkpoint', 'triton'))])")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
 def test_dsv3_serve_checks_the_api_key_and_stops_cleanly_on_sigterm(chat_checkpoint):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -258,7 +279,7 @@ def test_dsv3_serve_checks_the_api_key_and_stops_cleanly_on_sigterm(chat_checkpo
         answer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
         assert answer.usage.completion_tokens >= 1
         # SIGTERM in the middle of a stream: the server stops taking requests, lets the stream run for up to
-        # --shutdown-timeout seconds, cancels it, stops the engine thread and exits with status 0.
+        # --shutdown-timeout seconds, cancels it, stops the engine loop and exits with status 0.
         stream = client.completions.create(model=MODEL, prompt="Once", max_tokens=250, stream=True,
                                            extra_body={"ignore_eos": True})
         next(iter(stream))

@@ -1,12 +1,12 @@
-"""`dsv3 serve`: the OpenAI-compatible server on uvicorn. On SIGTERM (or Ctrl-C) uvicorn stops accepting
-connections and lets running requests finish for up to --shutdown-timeout seconds, cancels the rest, then the
-engine thread stops and the process exits (status 0; 130 after Ctrl-C)."""
+"""`dsv3 serve`: the OpenAI-compatible server. The engine runs in this process, the HTTP front-end (uvicorn) in a
+child process. On SIGTERM (or Ctrl-C) the front-end stops accepting connections and lets running requests finish
+for up to --shutdown-timeout seconds, cancels the rest, then the engine loop stops and the process exits (status
+0; 130 after Ctrl-C)."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import signal
 from pathlib import Path
 
 from dsv3.cli import add_model_options, build_llm
@@ -25,32 +25,23 @@ def register(subparsers) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds running requests may take to finish after SIGTERM before they are cancelled")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    p.set_defaults(func=serve)
+    p.set_defaults(func=cmd_serve)
 
 
-def serve(args: argparse.Namespace) -> int:
+def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        import uvicorn
+        import fastapi  # noqa: F401  (the front-end process's, checked before the model loads)
+        import uvicorn  # noqa: F401
 
-        from dsv3.serve.openai_api import create_app
+        from dsv3.serve.frontend import serve
     except ImportError as e:
         raise SystemExit(f"dsv3 serve needs FastAPI and uvicorn ({e}); pip install 'dsv3[serve]'") from None
     llm = build_llm(args)
     if llm.follower:  # under torchrun, ranks other than 0 ran rank 0's steps inside LLM() until it closed
         return 0
     name = args.served_model_name or (Path(args.model).resolve().name if args.model else "dsv3")
-    app = create_app(llm, name, api_key=args.api_key)
-    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again to die of it; end with status 0 instead.
-    signal.signal(signal.SIGTERM, _exit_cleanly)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                    timeout_graceful_shutdown=args.shutdown_timeout)
-    except KeyboardInterrupt:  # Ctrl-C, re-raised the same way after the graceful shutdown
-        return 130
+        return serve(llm.engine, name, host=args.host, port=args.port, api_key=args.api_key,
+                     shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
     finally:
-        llm.close()  # releases the other ranks (the engine thread has stopped by now)
-    return 0
-
-
-def _exit_cleanly(signum, frame) -> None:
-    raise SystemExit(0)
+        llm.close()  # releases the other ranks (the engine loop has stopped by now)

@@ -16,13 +16,13 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from dsv3.engine.llm import LLMEngine
 from dsv3.engine.sampling import SamplingParams
 from dsv3.engine.sequence import TokenLogprob
-from dsv3.serve.engine_loop import EngineLoop, Generation, SequenceUpdate
+from dsv3.serve.client import EngineClient, Generation, SequenceUpdate
 from dsv3.serve.metrics import Metrics
 from dsv3.serve.parsers import ControlTokens, OutputParser, ParsedOutput, StreamingParser, starts_in_reasoning
 from dsv3.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, GenerationRequest
+from dsv3.tokenizer import Tokenizer
 
 log = logging.getLogger("dsv3.serve")
 MAX_SEQUENCES_PER_REQUEST = 256
@@ -35,16 +35,17 @@ ChoicePieces = Callable[[SequenceUpdate], tuple[dict[str, Any] | None, dict[str,
 
 
 class OpenAIServer:
-    def __init__(self, engine: LLMEngine, model_name: str, metrics: Metrics):
-        self.engine, self.tokenizer, self.model_name, self.metrics = engine, engine.tokenizer, model_name, metrics
-        self.engine_loop = EngineLoop(engine)
+    def __init__(self, client: EngineClient, tokenizer: Tokenizer, max_model_len: int, model_name: str,
+                 metrics: Metrics):
+        self.client, self.tokenizer, self.max_model_len = client, tokenizer, max_model_len
+        self.model_name, self.metrics = model_name, metrics
         self.control = ControlTokens.of_tokenizer(self.tokenizer)
         self.created = int(time.time())
         self.token_text = functools.lru_cache(maxsize=1 << 16)(lambda i: self.tokenizer.decode([i]))
 
     def model_card(self) -> dict[str, Any]:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "dsv3",
-                "max_model_len": self.engine.max_model_len}
+                "max_model_len": self.max_model_len}
 
     def check_model(self, model: str) -> None:
         if model != self.model_name:
@@ -175,12 +176,12 @@ class OpenAIServer:
     def sampling_params(self, body: GenerationRequest, max_tokens: int | None, max_tokens_field: str,
                         prompt_len: int, logprobs: int | None) -> list[SamplingParams]:
         """One set per choice (n of them); the seed of choice i is seed + i so that choices differ."""
-        room = self.engine.max_model_len - prompt_len
+        room = self.max_model_len - prompt_len
         if max_tokens is None:
             max_tokens = max(room, 1)
         elif 0 < room < max_tokens:
             raise APIError(400, f"{max_tokens_field} is {max_tokens}, but the prompt has {prompt_len} tokens and the "
-                                f"context is {self.engine.max_model_len}: at most {room} new tokens fit",
+                                f"context is {self.max_model_len}: at most {room} new tokens fit",
                            max_tokens_field)
         try:
             return [SamplingParams(max_tokens=max_tokens, temperature=_given(body.temperature, 1.0),
@@ -200,7 +201,7 @@ class OpenAIServer:
                            "n")
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         try:
-            generation = await self.engine_loop.submit(requests, request_id)
+            generation = await self.client.submit(requests, request_id)
         except ValueError as e:  # the engine's own checks: context length, cache room, token ids
             raise APIError(400, str(e), prompt_field) from None
         return generation, {"id": request_id, "created": int(time.time()), "model": model}

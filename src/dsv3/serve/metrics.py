@@ -1,13 +1,13 @@
-"""GET /metrics in the Prometheus text format (version 0.0.4), written by hand: a few counters, gauges read from
-the engine, and histograms of latency. Everything here runs on the event loop thread, so it needs no lock."""
+"""GET /metrics in the Prometheus text format (version 0.0.4), written by hand: a few counters, the engine's gauges
+and counters (asked of the engine loop at each scrape), and histograms of latency. Everything here runs on the
+event loop thread, so it needs no lock."""
 
 from __future__ import annotations
 
 import bisect
 from collections import Counter
 
-from dsv3.engine.llm import LLMEngine
-from dsv3.serve.engine_loop import Generation
+from dsv3.serve.client import Generation
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                    20.0, 40.0, 80.0)
@@ -56,29 +56,28 @@ class Metrics:
             decode_time = generation.finished_at - generation.first_token_at
             self.time_per_output_token.observe(decode_time / (per_sequence - 1))
 
-    def render(self, engine: LLMEngine) -> str:
-        # Read from the engine thread's objects without a lock: each value is one atomic read, at worst a step old.
-        blocks, scheduler = engine.blocks, engine.scheduler
+    def render(self, engine: dict[str, float]) -> str:
+        """engine: the engine's numbers (engine_loop.engine_stats)."""
         lines = ["# HELP dsv3_requests_total HTTP responses by endpoint and status code.",
                  "# TYPE dsv3_requests_total counter"]
         lines += [f'dsv3_requests_total{{endpoint="{path}",status="{status}"}} {count}'
                   for (path, status), count in sorted(self.responses.items())]
         for name, kind, help_text, value in [
-            ("dsv3_prompt_tokens_total", "counter", "Prompt tokens admitted.", engine.stats["prompt_tokens"]),
-            ("dsv3_generation_tokens_total", "counter", "Tokens generated.", engine.stats["generation_tokens"]),
-            ("dsv3_requests_running", "gauge", "Sequences being decoded.", len(scheduler.running)),
-            ("dsv3_requests_waiting", "gauge", "Sequences waiting for room in the batch.", len(scheduler.waiting)),
-            ("dsv3_cache_usage_ratio", "gauge", "Fraction of latent cache blocks in use.", blocks.usage),
-            ("dsv3_cache_blocks_free", "gauge", "Free latent cache blocks.", blocks.num_free),
-            ("dsv3_cache_blocks_total", "gauge", "Latent cache blocks.", blocks.num_blocks),
-            ("dsv3_preemptions_total", "counter", "Sequences preempted for cache room.", scheduler.num_preemptions),
-            ("dsv3_spec_draft_tokens_total", "counter", "Tokens drafted by the MTP module.", engine.stats["spec_drafted"]),
+            ("dsv3_prompt_tokens_total", "counter", "Prompt tokens admitted.", engine["prompt_tokens"]),
+            ("dsv3_generation_tokens_total", "counter", "Tokens generated.", engine["generation_tokens"]),
+            ("dsv3_requests_running", "gauge", "Sequences being decoded.", engine["running"]),
+            ("dsv3_requests_waiting", "gauge", "Sequences waiting for room in the batch.", engine["waiting"]),
+            ("dsv3_cache_usage_ratio", "gauge", "Fraction of latent cache blocks in use.", engine["cache_usage"]),
+            ("dsv3_cache_blocks_free", "gauge", "Free latent cache blocks.", engine["blocks_free"]),
+            ("dsv3_cache_blocks_total", "gauge", "Latent cache blocks.", engine["blocks_total"]),
+            ("dsv3_preemptions_total", "counter", "Sequences preempted for cache room.", engine["preemptions"]),
+            ("dsv3_spec_draft_tokens_total", "counter", "Tokens drafted by the MTP module.", engine["spec_drafted"]),
             ("dsv3_spec_accepted_tokens_total", "counter", "Drafted tokens the main model accepted.",
-             engine.stats["spec_accepted"]),
+             engine["spec_accepted"]),
             ("dsv3_spec_acceptance_ratio", "gauge", "Accepted / drafted tokens so far.",
-             engine.stats["spec_accepted"] / max(engine.stats["spec_drafted"], 1)),
+             engine["spec_accepted"] / max(engine["spec_drafted"], 1)),
             ("dsv3_spec_off_steps_total", "counter", "Steps where speculation was off because the batch was large.",
-             engine.stats["spec_off_steps"]),
+             engine["spec_off_steps"]),
         ]:
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
         for histogram in (self.time_to_first_token, self.time_per_output_token, self.request_latency):

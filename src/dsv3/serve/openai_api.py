@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP API over one engine: `create_app(llm_or_engine, model_name, api_key)`.
+"""The OpenAI-compatible HTTP API over one engine loop: `create_app(llm_or_engine, model_name, api_key)` in this
+process, or `frontend_app` over the pipes of an engine loop elsewhere (serve/frontend.py: `dsv3 serve`).
 
 POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET /metrics. Every error a
 client can cause is a 4xx with OpenAI's body {"error": {"message", "type", "param", "code"}}; a failure of
@@ -10,37 +11,84 @@ from __future__ import annotations
 import hmac
 import logging
 import re
-from contextlib import asynccontextmanager
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager, nullcontext
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from dsv3.engine.llm import LLMEngine
+from dsv3.serve.client import EngineClient
 from dsv3.serve.completions import OpenAIServer
+from dsv3.serve.engine_loop import EngineLoop
+from dsv3.serve.messages import Pipes, open_pipes
 from dsv3.serve.metrics import Metrics
 from dsv3.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from dsv3.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
+    from dsv3.engine.llm import LLMEngine
 
 log = logging.getLogger("dsv3.serve")
 ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
 
 
 def create_app(llm_or_engine, model_name: str, api_key: str | None = None) -> FastAPI:
-    """An app serving `llm_or_engine` (a dsv3.LLM or an LLMEngine with a tokenizer) as `model_name`. The app's
-    engine thread is then the only one to step the engine."""
-    engine: LLMEngine = getattr(llm_or_engine, "engine", llm_or_engine)
+    """An app serving `llm_or_engine` (a dsv3.LLM or an LLMEngine with a tokenizer) as `model_name`, with the
+    engine loop in a thread of this process (for tests and embedding). That thread is then the only one to step
+    the engine."""
+    engine = getattr(llm_or_engine, "engine", llm_or_engine)
     if engine.tokenizer is None:
         raise ValueError("the server needs an engine with a tokenizer (chat templates, text prompts)")
+    return _app(lambda: _engine_thread(engine), engine.tokenizer, engine.max_model_len, model_name, api_key)
+
+
+def frontend_app(pipes: Pipes, tokenizer: Tokenizer, max_model_len: int, model_name: str, api_key: str | None = None,
+                 on_engine_lost: Callable[[], None] | None = None) -> FastAPI:
+    """An app over the front-end's ends of an engine loop's pipes (commands, events), the loop being in another
+    process; on_engine_lost: that loop is gone."""
+    return _app(lambda: nullcontext(pipes), tokenizer, max_model_len, model_name, api_key, on_engine_lost)
+
+
+@contextmanager
+def _engine_thread(engine: LLMEngine) -> Iterator[Pipes]:
+    """The engine loop in a thread of this process; yields the front-end's ends of its pipes. On exit, once the
+    front-end has stopped the loop, the thread is joined."""
+    engine_ends, frontend_ends = open_pipes()
+    # The engine thread gives up the GIL at every blocking CUDA call and then waits for the event loop to hand
+    # it back, by default up to 5 ms a time: with hundreds of streams busy formatting chunks, that wait came to
+    # dominate a step (moonlight-16b, 256 streams: 284 ms between tokens for 26 ms of GPU work). A short
+    # interval bounds each wait. (`dsv3 serve` runs the event loop in another process instead.)
+    sys.setswitchinterval(min(sys.getswitchinterval(), 2e-4))
+    thread = threading.Thread(target=EngineLoop(engine, *engine_ends).run, name="dsv3-engine", daemon=True)
+    thread.start()
+    try:
+        yield frontend_ends
+    finally:
+        frontend_ends[0].close()  # ends the loop's reader of commands
+        thread.join(30)
+        for end in (*engine_ends, frontend_ends[1]):
+            end.close()
+
+
+def _app(connect: Callable[[], AbstractContextManager[Pipes]], tokenizer: Tokenizer, max_model_len: int,
+         model_name: str, api_key: str | None, on_engine_lost: Callable[[], None] | None = None) -> FastAPI:
     metrics = Metrics(ENDPOINTS)
-    server = OpenAIServer(engine, model_name, metrics)
+    client = EngineClient(on_engine_lost)
+    server = OpenAIServer(client, tokenizer, max_model_len, model_name, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        server.engine_loop.start()
-        yield
-        await run_in_threadpool(server.engine_loop.stop)  # cancels what uvicorn's graceful shutdown left running
+        with connect() as (commands, events):
+            client.start(commands, events)
+            yield
+            await client.stop()  # cancels what uvicorn's graceful shutdown left running
 
     app = FastAPI(title="dsv3", lifespan=lifespan)
     app.state.server = server
@@ -69,7 +117,7 @@ def create_app(llm_or_engine, model_name: str, api_key: str | None = None) -> Fa
 
     @app.get("/metrics")
     async def prometheus_metrics():
-        return PlainTextResponse(metrics.render(engine), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics.render(await client.stats()), media_type="text/plain; version=0.0.4")
 
     if api_key:
         app.add_middleware(ApiKeyGuard, api_key=api_key)
