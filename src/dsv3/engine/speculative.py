@@ -161,7 +161,7 @@ class Speculator:
             return
         mtp_items, hidden_rows, drafting = [], [], []
         for (seq, first, _, keep), v, start in zip(items, valid, step.batch.query_starts):
-            if seq.finished or v == 0:
+            if seq.finished or v == 0 or not self.pays(seq):  # one that stopped drafting needs no MTP cache
                 continue
             wants = bool(keep) and self.wants_draft(seq) and engine.blocks.can_append(seq, self.k)
             mtp_items.append((seq, first, seq.all_token_ids[first + 1:first + 1 + v], int(wants)))
