@@ -90,9 +90,6 @@ class Speculator:
         """Whether the sequence should keep drafting (it is not returning drafts that never stand)."""
         return seq.num_drafted < self.PROBE or seq.num_accepted >= self.MIN_ACCEPTANCE * seq.num_drafted
 
-    def wants_draft(self, seq: Sequence) -> bool:
-        return seq.params.logprobs is None and self.pays(seq)
-
     def decoding(self) -> int:
         return sum(1 for seq in self.engine.scheduler.running if seq.num_uncomputed == 1)
 
@@ -163,7 +160,7 @@ class Speculator:
         for (seq, first, _, keep), v, start in zip(items, valid, step.batch.query_starts):
             if seq.finished or v == 0 or not self.pays(seq):  # one that stopped drafting needs no MTP cache
                 continue
-            wants = bool(keep) and self.wants_draft(seq) and engine.blocks.can_append(seq, self.k)
+            wants = bool(keep) and seq.params.logprobs is None and engine.blocks.can_append(seq, self.k)
             mtp_items.append((seq, first, seq.all_token_ids[first + 1:first + 1 + v], int(wants)))
             hidden_rows += range(start, start + v)
             if wants:

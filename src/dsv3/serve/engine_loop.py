@@ -173,4 +173,5 @@ def engine_stats(engine: LLMEngine) -> dict[str, float]:
             "running": len(scheduler.running), "waiting": len(scheduler.waiting), "cache_usage": blocks.usage,
             "blocks_free": blocks.num_free, "blocks_total": blocks.num_blocks,
             "preemptions": scheduler.num_preemptions, "spec_drafted": stats["spec_drafted"],
-            "spec_accepted": stats["spec_accepted"], "spec_off_steps": stats["spec_off_steps"]}
+            "spec_accepted": stats["spec_accepted"], "spec_off_steps": stats["spec_off_steps"],
+            "spec_off_sequences": stats["spec_off_sequences"]}

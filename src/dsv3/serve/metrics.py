@@ -78,6 +78,8 @@ class Metrics:
              engine["spec_accepted"] / max(engine["spec_drafted"], 1)),
             ("dsv3_spec_off_steps_total", "counter", "Steps where speculation was off because the batch was large.",
              engine["spec_off_steps"]),
+            ("dsv3_spec_off_sequences_total", "counter", "Sequences that stopped drafting: their drafts rarely stood.",
+             engine["spec_off_sequences"]),
         ]:
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
         for histogram in (self.time_to_first_token, self.time_per_output_token, self.request_latency):
