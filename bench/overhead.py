@@ -76,6 +76,7 @@ def decode(model, cfg, batch: int) -> None:
     del engine
 
 
+@torch.inference_mode()
 def prefill(model, cfg, batch: int, length: int) -> None:
     engine = LLMEngine(model, None, max_num_seqs=batch, max_num_batched_tokens=batch * length, block_size=64,
                        max_model_len=length + 8, cuda_graphs=False, num_blocks=batch * (length // 64 + 2) + 8)
@@ -109,7 +110,7 @@ def prefill(model, cfg, batch: int, length: int) -> None:
         sync()
         times.append(time.perf_counter() - t0)
     forward_s = min(times)
-    with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         engine.runner.execute(packed)
         sync()
     kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
