@@ -98,8 +98,11 @@ def paged_step(model, caches, tables, ids_per_seq, starts_per_seq, block_size):
         return model.logits(hidden[[q - 1 for q in query_starts[1:]]])
 
 
-@pytest.mark.parametrize("overrides", [{}, {"q_lora_rank": None, "rope_scaling": YARN, "first_k_dense_replace": 0}])
-def test_incremental_decoding_equals_full_forward(overrides):
+@pytest.mark.parametrize("overrides,first_chunk", [
+    ({}, (5, 3)),                                                           # fresh prompts of uneven length
+    ({}, (4, 4)),                                                           # of one length: one attention call
+    ({"q_lora_rank": None, "rope_scaling": YARN, "first_k_dense_replace": 0}, (5, 3))])
+def test_incremental_decoding_equals_full_forward(overrides, first_chunk):
     """Chunked prefill + absorbed decode over a paged cache gives the logits of one full forward."""
     model = random_model(**overrides)
     block_size, lengths = 4, (13, 7)
@@ -108,7 +111,7 @@ def test_incremental_decoding_equals_full_forward(overrides):
     tables = [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
     # Prefill in two chunks of uneven size, then decode the last 6 tokens one at a time, both sequences together.
     got = [[], []]
-    cuts = [(0, 5, lengths[0]), (0, 3, lengths[1])]
+    cuts = [(0, first_chunk[0], lengths[0]), (0, first_chunk[1], lengths[1])]
     for chunk in (0, 1):
         paged_step(model, caches, tables, [s[c[chunk]:c[chunk + 1]] for s, c in zip(seqs, cuts)],
                    [c[chunk] for c in cuts], block_size)

@@ -71,7 +71,7 @@ class ModelRunner:
             ids += tokens
             span = range(first, first + n)
             positions += span
-            slots += [seq.block_table[p // self.block_size] * self.block_size + p % self.block_size for p in span]
+            slots += self.slots(seq.block_table, first, n)
             table = seq.block_table + [self.scratch_block] * (width - len(seq.block_table))
             if rows_mode:
                 context_lens += [p + 1 for p in span]
@@ -96,9 +96,21 @@ class ModelRunner:
 
         batch = PagedBatch(query_starts=starts, context_lens=tensor(context_lens, torch.int32),
                            block_tables=tensor(tables, torch.int32), slot_mapping=tensor(slots, torch.int64),
-                           latent_caches=self.latent_caches, decode_only=rows_mode)
+                           latent_caches=self.latent_caches, decode_only=rows_mode,
+                           context_lens_host=None if rows_mode else context_lens)
         return StepInputs(tensor(ids, torch.int64), tensor(positions, torch.int64), batch, tensor(rows, torch.int64),
                           graph_size, greedy_draft=greedy_draft)
+
+    def slots(self, table: list[int], first: int, n: int) -> list[int]:
+        """The flat cache slots of positions first..first+n-1, a range per block (long prompts pack fast)."""
+        out, p, end = [], first, first + n
+        while p < end:
+            block, offset = divmod(p, self.block_size)
+            stop = min(end, (block + 1) * self.block_size)
+            base = table[block] * self.block_size + offset
+            out += range(base, base + stop - p)
+            p = stop
+        return out
 
     # ---- running ----------------------------------------------------------------------------------
     @torch.inference_mode()

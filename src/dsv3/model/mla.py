@@ -40,6 +40,13 @@ class PagedBatch:
     slot_mapping: torch.Tensor       # (N,) flat cache slot of each new token, int64
     latent_caches: list[torch.Tensor]  # per layer: (num_blocks, block_size, kv_lora_rank + rope)
     decode_only: bool = False        # every sequence brings exactly one token: the absorbed path
+    context_lens_host: list[int] | None = None  # context_lens on the host, when the engine has them
+
+    def host_context_lens(self) -> list[int]:
+        """context_lens as a list, read from the device at most once per batch (a read waits for the GPU)."""
+        if self.context_lens_host is None:
+            self.context_lens_host = self.context_lens.tolist()
+        return self.context_lens_host
 
 
 class MLA(nn.Module):
@@ -98,9 +105,7 @@ class MLA(nn.Module):
                  causal_offset: int, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """q: (B, Tq, H, *) ; latent (B, Tk, C), k_pe (B, Tk, rope); query i sits at key position
         causal_offset + i. key_mask (B, Tk): 0 marks padding keys. Returns (B, Tq, H, v)."""
-        kv = self.kv_b_proj(latent).unflatten(-1, (self.n_heads, self.nope + self.v_dim))
-        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)               # (B, Tk, H, *)
-        k = torch.cat([k_nope, k_pe.unsqueeze(-2).expand(*k_nope.shape[:-1], self.rope_dim)], dim=-1)
+        k, v = self.expand_keys(latent, k_pe)                               # (B, Tk, H, *)
         q = torch.cat([q_nope, q_pe], dim=-1)
         tq, tk = q.shape[1], k.shape[1]
         if key_mask is None and causal_offset == 0 and tq == tk:  # plain causal: the flash kernel applies
@@ -116,21 +121,49 @@ class MLA(nn.Module):
                                              attn_mask=mask, scale=self.softmax_scale)
         return out.transpose(1, 2)
 
+    def expand_keys(self, latent: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """latent (..., C), k_pe (..., rope) -> keys (..., H, nope + rope) and values (..., H, v)."""
+        kv = self.kv_b_proj(latent).unflatten(-1, (self.n_heads, self.nope + self.v_dim))
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        return torch.cat([k_nope, k_pe.unsqueeze(-2).expand(*k_nope.shape[:-1], self.rope_dim)], dim=-1), v
+
     def paged_prefill(self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
-        """Each sequence's new tokens attend to its whole cached context, expanded (chunked prefill too)."""
+        """Each sequence's new tokens attend to its whole cached context, expanded (chunked prefill too).
+
+        When no sequence has earlier tokens in the cache (whole prompts, the usual prefill), the keys and
+        values of every token come from one gather and one kv_b_proj GEMM over the step, and sequences of
+        one length share one attention call; otherwise each sequence reads its context from its blocks."""
         cache = batch.latent_caches[self.layer_idx]
-        block_size = cache.shape[1]
-        outs = []
-        for s in range(len(batch.query_starts) - 1):
-            lo, hi = batch.query_starts[s], batch.query_starts[s + 1]
-            ctx = int(batch.context_lens[s])
-            blocks = batch.block_tables[s, : -(-ctx // block_size)].long()
-            kv = cache[blocks].flatten(0, 1)[:ctx].to(q_nope.dtype)          # (ctx, C + rope)
-            latent, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-            out = self.expanded(q_nope[None, lo:hi], q_pe[None, lo:hi], latent[None], k_pe[None],
-                                causal_offset=ctx - (hi - lo))
-            outs.append(out[0])
-        return torch.cat(outs)
+        starts, ctx_lens = batch.query_starts, batch.host_context_lens()
+        lengths = [hi - lo for lo, hi in zip(starts, starts[1:])]
+        if lengths != ctx_lens:
+            return torch.cat([self.sequence_prefill(q_nope[lo:hi], q_pe[lo:hi], cache, batch.block_tables[s], ctx)
+                              for s, (lo, hi, ctx) in enumerate(zip(starts, starts[1:], ctx_lens))])
+        kv = cache.view(-1, cache.shape[-1])[batch.slot_mapping].to(q_nope.dtype)   # (N, C + rope), as cached
+        latent, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        k, v = self.expand_keys(latent, k_pe)                                       # (N, H, *)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        if len(set(lengths)) == 1:                                                  # one call: (S, H, T, *)
+            t = lengths[0]
+
+            def heads_first(x: torch.Tensor) -> torch.Tensor:
+                return x.unflatten(0, (len(lengths), t)).transpose(1, 2)
+
+            out = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), is_causal=True,
+                                                 scale=self.softmax_scale)
+            return out.transpose(1, 2).flatten(0, 1)                                # (N, H, v)
+        outs = [F.scaled_dot_product_attention(q[lo:hi].transpose(0, 1), k[lo:hi].transpose(0, 1),
+                                               v[lo:hi].transpose(0, 1), is_causal=True, scale=self.softmax_scale)
+                for lo, hi in zip(starts, starts[1:])]
+        return torch.cat(outs, dim=1).transpose(0, 1)
+
+    def sequence_prefill(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
+                         ctx: int) -> torch.Tensor:
+        """One sequence's new tokens (the last of its ctx) over its context read from its cache blocks."""
+        blocks = block_table[: -(-ctx // cache.shape[1])].long()
+        kv = cache[blocks].flatten(0, 1)[:ctx].to(q_nope.dtype)                   # (ctx, C + rope)
+        latent, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        return self.expanded(q_nope[None], q_pe[None], latent[None], k_pe[None], causal_offset=ctx - len(q_nope))[0]
 
     # ---- absorbed form ---------------------------------------------------------------------------
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
