@@ -84,6 +84,51 @@ def test_prefix_cache_reuses_blocks_and_keeps_results(model, expected):
     assert again.output_token_ids == expected[2]
 
 
+def run_staggered(engine, prompts, params, every=3):
+    """Add the requests one at a time, `every` steps apart, then run to the end; also report whether a
+    step was ever in flight when another was launched (async scheduling)."""
+    seqs, overlapped = [], False
+    for i in range(len(prompts) * every):
+        if i % every == 0:
+            seqs.append(engine.add_request(prompts[i // every], params[i // every]))
+        overlapped |= engine.in_flight is not None
+        engine.step()
+    while engine.has_unfinished():
+        overlapped |= engine.in_flight is not None
+        engine.step()
+    return seqs, overlapped
+
+
+@pytest.mark.parametrize("num_blocks,every", [(64, 3), (8, 1)])  # 8 blocks: preemption while steps are in flight
+def test_async_scheduling_equals_synchronous(model, expected, num_blocks, every):
+    """Launching each step before reading the last one's tokens changes no output: not with a stop token
+    met while the next step runs, seeded sampling, logprobs, requests arriving mid-way or preemption."""
+    stop_at = 5
+    params = [SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[expected[0][stop_at]]),
+              SamplingParams(max_tokens=9, temperature=1.0, top_k=50, top_p=0.9, seed=7, logprobs=3),
+              SamplingParams(max_tokens=1, temperature=0),
+              SamplingParams(max_tokens=12, temperature=0.7, seed=1)]
+    results = {}
+    for mode in (False, True):
+        engine = LLMEngine(model, None, num_blocks=num_blocks, block_size=4, async_scheduling=mode)
+        seqs, overlapped = run_staggered(engine, PROMPTS, params, every)
+        assert overlapped == mode
+        assert engine.blocks.num_free == num_blocks
+        assert (engine.scheduler.num_preemptions > 0) == (num_blocks == 8)
+        results[mode] = seqs
+    for a, b in zip(results[True], results[False]):
+        assert (a.output_token_ids, a.finish_reason) == (b.output_token_ids, b.finish_reason)
+        # Tokens are batch-invariant; logprobs to rounding (the batches of the two runs differ).
+        assert [(lp.token_id, [t for t, _ in lp.top]) for lp in a.logprobs] == \
+            [(lp.token_id, [t for t, _ in lp.top]) for lp in b.logprobs]
+        assert torch.allclose(torch.tensor([lp.logprob for lp in a.logprobs]),
+                              torch.tensor([lp.logprob for lp in b.logprobs]), atol=1e-5)
+    first = results[True][0]
+    assert first.finish_reason == "stop"
+    assert first.output_token_ids == expected[0][:expected[0].index(expected[0][stop_at]) + 1]
+    assert len(results[True][1].logprobs) == len(results[True][1].output_token_ids) == 9
+
+
 def test_request_that_cannot_fit_is_refused(model):
     engine = LLMEngine(model, None, num_blocks=4, block_size=4)
     with pytest.raises(ValueError, match="cannot fit"):

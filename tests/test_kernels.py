@@ -128,6 +128,12 @@ def check_fused_experts(gen: torch.Generator) -> dict[str, float]:
         out = fused_experts(x, ids, weights, gate_up, gate_up_scale, down, down_scale, quantize_activations=False,
                             block_m=block_m)
         errors[f"fused_experts/fp8/block_m={block_m}"] = rel_err(out, ref)
+    # One token, every expert on this rank: the layout without its kernel (a block per pair).
+    one = torch.randperm(n_experts, generator=gen)[:k][None]
+    ref = reference.routed_experts(x[:1].double(), one, weights[:1], gate_up, gate_up_scale, down, down_scale)
+    out = fused_experts(x[:1], one, weights[:1], gate_up, gate_up_scale, down, down_scale, quantize_activations=False,
+                        all_local=True)
+    errors["fused_experts/one_token"] = rel_err(out, ref)
     return errors
 
 
@@ -208,8 +214,9 @@ def check_route(gen: torch.Generator) -> dict[str, float]:
     for experts, n_group, topk_group, top_k, norm in cases:
         for tokens, dtype in ((3, torch.float32), (40, torch.float32), (5, torch.float16)):
             name = f"route/E={experts}/groups={n_group}:{topk_group}/k={top_k}/norm={norm}/{tokens}x{dtype}"
-            x = torch.randn(tokens, 96, generator=gen).to(dtype)
-            weight = (torch.randn(experts, 96, generator=gen) * 0.1).to(dtype)
+            dim = 96 if tokens > 16 else 640  # decode-sized batches split K: 640 columns in two partial sums
+            x = torch.randn(tokens, dim, generator=gen).to(dtype)
+            weight = (torch.randn(experts, dim, generator=gen) * 0.1).to(dtype)
             bias = torch.randn(experts, generator=gen) * 0.1
             args = (top_k, n_group, topk_group, norm, 2.5)
             weights, ids, scores = glue.route(x, weight, bias, *args)
@@ -344,7 +351,7 @@ def sm90_cases():
            {"UPCAST": x != "bf16", "BLOCK_M": block, "BLOCK_E": block, "BLOCK_K": 64})
           for x, block in (("bf16", 16), ("bf16", 64), ("fp32", 16))),
         *((glue._route, dict.fromkeys(["logits", "bias", "scores", "weights"], "fp32") | {"ids": "i64"}, {"scaling"},
-           {"GROUPS": g, "PER_GROUP": e // g, "TOPK_GROUP": tg, "TOP_K": k, "NORM": True, "G_POW2": g,
+           {"SPLITS": 8, "GROUPS": g, "PER_GROUP": e // g, "TOPK_GROUP": tg, "TOP_K": k, "NORM": True, "G_POW2": g,
             "PER_POW2": e // g, "K_POW2": 8}) for e, g, tg, k in ((64, 1, 1, 6), (256, 8, 4, 8))),
         (glue._silu_mul, dict.fromkeys(["gate", "up", "out"], "bf16"), set(), {"BLOCK": 1024}),
         (glue._moe_combine, {"routed": "fp32", "shared": "bf16", "out": "bf16"}, set(), {"BLOCK": 1024}),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,14 +18,41 @@ from dsv3.parallel import SINGLE, Parallel, init_from_env
 from dsv3.tokenizer import Tokenizer
 
 
+PENDING = -1  # a token sampled on the device that the host has not read yet
+
+
+@dataclass
+class Launched:
+    """A step on its way: the tokens it samples stay on the device until `LLMEngine._resolve` reads them."""
+    items: list                   # (sequence, first position, tokens, rows kept) as packed
+    done: list[Sequence]          # the sequences that sample a token, in the order of `tokens`
+    tokens: torch.Tensor | None   # (len(done),) on the device
+    host: list[torch.Tensor]      # tokens (and logprob tensors) copied to the host, complete once `ready` is
+    ready: torch.cuda.Event | None
+
+    def row(self, seq: Sequence) -> int:
+        if not hasattr(self, "_rows"):
+            self._rows = {s.seq_id: i for i, s in enumerate(self.done)}
+        return self._rows[seq.seq_id]
+
+
 class LLMEngine:
     """Continuous batching over a paged latent cache. `add_request` any time; `step` advances every
-    running request by one token (or one prefill chunk) and returns the requests that changed."""
+    running request by one token (or one prefill chunk) and returns the requests that changed.
+
+    Async scheduling (the default without speculation, as vLLM's): `step` launches the next forward
+    before it reads the tokens of the one before, so that scheduling, packing and reading results run
+    on the host while the GPU computes. A sequence's newest token is then `PENDING` when the next step
+    is packed: that step takes it from the device. A sequence that stops on that token (EOS, a stop
+    string) has computed one token too many, which is dropped; one that its length limit stops is not
+    scheduled again.
+    """
 
     def __init__(self, model: DeepseekV3ForCausalLM, tokenizer: Tokenizer | None, *, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 2048, block_size: int = 16, num_blocks: int | None = None,
                  cache_memory_fraction: float = 0.8, max_model_len: int | None = None, cuda_graphs: bool = True,
-                 par: Parallel = SINGLE, speculative_tokens: int = 0, speculative_max_batch: int = 32):
+                 par: Parallel = SINGLE, speculative_tokens: int = 0, speculative_max_batch: int = 32,
+                 async_scheduling: bool = True):
         cfg = model.config
         if speculative_tokens and not model.mtp_layers:
             raise ValueError("speculative decoding drafts with the MTP module, and this checkpoint has none")
@@ -50,6 +78,8 @@ class LLMEngine:
             eos.append(tokenizer.eos_token_id)
         self.eos_token_ids = {e for e in eos if e is not None}
         self.requests: dict[str, Sequence] = {}
+        self.async_scheduling = async_scheduling and self.speculator is None  # speculation reads every step
+        self.in_flight: Launched | None = None
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "spec_drafted": 0, "spec_accepted": 0,
                       "spec_off_steps": 0, "spec_off_sequences": 0}
 
@@ -107,9 +137,99 @@ class LLMEngine:
 
     # ---- one step ---------------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
+        if self.speculator is not None:
+            return self._speculative_step()
+        prev, self.in_flight = self.in_flight, None
+        scheduled = self.scheduler.schedule(skip=self._stops_on_pending)
+        launched = self._launch(scheduled, prev) if scheduled else None
+        changed = self._resolve(prev) if prev is not None else []      # the GPU runs `launched` meanwhile
+        if launched is None:
+            if prev is None and self.scheduler.waiting:  # cannot happen unless the cache is smaller than one prompt
+                raise RuntimeError("no request fits the latent cache")
+            return changed
+        for seq, _, tokens, keep in launched.items:
+            if not seq.finished:  # (a sequence that just stopped computed its last token for nothing)
+                self.scheduler.computed(seq, len(tokens))   # after _resolve: a pending token is known now
+                seq.pending += bool(keep)
+        if self.async_scheduling:
+            self.in_flight = launched
+            return changed
+        return changed + self._resolve(launched)
+
+    def _stops_on_pending(self, seq: Sequence) -> bool:
+        """Its pending token is its last (length limits): no step for it until that token is read."""
+        return seq.pending > 0 and (len(seq.output_token_ids) + seq.pending >= seq.params.max_tokens
+                                    or seq.num_tokens >= self.max_model_len)
+
+    def _launch(self, scheduled: list[tuple[Sequence, int]], prev: Launched | None) -> Launched:
+        """Pack, run and sample a step without reading anything back; pending tokens come from prev."""
+        rows_mode = all(seq.num_uncomputed == 1 for seq, _ in scheduled)
+        items, fills = [], []
+        for seq, n in scheduled:
+            first = seq.num_cached_tokens
+            tokens = (seq.all_token_ids[first:] + [PENDING] * seq.pending)[:n]
+            items.append((seq, first, tokens, 1 if first + n >= seq.num_tokens else 0))
+            if tokens[-1] == PENDING:
+                fills.append((len(items) - 1, prev.row(seq)))
+        step = self.runner.pack(items, rows_mode)
+        if fills:  # the pending tokens, device to device
+            rows = [step.batch.query_starts[i] + len(items[i][2]) - 1 for i, _ in fills]
+            step.ids[self._device_index(rows)] = prev.tokens[self._device_index([j for _, j in fills])]
+        _, logits = self.runner.run(step)
+        self.stats["steps"] += 1
+        done = [seq for seq, _, _, keep in items if keep]
+        return self._sampled(items, done, logits)
+
+    def _device_index(self, values: list[int]) -> torch.Tensor:
+        pinned = self.device.type == "cuda"
+        return torch.tensor(values, dtype=torch.int64, pin_memory=pinned).to(self.device, non_blocking=True)
+
+    def _sampled(self, items: list, done: list[Sequence], logits: torch.Tensor) -> Launched:
+        """Sample the done sequences' tokens (and their logprobs) and start copying them to the host."""
+        if not done:
+            return Launched(items, done, None, [], None)
+        tokens = sample(logits, [s.params for s in done], [s.generator for s in done])
+        results = [tokens]
+        wanted = [s.params.logprobs for s in done if s.params.logprobs is not None]
+        if wanted:
+            logp = logits.float().log_softmax(-1)
+            top = logp.topk(max(max(wanted), 1), dim=-1)
+            results += [logp.gather(1, tokens[:, None])[:, 0], top.indices, top.values]
+        if self.device.type != "cuda":
+            return Launched(items, done, tokens, results, None)
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in results]
+        for h, t in zip(host, results):
+            h.copy_(t, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return Launched(items, done, tokens, host, ready)
+
+    def _resolve(self, launched: Launched) -> list[Sequence]:
+        """Read a launched step's tokens (waiting for it if need be) and apply them to their sequences."""
+        if not launched.done:
+            return []
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        tokens, *lp = [t.tolist() for t in launched.host]
+        changed = []
+        for i, (seq, token) in enumerate(zip(launched.done, tokens)):
+            if seq.finished:  # stopped by the token before, or aborted, while this one was computed
+                continue
+            seq.pending -= 1
+            seq.all_token_ids.append(token)
+            if lp and seq.params.logprobs is not None:
+                chosen, top_ids, top_values = lp
+                seq.logprobs.append(TokenLogprob(token, chosen[i], list(zip(top_ids[i], top_values[i]))[: seq.params.logprobs]))
+            self.check_finished(seq, token)
+            changed.append(seq)
+        self.stats["generation_tokens"] += len(changed)
+        return changed
+
+    def _speculative_step(self) -> list[Sequence]:
+        """A step with speculation: synchronous, as verifying drafts reads every result."""
         scheduled = self.scheduler.schedule()
         if not scheduled:
-            if self.scheduler.waiting:  # cannot happen unless the cache is smaller than one prompt
+            if self.scheduler.waiting:
                 raise RuntimeError("no request fits the latent cache")
             return []
         rows_mode = all(seq.num_uncomputed == 1 for seq, _ in scheduled)
@@ -118,7 +238,7 @@ class LLMEngine:
             first = seq.num_cached_tokens
             completes = first + n >= seq.num_tokens
             items.append((seq, first, (seq.all_token_ids[first:] + seq.draft)[:n], 1 + len(seq.draft) if completes else 0))
-        in_graph = self.speculator is not None and rows_mode and self.speculator.drafts_in_graph(items)
+        in_graph = self.speculator.drafts_in_graph(items) if rows_mode else False
         step = self.runner.pack(items, rows_mode, greedy_draft=in_graph)
         hidden, out = self.runner.run(step)
         self.stats["steps"] += 1
@@ -129,8 +249,7 @@ class LLMEngine:
             valid = self.speculator.verify(items, out)
         else:
             valid = self._sample(items, out)
-        if self.speculator is not None:
-            self.speculator.draft(items, valid, step, rows_mode)
+        self.speculator.draft(items, valid, step, rows_mode)
         return [item[0] for item in items if item[3]]
 
     def _sample(self, items: list, logits: torch.Tensor) -> list[int]:
@@ -138,27 +257,10 @@ class LLMEngine:
         for seq, _, tokens, _ in items:
             self.scheduler.computed(seq, len(tokens))
         done = [seq for seq, _, _, keep in items if keep]
-        if done:
-            tokens = sample(logits, [s.params for s in done], [s.generator for s in done]).tolist()
-            logprobs = self._logprobs(logits, tokens, done)
-            for i, (seq, token) in enumerate(zip(done, tokens)):
-                seq.all_token_ids.append(token)
-                if logprobs is not None and seq.params.logprobs is not None:
-                    seq.logprobs.append(logprobs[i])
-                self.check_finished(seq, token)
-            self.stats["generation_tokens"] += len(done)
+        for seq in done:
+            seq.pending += 1
+        self._resolve(self._sampled(items, done, logits))
         return [len(tokens) for _, _, tokens, _ in items]
-
-    def _logprobs(self, logits: torch.Tensor, tokens: list[int], done: list[Sequence]) -> list[TokenLogprob] | None:
-        wanted = [s.params.logprobs for s in done if s.params.logprobs is not None]
-        if not wanted:
-            return None
-        logp = logits.float().log_softmax(-1)
-        top = logp.topk(max(max(wanted), 1), dim=-1)
-        chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
-        top_ids, top_vals = top.indices.tolist(), top.values.tolist()
-        return [TokenLogprob(t, c, list(zip(i, v))[: s.params.logprobs or 0])
-                for t, c, i, v, s in zip(tokens, chosen, top_ids, top_vals, done)]
 
     def check_finished(self, seq: Sequence, token: int) -> None:
         """Extend the sequence's text by its new token (incrementally: decoding the whole output at every

@@ -63,10 +63,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
 def filter_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
     """Set to -inf every logit outside each row's top-k and outside its top-p nucleus."""
     vocab = logits.shape[-1]
-    k = torch.tensor([kk if kk > 0 else vocab for kk in top_k], device=logits.device).clamp(max=vocab)
-    p = torch.tensor(top_p, device=logits.device, dtype=logits.dtype)
-    if bool((k >= vocab).all()) and bool((p >= 1).all()):
+    if all(kk <= 0 or kk >= vocab for kk in top_k) and all(pp >= 1 for pp in top_p):  # decided on the host
         return logits
+    k = torch.tensor([min(kk, vocab) if kk > 0 else vocab for kk in top_k], device=logits.device)
+    p = torch.tensor(top_p, device=logits.device, dtype=logits.dtype)
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     rank = torch.arange(vocab, device=logits.device)
     drop = rank[None, :] >= k[:, None]

@@ -30,13 +30,14 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> list[tuple[Sequence, int]]:
-        """The sequences of the next step and how many of their tokens each computes."""
+    def schedule(self, skip=None) -> list[tuple[Sequence, int]]:
+        """The sequences of the next step and how many of their tokens each computes; skip(seq) true:
+        a running sequence that sits this step out."""
         budget, scheduled = self.max_num_batched_tokens, []
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status != Status.RUNNING:  # preempted below, to make room for an older one
+            if seq.status != Status.RUNNING or (skip is not None and skip(seq)):  # preempted below: for an older one
                 continue
             while not self.blocks.can_append(seq, 0):
                 victim = self.running[-1]

@@ -39,6 +39,7 @@ class Sequence:
         self.status = Status.WAITING
         self.block_table: list[int] = []
         self.num_cached_tokens = 0      # tokens whose latents are in the cache
+        self.pending = 0                # tokens sampled on the device, not yet in all_token_ids (async scheduling)
         self.hashed_blocks = 0          # leading blocks registered in the prefix cache
         self.last_hash: int | None = None
         self.text = ""                  # detokenized output, stop strings cut off
@@ -54,7 +55,7 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.all_token_ids)
+        return len(self.all_token_ids) + self.pending
 
     @property
     def num_prompt_tokens(self) -> int:

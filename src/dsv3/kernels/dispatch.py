@@ -97,10 +97,10 @@ def fused_experts_available(x: torch.Tensor, gate_up: torch.Tensor, pairs: int) 
 
 def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
                   gate_up: torch.Tensor, gate_up_scale: torch.Tensor | None,
-                  down: torch.Tensor, down_scale: torch.Tensor | None) -> torch.Tensor:
+                  down: torch.Tensor, down_scale: torch.Tensor | None, all_local: bool = False) -> torch.Tensor:
     """See reference.routed_experts; only where fused_experts_available."""
     return moe_kernel.fused_experts(x, local_ids, weights, gate_up, gate_up_scale, down, down_scale,
-                                    quantize_activations=QUANTIZE_ACTIVATIONS)
+                                    quantize_activations=QUANTIZE_ACTIVATIONS, all_local=all_local)
 
 
 # ---- the elementwise glue of a layer (glue.py): one kernel each where PyTorch runs several ----------------

@@ -11,6 +11,8 @@ sum over its experts: five kernels in all with the two GEMMs and the SwiGLU prod
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -115,16 +117,29 @@ def expert_sum(ys: torch.Tensor, order: torch.Tensor, mine: torch.Tensor, weight
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _one_token_layout(k: int, block_m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """token_at, row_at, row_of_pair of one token's k pairs, a block each (its k experts are distinct)."""
+    rows = torch.arange(k, device=device) * block_m
+    token_at = torch.full((k * block_m,), -1, dtype=torch.int64, device=device)
+    return token_at.index_fill(0, rows, 0), token_at.index_copy(0, rows, rows), rows
+
+
 def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
                   gate_up: torch.Tensor, gate_up_scale: torch.Tensor | None,
                   down: torch.Tensor, down_scale: torch.Tensor | None, quantize_activations: bool = True,
-                  block_m: int | None = None) -> torch.Tensor:
-    """Same arguments and result as reference.routed_experts."""
+                  block_m: int | None = None, all_local: bool = False) -> torch.Tensor:
+    """Same arguments and result as reference.routed_experts. all_local: every id is an expert of this
+    rank (no expert parallel); one token then needs no layout kernel: its pair j is block j."""
     tokens, k = local_ids.shape
     n_experts = gate_up.shape[0]
     pairs = tokens * k
     block_m = block_m or (16 if pairs <= 4 * n_experts else 64)                        # 16 or 64: gemm_config's
-    token_at, row_at, block_expert, row_of_pair = expert_blocks(local_ids.flatten(), n_experts, block_m, k)
+    if tokens == 1 and all_local:
+        token_at, row_at, row_of_pair = _one_token_layout(k, block_m, x.device)
+        block_expert = local_ids.view(-1)
+    else:
+        token_at, row_at, block_expert, row_of_pair = expert_blocks(local_ids.flatten(), n_experts, block_m, k)
     capacity = token_at.numel()
     config = gemm_config(block_m, gate_up.shape[1])                                    # its BLOCK_M is block_m
 

@@ -61,6 +61,7 @@ class Experts(nn.Module):
         super().__init__()
         self.n_local = par.split(cfg.n_routed_experts, "n_routed_experts", by=par.ep_size)
         self.first = par.ep_rank * self.n_local
+        self.all_local = par.ep_size == 1       # every expert id the router gives is one of this rank's
         dim, inter = cfg.hidden_size, cfg.moe_intermediate_size
         if par.ep_size > 1:
             up_shard = down_shard = Shard(0, par.ep_rank, par.ep_size)
@@ -84,8 +85,8 @@ class Experts(nn.Module):
         """x: (N, D), indices/weights: (N, k) -> (N, D) float32, the weighted sum over this rank's experts."""
         if dispatch.fused_experts_available(x, self.gate_up_proj, indices.numel()):
             local = indices - self.first if self.first else indices                  # rank 0: no subtraction kernel
-            return dispatch.fused_experts(x, local, weights, self.gate_up_proj,
-                                          self.gate_up_proj_scale_inv, self.down_proj, self.down_proj_scale_inv)
+            return dispatch.fused_experts(x, local, weights, self.gate_up_proj, self.gate_up_proj_scale_inv,
+                                          self.down_proj, self.down_proj_scale_inv, all_local=self.all_local)
         k = indices.shape[1]
         local = (indices - self.first).flatten()                                # (N*k,)
         mine = (local >= 0) & (local < self.n_local)
