@@ -106,11 +106,11 @@ def block_scaled_matmul(a: torch.Tensor, weight: torch.Tensor, scale_inv: torch.
         block_k = bk
         quantize = quantize_activations
     else:
-        bn, block_k, quantize = n, 64, False
+        bn, block_k, quantize = n, (config or {}).get("BLOCK_K", 64), False
         scale_inv = weight                                       # never read
     if block_k & (block_k - 1) or block_k < 16:
         raise ValueError(f"the scale block along K must be a power of two >= 16, got {block_k}")
-    config = config or gemm_config(out_rows, n)
+    config = {key: v for key, v in (config or gemm_config(out_rows, n)).items() if key != "BLOCK_K"}
     out = torch.empty(out_rows, n, dtype=a.dtype, device=a.device)
     grid = (triton.cdiv(out_rows, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
     sg, sn, sk = (scale_inv.stride(0), scale_inv.stride(1), scale_inv.stride(2)) if has_scale else (0, 0, 0)

@@ -1,0 +1,88 @@
+"""Launch settings of the decode kernels at moonlight-16b's shapes, timed under a CUDA graph.
+
+    PYTHONPATH=src:bench python bench/tune_decode.py
+
+The fused MoE's two GEMMs (tile shapes, warps, stages, rows a block) at batch 1, 8, 64 and 256, and the
+MLA decode (tokens a tile, splits, warps) at batch 1 and 64 over a 256-token context. Prints each
+candidate's time and the best per shape, against the current default (the first candidate).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from triton.testing import do_bench_cudagraph
+
+from dsv3.kernels.fp8_gemm import block_scaled_matmul, gemm_config
+from dsv3.kernels.mla_decode import mla_decode
+from dsv3.kernels.moe import expert_blocks
+
+
+def us(fn) -> float:
+    return do_bench_cudagraph(fn, rep=30) * 1e3
+
+
+def moe(tokens: int, experts: int = 64, dim: int = 2048, inter: int = 1408, k: int = 6) -> None:
+    gen = torch.Generator(device="cuda").manual_seed(tokens)
+    x = torch.randn(tokens, dim, device="cuda", dtype=torch.bfloat16)
+    gate_up = torch.randn(experts, 2 * inter, dim, device="cuda", dtype=torch.bfloat16) * 0.02
+    down = torch.randn(experts, dim, inter, device="cuda", dtype=torch.bfloat16) * 0.02
+    ids = torch.stack([torch.randperm(experts, device="cuda", generator=gen)[:k] for _ in range(tokens)])
+    act = torch.randn(tokens * k * 64 + experts * 64, inter, device="cuda", dtype=torch.bfloat16)
+    default_m = 16 if tokens * k <= 4 * experts else 64
+    results = []
+    for block_m in sorted({default_m, 16, 64} | ({32} if tokens == 64 else set()) if tokens > 1 else {16}):
+        token_at, row_at, block_expert, _ = expert_blocks(ids.flatten(), experts, block_m, k)
+        cap = token_at.numel()
+        base = gemm_config(block_m, 2 * inter)
+        grid = itertools.product((32, 64, 128), (64, 128), (4, 8), (3, 4))
+        configs = [base] + [dict(BLOCK_M=block_m, BLOCK_N=n, BLOCK_K=kk, num_warps=w, num_stages=st)
+                            for n, kk, w, st in grid]
+        for config in configs:
+            try:
+                t1 = us(lambda: block_scaled_matmul(x, gate_up, None, cap, token_at, block_expert, False, config))
+                t2 = us(lambda: block_scaled_matmul(act[:cap], down, None, cap, row_at, block_expert, False, config))
+            except Exception as e:  # out of shared memory, say
+                print(f"  moe tokens={tokens} {config}: {type(e).__name__}")
+                continue
+            results.append((t1 + t2, t1, t2, config))
+    default = results[0]
+    best = min(results, key=lambda r: r[0])
+    print(f"moe tokens={tokens}: default {default[0]:.1f} us ({default[1]:.1f} + {default[2]:.1f}) {default[3]}; "
+          f"best {best[0]:.1f} us ({best[1]:.1f} + {best[2]:.1f}) {best[3]}", flush=True)
+    for r in sorted(results, key=lambda r: r[0])[:5]:
+        print(f"    {r[0]:.1f} us {r[3]}")
+
+
+def mla(batch: int, context: int = 256, heads: int = 16, max_len: int = 1024, block_size: int = 64) -> None:
+    c, r = 512, 64
+    blocks = batch * (max_len // block_size)
+    cache = torch.randn(blocks + 1, block_size, c + r, device="cuda", dtype=torch.bfloat16)
+    tables = torch.arange(blocks, device="cuda", dtype=torch.int32).view(batch, -1)
+    lens = torch.full((batch,), context, device="cuda", dtype=torch.int32)
+    q = torch.randn(batch, heads, c, device="cuda", dtype=torch.bfloat16)
+    q_pe = torch.randn(batch, heads, r, device="cuda", dtype=torch.bfloat16)
+    results = [(us(lambda: mla_decode(q, q_pe, cache, tables, lens, c, 0.1)), "default")]
+    for splits, block_n, warps, stages in itertools.product((1, 2, 4, 8), (16, 32, 64), (4, 8), (1, 2)):
+        kw = dict(num_splits=splits, block_n=block_n, num_warps=warps, num_stages=stages)
+        try:
+            results.append((us(lambda: mla_decode(q, q_pe, cache, tables, lens, c, 0.1, **kw)), kw))
+        except Exception as e:
+            print(f"  mla batch={batch} {kw}: {type(e).__name__}")
+    best = min(results, key=lambda r: r[0])
+    print(f"mla batch={batch} context={context} max_len={max_len}: default {results[0][0]:.1f} us; "
+          f"best {best[0]:.1f} us {best[1]}", flush=True)
+    for t, kw in sorted(results, key=lambda r: r[0])[:4]:
+        print(f"    {t:.1f} us {kw}")
+
+
+def main() -> None:
+    for tokens in (1, 8, 64, 256):
+        moe(tokens)
+    for batch, max_len in ((1, 1024), (1, 264), (64, 264)):
+        mla(batch, max_len=max_len)
+
+
+if __name__ == "__main__":
+    main()
