@@ -73,6 +73,12 @@ def decode(model, cfg, batch: int) -> None:
     print(f"decode batch {batch}: engine step {step_ms:.2f} ms, graph replay {replay_ms:.2f} ms, "
           f"host share {step_ms - replay_ms:.2f} ms (pack alone {pack_ms:.3f} ms)", flush=True)
     print(host_profile(engine.step, 30), flush=True)
+    step = engine.runner.pack(items, rows_mode=True)
+    step.graph_size = 0  # eager, to see the kernels
+    with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        engine.runner.execute(step)
+        sync()
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=22, max_name_column_width=50), flush=True)
     del engine
 
 
@@ -86,7 +92,8 @@ def prefill(model, cfg, batch: int, length: int) -> None:
         seqs = [engine.add_request(p, params) for p in random_prompts(batch, length, cfg.vocab_size, seed=seed)]
         sync()
         t0 = time.perf_counter()
-        engine.step()
+        while engine.has_unfinished():  # async scheduling: the second step reads the first one's tokens
+            engine.step()
         sync()
         elapsed = time.perf_counter() - t0
         assert all(s.finished for s in seqs)

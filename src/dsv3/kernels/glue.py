@@ -209,8 +209,8 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int,
     rows, dim = x.shape
     n_experts = weight.shape[0]
     # Decode: W spread over programs, also along K (moonlight: 4 programs took 7.4 us of a 2.4 us read).
-    block_m, block_e, block_k = (16, 16, 128) if rows <= 16 else (64, 64, 64)
-    splits = max(1, min(8, dim // 256)) if rows <= 16 else 1
+    block_m, block_e, block_k = (16, 16, 128) if rows <= 16 else (64, 16 if rows <= 1024 else 64, 64)
+    splits = max(1, min(8, dim // 256)) if rows <= 1024 else 1
     split_len = triton.cdiv(triton.cdiv(dim, splits), block_k) * block_k
     splits = triton.cdiv(dim, split_len)
     logits = torch.empty(splits, rows, n_experts, dtype=torch.float32, device=x.device)
