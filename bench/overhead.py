@@ -65,7 +65,8 @@ def decode(model, cfg, batch: int) -> None:
     end.record()
     sync()
     replay_ms = start.elapsed_time(end) / 50
-    items = [(s, s.num_cached_tokens, s.all_token_ids[s.num_cached_tokens:], 1) for s in seqs]
+    # Each sequence's last known token again (a step may be in flight): a real decode step's shapes.
+    items = [(s, len(s.all_token_ids) - 1, s.all_token_ids[-1:], 1) for s in seqs]
     t0 = time.perf_counter()
     for _ in range(50):
         engine.runner.pack(items, rows_mode=True)
