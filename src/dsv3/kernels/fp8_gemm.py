@@ -79,8 +79,8 @@ def _block_scaled_matmul(a, b, b_scale, c, a_rows, block_group, M, N, K, scale_b
 
 def gemm_config(m: int, n: int) -> dict:
     """Tile shapes by the number of rows: decode is a stream of weight bytes, prefill a tensor-core workload."""
-    if m <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=4)
+    if m <= 16:  # BLOCK_K (bf16 weights only; FP8's is the scale block): 128 measured 6% faster at batch 1-8
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
     if m <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
