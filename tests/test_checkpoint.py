@@ -172,6 +172,12 @@ def test_fp8_load_dequantizes_exactly_and_keep_fp8_agrees(tmp_path, scale_fmt):
     assert kept.config.quant.scale_fmt == scale_fmt
     with torch.no_grad():
         assert torch.equal(kept(IDS), model(IDS))
+        # Absorbed decode dequantizes an FP8 kv_b_proj once, and again only when its weight or scales change.
+        attn = kept.model.layers[1].self_attn
+        w_uk, _ = attn.absorbed_weights()
+        assert attn.absorbed_weights()[0].data_ptr() == w_uk.data_ptr()
+        attn.kv_b_proj.weight_scale_inv.mul_(2)
+        assert torch.equal(attn.absorbed_weights()[0].float(), 2 * w_uk.float())
 
 
 def test_keep_fp8_refuses_expert_scales_it_cannot_pack(tmp_path):

@@ -23,7 +23,7 @@ from torch import nn
 from dsv3.config import ModelConfig
 from dsv3.kernels import dispatch
 from dsv3.kernels.reference import apply_rotary
-from dsv3.model.layers import ColumnParallelLinear, Linear, RMSNorm, RowParallelLinear
+from dsv3.model.layers import FP8, ColumnParallelLinear, Linear, RMSNorm, RowParallelLinear
 from dsv3.parallel import SINGLE, Parallel
 
 
@@ -167,8 +167,18 @@ class MLA(nn.Module):
 
     # ---- absorbed form ---------------------------------------------------------------------------
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """kv_b_proj split per head into W_UK (H, nope, C) and W_UV (H, v, C)."""
-        w = self.kv_b_proj.dense_weight().unflatten(0, (self.n_heads, self.nope + self.v_dim))
+        """kv_b_proj split per head into W_UK (H, nope, C) and W_UV (H, v, C). An FP8 kv_b_proj is
+        dequantized once and kept (as vLLM does after loading), not at every decode step: at V3's size
+        that is 16 MB read and 33 MB written a layer a step, for 33 MB kept a layer."""
+        weight = self.kv_b_proj.weight
+        if weight.dtype == FP8 and not torch.is_grad_enabled():
+            key = (weight.data_ptr(), weight._version, self.kv_b_proj.weight_scale_inv._version)
+            if getattr(self, "_dequantized", (None,))[0] != key:
+                self._dequantized = (key, self.kv_b_proj.dense_weight())
+            w = self._dequantized[1]
+        else:
+            w = self.kv_b_proj.dense_weight()
+        w = w.unflatten(0, (self.n_heads, self.nope + self.v_dim))
         return w[:, : self.nope], w[:, self.nope:]
 
     def absorbed_decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
