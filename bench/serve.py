@@ -268,6 +268,9 @@ def main() -> None:
         running = metrics.get("dsv3_requests_running", -1)
         failed = warm_errors + sum(r["errors"] for r in rows) + (ok != sent) + (running != 0)
         final_check = f"/metrics: {ok:.0f} of {sent} completions answered 200, {running:.0f} running at the end."
+        if ok != sent:
+            final_check += " Responses by status: " + ", ".join(
+                f"{key} {value:.0f}" for key, value in metrics.items() if key.startswith("dsv3_requests_total"))
     finally:
         proc.terminate()  # uvicorn shuts down gracefully on SIGTERM
         try:
