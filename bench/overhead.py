@@ -80,7 +80,6 @@ def decode(model, cfg, batch: int) -> None:
         engine.runner.execute(step)
         sync()
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=22, max_name_column_width=50), flush=True)
-    del engine
 
 
 @torch.inference_mode()
@@ -131,7 +130,6 @@ def prefill(model, cfg, batch: int, length: int) -> None:
     print(host_profile(lambda: engine.runner.execute(packed), 1, top=15), flush=True)
     for s in seqs:
         engine.abort(s.request_id)
-    del engine
 
 
 def main() -> None:
