@@ -40,7 +40,7 @@ class LLMEngine:
     """Continuous batching over a paged latent cache. `add_request` any time; `step` advances every
     running request by one token (or one prefill chunk) and returns the requests that changed.
 
-    Async scheduling (the default without speculation, as vLLM's): `step` launches the next forward
+    Async scheduling (the default, as vLLM's; not for steps that speculate): `step` launches the next forward
     before it reads the tokens of the one before, so that scheduling, packing and reading results run
     on the host while the GPU computes. A sequence's newest token is then `PENDING` when the next step
     is packed: that step takes it from the device. A sequence that stops on that token (EOS, a stop
@@ -78,7 +78,7 @@ class LLMEngine:
             eos.append(tokenizer.eos_token_id)
         self.eos_token_ids = {e for e in eos if e is not None}
         self.requests: dict[str, Sequence] = {}
-        self.async_scheduling = async_scheduling and self.speculator is None  # speculation reads every step
+        self.async_scheduling = async_scheduling  # steps that speculate read every result: never asynchronous
         self.in_flight: Launched | None = None
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "spec_drafted": 0, "spec_accepted": 0,
                       "spec_off_steps": 0, "spec_off_sequences": 0}
@@ -137,8 +137,10 @@ class LLMEngine:
 
     # ---- one step ---------------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
-        if self.speculator is not None:
-            return self._speculative_step()
+        if self.speculator is not None and self._speculating():
+            changed = self._resolve(self.in_flight) if self.in_flight is not None else []  # drain first
+            self.in_flight = None
+            return changed + self._speculative_step()
         prev, self.in_flight = self.in_flight, None
         scheduled = self.scheduler.schedule(skip=self._stops_on_pending)
         launched = self._launch(scheduled, prev) if scheduled else None
@@ -155,6 +157,17 @@ class LLMEngine:
             self.in_flight = launched
             return changed
         return changed + self._resolve(launched)
+
+    def _speculating(self) -> bool:
+        """Whether this step speculates: some sequence has drafts to verify, or would draft (a batch small
+        enough, a sequence whose drafts stand). Otherwise it is a plain step, scheduled asynchronously."""
+        running, spec = self.scheduler.running, self.speculator
+        if any(seq.draft for seq in running):
+            return True
+        if spec.decoding() > spec.max_batch:  # verification would cost more than it saves
+            self.stats["spec_off_steps"] += 1
+            return False
+        return any(spec.pays(seq) for seq in running) or not running
 
     def _stops_on_pending(self, seq: Sequence) -> bool:
         """Its pending token is its last (length limits): no step for it until that token is read."""
