@@ -48,6 +48,24 @@ class PagedBatch:
             self.context_lens_host = self.context_lens.tolist()
         return self.context_lens_host
 
+    def decode_part(self) -> tuple[torch.Tensor, PagedBatch, list[int]] | None:
+        """A step that mixes decoding sequences (one new token each) with prefilling ones: the decoding
+        rows, a decode-only batch of them, and the other sequences; None when the step does not mix.
+        Made once per step: every layer splits the same way."""
+        if not hasattr(self, "_decode_part"):
+            starts = self.query_starts
+            ones = [s for s in range(len(starts) - 1) if starts[s + 1] - starts[s] == 1]
+            part = None
+            if ones and len(ones) < len(starts) - 1:
+                device = self.slot_mapping.device
+                rows = torch.tensor([starts[s] for s in ones], device=device)
+                seqs = torch.tensor(ones, device=device)
+                decode = PagedBatch(list(range(len(ones) + 1)), self.context_lens[seqs], self.block_tables[seqs],
+                                    self.slot_mapping[rows], self.latent_caches, decode_only=True)
+                part = (rows, decode, sorted(set(range(len(starts) - 1)) - set(ones)))
+            self._decode_part = part
+        return self._decode_part
+
 
 class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, par: Parallel = SINGLE, dtype: torch.dtype = torch.bfloat16):
@@ -137,8 +155,19 @@ class MLA(nn.Module):
         starts, ctx_lens = batch.query_starts, batch.host_context_lens()
         lengths = [hi - lo for lo, hi in zip(starts, starts[1:])]
         if lengths != ctx_lens:
-            return torch.cat([self.sequence_prefill(q_nope[lo:hi], q_pe[lo:hi], cache, batch.block_tables[s], ctx)
-                              for s, (lo, hi, ctx) in enumerate(zip(starts, starts[1:], ctx_lens))])
+            mixed = batch.decode_part()
+            if mixed is None:
+                return torch.cat([self.sequence_prefill(q_nope[lo:hi], q_pe[lo:hi], cache, batch.block_tables[s], ctx)
+                                  for s, (lo, hi, ctx) in enumerate(zip(starts, starts[1:], ctx_lens))])
+            # Decoding sequences beside prefilling ones (continuous batching): their rows take the absorbed
+            # decode kernel together, as in a decode step, instead of a prefill pass each.
+            rows, decode, others = mixed
+            out = q_nope.new_empty(*q_nope.shape[:2], self.v_dim)
+            out[rows] = self.absorbed_decode(q_nope[rows], q_pe[rows], decode)
+            for s in others:
+                lo, hi = starts[s], starts[s + 1]
+                out[lo:hi] = self.sequence_prefill(q_nope[lo:hi], q_pe[lo:hi], cache, batch.block_tables[s], ctx_lens[s])
+            return out
         kv = cache.view(-1, cache.shape[-1])[batch.slot_mapping].to(q_nope.dtype)   # (N, C + rope), as cached
         latent, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         k, v = self.expand_keys(latent, k_pe)                                       # (N, H, *)
