@@ -71,12 +71,17 @@ def layer_by_layer(raw: dict, dtype: torch.dtype) -> None:
     torch.cuda.empty_cache()
 
 
-def profile_decode(layers: int) -> None:
-    raw = {**SHAPES["moonlight-16b"], "num_hidden_layers": layers, "num_nextn_predict_layers": 0}
-    cfg = ModelConfig.from_dict(raw)
+def random_moonlight(layers: int) -> tuple[DeepseekV3ForCausalLM, ModelConfig]:
+    """moonlight-16b's shape with fewer layers and no MTP, random bf16 weights on the GPU."""
+    cfg = ModelConfig.from_dict({**SHAPES["moonlight-16b"], "num_hidden_layers": layers, "num_nextn_predict_layers": 0})
     with torch.device("cuda"):
         model = DeepseekV3ForCausalLM(cfg, dtype=torch.bfloat16).eval()
     init_weights(model, 0.02)
+    return model, cfg
+
+
+def profile_decode(layers: int) -> None:
+    model, cfg = random_moonlight(layers)
     engine = LLMEngine(model, None, max_num_seqs=8, block_size=64, max_model_len=512, num_blocks=64)
     seq = engine.add_request(random_prompts(1, 128, cfg.vocab_size, seed=3)[0],
                              SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
@@ -111,11 +116,7 @@ def profile_decode(layers: int) -> None:
 
 
 def profile_prefill(layers: int) -> None:
-    raw = {**SHAPES["moonlight-16b"], "num_hidden_layers": layers, "num_nextn_predict_layers": 0}
-    cfg = ModelConfig.from_dict(raw)
-    with torch.device("cuda"):
-        model = DeepseekV3ForCausalLM(cfg, dtype=torch.bfloat16).eval()
-    init_weights(model, 0.02)
+    model, cfg = random_moonlight(layers)
     engine = LLMEngine(model, None, max_num_seqs=8, block_size=64, max_model_len=2100, num_blocks=300,
                        max_num_batched_tokens=16384, cuda_graphs=False)
     params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)

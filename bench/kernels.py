@@ -445,25 +445,26 @@ class Bench:
         lines += ["", "## FP8 GEMM (y = x W^T, W e4m3 128x128 blocks)", "",
                   "| M | N | K | method | µs | TFLOP/s | weight GB/s | rel err vs dequantized |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for x in r.get("fp8_gemm", []):
-            if "us" in x:
-                lines.append(f"| {x['m']} | {x['n']} | {x['k']} | {x['method']} | {x['us']:.1f} | {x['TFLOPs']:.1f} | "
-                             f"{x['weight_GBps']:.0f} | {x['rel_err_vs_dequantized']:.1e} |")
-            else:
-                lines.append(f"| {x['m']} | {x['n']} | {x['k']} | {x['method']} | error: {one_line(x['error'])} | | | |")
+        lines += [table_row(x, ["m", "n", "k", "method"],
+                            lambda x: [f"{x['us']:.1f}", f"{x['TFLOPs']:.1f}", f"{x['weight_GBps']:.0f}",
+                                       f"{x['rel_err_vs_dequantized']:.1e}"]) for x in r.get("fp8_gemm", [])]
         lines += ["", "## fp8_dequantize", "", "| shape | impl | µs | GB/s |", "| --- | --- | --- | --- |"]
         lines += [f"| {x['shape']} | {x['impl']} | {x['us']:.1f} | {x['GBps']:.0f} |" for x in r.get("fp8_dequantize", [])]
         lines += ["", "## routed experts", "", "| setup | tokens | impl | µs | experts touched | weight GB/s | TFLOP/s |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
-        for x in r.get("routed_experts", []):
-            if "us" in x:
-                lines.append(f"| {x['setup']} | {x['tokens']} | {x['impl']} | {x['us']:.1f} | {x['experts_touched']:.0f} | "
-                             f"{x['weight_GBps']:.0f} | {x['TFLOPs']:.1f} |")
-            else:
-                lines.append(f"| {x['setup']} | {x['tokens']} | {x['impl']} | error: {one_line(x['error'])} | | | |")
+        lines += [table_row(x, ["setup", "tokens", "impl"],
+                            lambda x: [f"{x['us']:.1f}", f"{x['experts_touched']:.0f}", f"{x['weight_GBps']:.0f}",
+                                       f"{x['TFLOPs']:.1f}"]) for x in r.get("routed_experts", [])]
         if r["errors"]:
             lines += ["", "## errors", ""] + [f"- {one_line(e.splitlines()[0], 60)}: {one_line(e.splitlines()[-1], 200)}" for e in r["errors"]]
         return "\n".join(lines) + "\n"
+
+
+def table_row(x: dict, keys: list[str], measured, width: int = 4) -> str:
+    """A Markdown row: the case's keys, then its `width` measured cells, or its error and empty cells."""
+    cells = [str(x[k]) for k in keys]
+    cells += measured(x) if "us" in x else [f"error: {one_line(x['error'])}"] + [""] * (width - 1)
+    return "| " + " | ".join(cells) + " |"
 
 
 def one_line(text: str, width: int = 80) -> str:

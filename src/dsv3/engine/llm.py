@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,11 +29,10 @@ class Launched:
     tokens: torch.Tensor | None   # (len(done),) on the device
     host: list[torch.Tensor]      # tokens (and logprob tensors) copied to the host, complete once `ready` is
     ready: torch.cuda.Event | None
+    rows: dict[int, int] = field(init=False)  # seq_id -> its row of `tokens`
 
-    def row(self, seq: Sequence) -> int:
-        if not hasattr(self, "_rows"):
-            self._rows = {s.seq_id: i for i, s in enumerate(self.done)}
-        return self._rows[seq.seq_id]
+    def __post_init__(self):
+        self.rows = {s.seq_id: i for i, s in enumerate(self.done)}
 
 
 class LLMEngine:
@@ -183,7 +182,7 @@ class LLMEngine:
             tokens = (seq.all_token_ids[first:] + [PENDING] * seq.pending)[:n]
             items.append((seq, first, tokens, 1 if first + n >= seq.num_tokens else 0))
             if tokens[-1] == PENDING:
-                fills.append((len(items) - 1, prev.row(seq)))
+                fills.append((len(items) - 1, prev.rows[seq.seq_id]))
         step = self.runner.pack(items, rows_mode)
         if fills:  # the pending tokens, device to device
             rows = [step.batch.query_starts[i] + len(items[i][2]) - 1 for i, _ in fills]

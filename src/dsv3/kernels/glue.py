@@ -224,8 +224,8 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int,
     per_group = n_experts // n_group
     experts_pow2 = triton.next_power_of_2(n_group) * triton.next_power_of_2(per_group)
     _route[(rows,)](logits, bias, scores, weights, ids, logits.stride(0), logits.stride(1), scores.stride(0),
-                    scaling, SPLITS=splits, GROUPS=n_group, PER_GROUP=per_group, TOPK_GROUP=topk_group, TOP_K=top_k, NORM=norm_topk_prob,
-                    G_POW2=triton.next_power_of_2(n_group), PER_POW2=triton.next_power_of_2(per_group),
+                    scaling, SPLITS=splits, GROUPS=n_group, PER_GROUP=per_group, TOPK_GROUP=topk_group,
+                    TOP_K=top_k, NORM=norm_topk_prob, G_POW2=triton.next_power_of_2(n_group), PER_POW2=triton.next_power_of_2(per_group),
                     K_POW2=triton.next_power_of_2(top_k), num_warps=1 if experts_pow2 <= 512 else 4)
     return weights, ids, scores
 
