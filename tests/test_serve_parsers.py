@@ -2,7 +2,7 @@
 
 import json
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dsv3.serve.parsers import (TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_SEP,
@@ -79,6 +79,7 @@ PIECES = ["<think>", "</think>", "think", "<", ">", "/", "Hello", " world", "\n"
 
 
 @settings(max_examples=300, deadline=None)
+@example(pieces=["<", "<think>", "think", ">"], reasoning=False, opened=False, tools=False, structured=False)  # found
 @given(pieces=st.lists(st.sampled_from(PIECES), max_size=30), reasoning=st.booleans(), opened=st.booleans(),
        tools=st.booleans(), structured=st.booleans())
 def test_streamed_pieces_join_to_the_whole_answer(pieces, reasoning, opened, tools, structured):

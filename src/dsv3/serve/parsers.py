@@ -55,7 +55,10 @@ class ControlTokens:
         return cls(t.content for t in tokenizer.backend.get_added_tokens_decoder().values())
 
     def strip(self, text: str) -> str:
-        return self.pattern.sub("", text)
+        """Until none is left: removing one can join its neighbours into another ("<" + "<think>" + "think>")."""
+        while (stripped := self.pattern.sub("", text)) != text:
+            text = stripped
+        return text
 
     def complete_part(self, text: str) -> str:
         """Text without a tail that may be the start of a control token (more tokens may complete it)."""
@@ -94,7 +97,10 @@ class OutputParser:
                 calls = [parse_tool_call(kind, body) for kind, body in _TOOL_CALL.findall(section)]
                 if final and not calls:  # markup without one complete call: give the text back as content
                     content += section
-        return ParsedOutput(self.control.strip(reasoning), self.control.strip(content), calls)
+        reasoning, content = self.control.strip(reasoning), self.control.strip(content)
+        if not final:  # stripping can join text into a new partial tag: hold that back too
+            reasoning, content = self.control.complete_part(reasoning), self.control.complete_part(content)
+        return ParsedOutput(reasoning, content, calls)
 
     def _split_reasoning(self, text: str) -> tuple[str, str]:
         if self.starts_in_reasoning:
