@@ -22,6 +22,7 @@ from bench import SHAPES, random_prompts
 from dsv3.config import ModelConfig
 from dsv3.engine.llm import LLMEngine
 from dsv3.engine.sampling import SamplingParams
+from dsv3.kernels import dispatch
 from dsv3.model import DeepseekV3ForCausalLM, init_weights
 
 
@@ -75,6 +76,16 @@ def decode(model, cfg, batch: int) -> None:
           f"host share {step_ms - replay_ms:.2f} ms (pack alone {pack_ms:.3f} ms)", flush=True)
     print(host_profile(engine.step, 30), flush=True)
     step = engine.runner.pack(items, rows_mode=True)
+    # The captured step (side streams on) against the same step run eagerly on one stream.
+    with torch.inference_mode():
+        replayed = engine.runner.execute(step)[1].clone()
+        overlap, dispatch.OVERLAP = dispatch.OVERLAP, False
+        step.graph_size = 0
+        one_stream = engine.runner.execute(step)[1]
+        dispatch.OVERLAP = overlap
+    print(f"decode batch {batch}: graph (overlap {overlap}) against eager on one stream: logits max abs diff "
+          f"{(replayed - one_stream).abs().max().item():.3g}, argmax equal "
+          f"{bool((replayed.argmax(-1) == one_stream.argmax(-1)).all())}", flush=True)
     step.graph_size = 0  # eager, to see the kernels
     with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         engine.runner.execute(step)

@@ -2,8 +2,9 @@
 
     PYTHONPATH=src:bench python bench/tune_decode.py
 
-The fused MoE's two GEMMs (tile shapes, warps, stages, rows a block) at batch 1, 8, 64 and 256, and the
-MLA decode (tokens a tile, splits, warps) at batch 1 and 64 over a 256-token context. Prints each
+The fused MoE's two GEMMs (tile shapes, warps, stages, rows a block) at batch 1, 8, 64 and 256, the
+MLA decode (tokens a tile, splits, warps) at batch 1 and 64 over a 256-token context, and the dense
+projections of a layer (cuBLAS against the Triton GEMM's tiles) at batch 1 and 8. Prints each
 candidate's time and the best per shape, against the current default (the first candidate).
 """
 
@@ -79,7 +80,62 @@ def mla(batch: int, context: int = 256, heads: int = 16, max_len: int = 1024, bl
         print(f"    {t:.1f} us {kw}")
 
 
+def streamed_us(op, weights: list[torch.Tensor], reps: int = 20) -> float:
+    """Microseconds per call of op(w) when each call reads its weight from HBM, as a decode step does:
+    one CUDA graph runs op over enough distinct copies to overflow L2 (do_bench_cudagraph repeats one
+    weight, which then stays in the 50 MB L2)."""
+    for w in weights:
+        op(w)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for w in weights:
+            op(w)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (reps * len(weights))
+
+
+DENSE_SHAPES = {"q_proj": (3072, 2048), "kv_a_proj": (576, 2048), "o_proj": (2048, 2048),
+                "shared gate_up": (5632, 2048), "shared down": (2048, 2816), "dense gate_up": (22528, 2048)}
+
+
+def dense(tokens: int) -> None:
+    """cuBLAS (F.linear) against the Triton GEMM at moonlight-16b's dense shapes, weights streamed from HBM."""
+    for name, (n, k) in DENSE_SHAPES.items():
+        copies = max(4, -(-256 * 2**20 // (n * k * 2)))
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+        x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
+        results = [(streamed_us(lambda w: torch.nn.functional.linear(x, w), weights), "cuBLAS")]
+        for bn, bk, warps, stages in itertools.product((16, 32, 64), (128, 256), (2, 4), (3, 4, 6)):
+            config = dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+            try:
+                results.append((streamed_us(lambda w: block_scaled_matmul(x, w[None], None, tokens, config=config),
+                                            weights), config))
+            except Exception as e:  # out of shared memory, say
+                print(f"  dense {name} {config}: {type(e).__name__}")
+        best = min(results[1:], key=lambda r: r[0])
+        mb = n * k * 2 / 1e6
+        print(f"dense {name} ({n}x{k}, {mb:.1f} MB) tokens={tokens}: cuBLAS {results[0][0]:.2f} us "
+              f"({mb / results[0][0]:.2f} TB/s); best Triton {best[0]:.2f} us ({mb / best[0]:.2f} TB/s) {best[1]}",
+              flush=True)
+        for t, config in sorted(results[1:], key=lambda r: r[0])[1:4]:
+            print(f"    {t:.2f} us {config}")
+        del weights
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
+    import sys
+    if "--dense" in sys.argv:
+        for tokens in (1, 8):
+            dense(tokens)
+        return
     for tokens in (1, 8, 64, 256):
         moe(tokens)
     for batch, max_len in ((1, 1024), (1, 264), (64, 264)):

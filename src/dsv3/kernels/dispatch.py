@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from contextlib import nullcontext
 
 import torch
 
@@ -22,6 +23,14 @@ else:
 # bf16 activations and computes the reference's function. Both measured alike on an H100 in decode
 # (bench/results/2026-11-22-NVIDIA-H100-80GB-HBM3-kernels.md); torch._scaled_mm quantizes them too.
 QUANTIZE_ACTIVATIONS = True
+
+
+# Independent work of a small batch (the shared experts beside the router and routed experts; kv_a_proj beside
+# q_proj) runs on a second CUDA stream: at decode sizes each kernel is too short to use the whole GPU.
+# DSV3_OVERLAP=0 turns it off, for A/B runs.
+OVERLAP = os.environ.get("DSV3_OVERLAP", "1") != "0"
+OVERLAP_MAX_TOKENS = 256
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
 def use_fast(t: torch.Tensor) -> bool:
@@ -143,3 +152,34 @@ def moe_combine(routed: torch.Tensor, shared: torch.Tensor, dtype: torch.dtype) 
     if use_triton(routed) and use_triton(shared):
         return glue.moe_combine(routed, shared, dtype)
     return reference.moe_combine(routed, shared, dtype)
+
+
+# ---- two streams ------------------------------------------------------------------------------------------
+
+class Fork:
+    """Work queued inside `with fork:` runs on a side stream, after everything queued before it and beside
+    what the main stream queues next; `join()` makes the main stream wait for it. Where overlap does not
+    apply (CPU, the reference path, training, batches above OVERLAP_MAX_TOKENS) both are no-ops and the
+    block runs in order. Inside a CUDA graph capture the fork and join become the graph's edges.
+
+    Tensors cross safely: the side stream starts after the inputs were written, and whatever it allocates
+    goes back to its own stream's pool, reused only by later side-stream work, which waits for the main
+    stream (and so for every use of those tensors) when it forks again."""
+
+    def __init__(self, x: torch.Tensor):
+        on = OVERLAP and use_fast(x) and x.numel() <= OVERLAP_MAX_TOKENS * x.shape[-1]
+        self.stream = _side_streams.setdefault(x.device, torch.cuda.Stream(x.device)) if on else None
+        self.context = torch.cuda.stream(self.stream) if on else nullcontext()
+
+    def __enter__(self) -> Fork:
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        self.context.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.context.__exit__(*exc)
+
+    def join(self) -> None:
+        if self.stream is not None:
+            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)

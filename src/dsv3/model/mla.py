@@ -95,13 +95,15 @@ class MLA(nn.Module):
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, D) and rope (B, T, rope/2) with no cache, or (N, D) and (N, rope/2) with a PagedBatch;
         rope holds the rotation of each token's position (layers.Rotary)."""
+        with (fork := dispatch.Fork(x)):                                    # decode sizes: beside the query
+            kv = self.kv_a_proj_with_mqa(x)                                 # (..., kv_lora_rank + rope)
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        fork.join()
         q = q.unflatten(-1, (self.n_heads, self.nope + self.rope_dim))      # (..., H, nope + rope)
         q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
-        kv = self.kv_a_proj_with_mqa(x)                                     # (..., kv_lora_rank + rope)
 
         if batch is None:
             latent, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)

@@ -133,6 +133,8 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])                                          # (N, D)
+        with (fork := dispatch.Fork(flat)):            # decode sizes: the shared experts beside the routed ones
+            shared = self.shared_experts(flat)
         weights, indices, scores = self.gate(flat)
         if self.training:
             # Loads feed the bias update after the optimizer step; the balance loss is added by the trainer.
@@ -140,5 +142,7 @@ class MoE(nn.Module):
             if len(shape) == 3:
                 self.balance_loss = sequence_balance_loss(scores.view(*shape[:2], -1),
                                                           indices.view(*shape[:2], -1), self.top_k)
-        out = dispatch.moe_combine(self.experts(flat, indices, weights), self.shared_experts(flat), x.dtype)
+        routed = self.experts(flat, indices, weights)
+        fork.join()
+        out = dispatch.moe_combine(routed, shared, x.dtype)
         return self.par.all_reduce(out).view(shape)
