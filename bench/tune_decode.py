@@ -130,8 +130,41 @@ def dense(tokens: int) -> None:
         torch.cuda.empty_cache()
 
 
+def pdl_chain() -> None:
+    """A chain of dependent batch-1 projections (each reads the last one's output, as in a layer), weights
+    streamed from HBM: cuBLAS, the GEMV kernel (kernels/gemv.py), and the GEMV with programmatic
+    dependent launch (its weight loads overlap the previous kernel's tail)."""
+    from dsv3.kernels import gemv, pdl
+    for n, k in ((2048, 2048), (5632, 2048), (1024, 1024)):
+        length = max(8, -(-256 * 2**20 // (n * k * 2)))
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(length)]
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+
+        def chain(op):
+            def run(_):
+                h = x
+                for w in weights:
+                    h = op(h[:, :k], w)
+                return h
+            return run
+
+        times = {}
+        for name, op, on in (("cuBLAS", torch.nn.functional.linear, False), ("gemv", gemv.linear, False),
+                             ("gemv + PDL", gemv.linear, True)):
+            pdl.ENABLED = on
+            times[name] = streamed_us(chain(op), [None], reps=20) / length
+        pdl.ENABLED = True
+        print(f"chain of {length} dependent {n}x{k} projections ({n * k * 2 / 1e6:.1f} MB each), batch 1: "
+              + ", ".join(f"{name} {t:.2f} us" for name, t in times.items()), flush=True)
+        del weights
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     import sys
+    if "--pdl" in sys.argv:
+        pdl_chain()
+        return
     if "--dense" in sys.argv:
         for tokens in (1, 8):
             dense(tokens)

@@ -1,0 +1,35 @@
+"""Programmatic dependent launch (Hopper and later): a kernel starts while the one ahead of it in the
+stream finishes, does the work that does not depend on it (loading weights), then waits for it.
+
+A decode step at batch 1 is a chain of ~20 short kernels a layer, and each costs a few microseconds
+of latency (launch, first loads, tail) beyond the bytes it moves. A kernel taking part:
+- calls `gdc_launch_dependents()` first, so the next kernel may be scheduled as soon as all of this
+  one's programs run;
+- calls `gdc_wait()` before it reads anything an earlier kernel wrote, and before it writes anything.
+  Since every such kernel waits, the one ahead finished only after its own predecessor had: the
+  ordering is transitive, as without the launch attribute.
+Kernels launched without the attribute (cuBLAS, PyTorch's) keep the plain stream order, and a kernel
+with the instructions but without the attribute behaves as before (both are no-ops then).
+DSV3_PDL=0 turns it off, for A/B runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+ENABLED = os.environ.get("DSV3_PDL", "1") != "0"
+
+
+@functools.lru_cache(maxsize=None)
+def _supported(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def launch(t: torch.Tensor) -> dict:
+    """The launch options of a taking-part kernel for tensors on t's device: USE_GDC for the kernel's
+    constexpr, and Triton's launch_pdl where the GPU has it (never in the interpreter)."""
+    on = ENABLED and t.is_cuda and _supported(t.device)
+    return dict(USE_GDC=True, launch_pdl=True) if on else dict(USE_GDC=False)
