@@ -22,7 +22,7 @@ from bench import SHAPES, random_prompts
 from dsv3.config import ModelConfig
 from dsv3.engine.llm import LLMEngine
 from dsv3.engine.sampling import SamplingParams
-from dsv3.kernels import dispatch
+from dsv3.kernels import dispatch, pdl
 from dsv3.model import DeepseekV3ForCausalLM, init_weights
 
 
@@ -79,11 +79,12 @@ def decode(model, cfg, batch: int) -> None:
     # The captured step (side streams on) against the same step run eagerly on one stream.
     with torch.inference_mode():
         replayed = engine.runner.execute(step)[1].clone()
-        overlap, dispatch.OVERLAP = dispatch.OVERLAP, False
+        (overlap, dispatch.OVERLAP), (launch, pdl.ENABLED) = (dispatch.OVERLAP, False), (pdl.ENABLED, False)
         step.graph_size = 0
         one_stream = engine.runner.execute(step)[1]
-        dispatch.OVERLAP = overlap
-    print(f"decode batch {batch}: graph (overlap {overlap}) against eager on one stream: logits max abs diff "
+        dispatch.OVERLAP, pdl.ENABLED = overlap, launch
+    print(f"decode batch {batch}: graph (overlap {overlap}, PDL {launch}) against eager on one stream without PDL: "
+          f"logits max abs diff "
           f"{(replayed - one_stream).abs().max().item():.3g}, argmax equal "
           f"{bool((replayed.argmax(-1) == one_stream.argmax(-1)).all())}", flush=True)
     step.graph_size = 0  # eager, to see the kernels

@@ -175,6 +175,27 @@ def check_norms_and_elementwise(gen: torch.Generator) -> dict[str, float]:
     return errors
 
 
+def check_gemv(gen: torch.Generator) -> dict[str, float]:
+    """The decode GEMV (16-bit only: float16 here) against float32 products: K not a power of two, a bias,
+    leading dims, and the absorbed MLA's per-head products on strided views of one kv_b_proj."""
+    from dsv3.kernels import gemv
+
+    x, w, b = (torch.randn(*shape, generator=gen).half() for shape in ((3, 300), (70, 300), (70,)))
+    errors = {"gemv/linear/float16": rel_err(gemv.linear(x, w, b), torch.nn.functional.linear(x.float(), w.float(),
+                                                                                                b.float())),
+              "gemv/leading_dims/float16": rel_err(gemv.linear(x[:2].view(1, 2, 300), w),
+                                                   (x[:2].float() @ w.float().T).view(1, 2, 70))}
+    kv_b = torch.randn(4, 32 + 16, 64, generator=gen).half()                       # (H, nope + v, C)
+    q_nope = torch.randn(2, 4, 32 + 8, generator=gen).half()[..., :32]            # a strided view, as in the model
+    w_uk, w_uv = kv_b[:, :32], kv_b[:, 32:]
+    errors["gemv/per_head/w_uk/float16"] = rel_err(gemv.per_head(q_nope, w_uk.transpose(1, 2)),
+                                                   reference.per_head(q_nope.float(), w_uk.float().transpose(1, 2)))
+    latent = torch.randn(2, 4, 64, generator=gen).half()
+    errors["gemv/per_head/w_uv/float16"] = rel_err(gemv.per_head(latent, w_uv),
+                                                   reference.per_head(latent.float(), w_uv.float()))
+    return errors
+
+
 def check_mla_rope_and_cache(gen: torch.Generator) -> dict[str, float]:
     from dsv3.kernels import glue
 
@@ -300,7 +321,7 @@ def check_paged_model(gen: torch.Generator) -> dict[str, float]:
 def run_checks() -> dict[str, float]:
     gen = torch.Generator().manual_seed(0)
     return {**check_mla_decode(gen), **check_fp8_gemm(gen), **check_fused_experts(gen), **check_expert_sum(gen),
-            **check_norms_and_elementwise(gen), **check_mla_rope_and_cache(gen), **check_route(gen),
+            **check_norms_and_elementwise(gen), **check_gemv(gen), **check_mla_rope_and_cache(gen), **check_route(gen),
             **check_expert_blocks(gen), **check_paged_model(gen)}
 
 
@@ -325,7 +346,7 @@ BOUNDS = {"float16": 2e-3, "empty_context_abs": 0.0, "mismatches": 0.0}
 
 @needs_triton
 @pytest.mark.parametrize("kernel", ["mla_decode", "fp8_linear", "fp8_dequantize", "fused_experts", "expert_sum", "rms_norm",
-                                    "silu_mul", "moe_combine", "mla_rope_and_cache", "route", "expert_blocks",
+                                    "silu_mul", "moe_combine", "gemv", "mla_rope_and_cache", "route", "expert_blocks",
                                     "paged_model"])
 def test_triton_kernel_matches_reference(interpreted, kernel):
     checked = {name: err for name, err in interpreted.items() if name.startswith(kernel + "/")}
@@ -338,10 +359,10 @@ def test_triton_kernel_matches_reference(interpreted, kernel):
 
 def sm90_cases():
     """(kernel, its pointer arguments' element types, its float arguments, constexprs) at the model's shapes."""
-    from dsv3.kernels import glue, moe
+    from dsv3.kernels import gemv, glue, mla_decode, moe
 
     bf16 = dict.fromkeys(["x", "residual", "weight", "out", "summed"], "bf16")
-    return [
+    cases = [
         (glue._rms_norm, bf16, {"eps"}, {"HAS_RESIDUAL": True, "BLOCK": 8192}),
         *((glue._mla_rope_and_cache, {**dict.fromkeys(["q_pe", "kv", "norm_weight", "cache", "q_out"], "bf16"),
                                       "rope": "fp32", "slot_mapping": "i64"}, {"eps"},
@@ -359,7 +380,13 @@ def sm90_cases():
          {"BLOCK_M": 16, "E_POW2": 256, "BLOCK": 32}),
         (moe._weighted_sum, {"y": "bf16", "row_of_pair": "i64", "weights": "fp32", "out": "fp32"}, set(),
          {"K": 8, "BLOCK": 1024}),
+        (gemv._gemv, dict.fromkeys(["x", "w", "bias", "out"], "bf16"), set(),
+         {"HAS_BIAS": False, "BLOCK_N": 4, "BLOCK_K": 2048}),
+        (mla_decode._mla_decode_merge, {"partial": "fp32", "lse": "fp32", "out": "bf16"}, set(),
+         {"C": 512, "SPLITS_POW2": 8}),
     ]
+    # Each with programmatic dependent launch's instructions (pdl.py), as the engine launches them on an H100.
+    return [(kernel, pointers, floats, {**constexprs, "USE_GDC": True}) for kernel, pointers, floats, constexprs in cases]
 
 
 @needs_triton

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv3.kernels import pdl
+
 from dsv3.kernels.reference import block_length
 
 E4M3_MAX = 448.0
@@ -29,8 +31,9 @@ E4M3_MAX = 448.0
 def _block_scaled_matmul(a, b, b_scale, c, a_rows, block_group, M, N, K, scale_block_n,
                          stride_am, stride_bg, stride_bn, stride_sg, stride_sn, stride_sk, stride_cm,
                          HAS_SCALE: tl.constexpr, QUANTIZE_A: tl.constexpr, GATHER: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, USE_GDC: tl.constexpr):
     """c[m] = a[rows[m]] @ b[g]^T, g the group of m's block; b (G, N, K), its scales (G, N/bn, K/BLOCK_K)."""
+    pdl.start(USE_GDC)
     # Blocks of GROUP_M row tiles sweep the columns together, so their B tiles are shared in L2.
     pid = tl.program_id(0)
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -117,7 +120,8 @@ def block_scaled_matmul(a: torch.Tensor, weight: torch.Tensor, scale_inv: torch.
     _block_scaled_matmul[grid](
         a, weight, scale_inv, out, a_rows if a_rows is not None else a, block_group if block_group is not None else a,
         out_rows, n, k, bn, a.stride(0), weight.stride(0), weight.stride(1), sg, sn, sk, out.stride(0),
-        HAS_SCALE=has_scale, QUANTIZE_A=quantize, GATHER=a_rows is not None, BLOCK_K=block_k, GROUP_M=8, **config)
+        HAS_SCALE=has_scale, QUANTIZE_A=quantize, GATHER=a_rows is not None, BLOCK_K=block_k, GROUP_M=8, **config,
+        **pdl.launch(a))
     return out
 
 

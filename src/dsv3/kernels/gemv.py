@@ -21,44 +21,60 @@ TILE_ELEMENTS = 8192     # weight elements a program holds: 16 KB of bf16 over 4
 
 
 @triton.jit
-def _gemv(x, w, bias, out, M, N, K, stride_xm, stride_wn, stride_om,
+def _gemv(x, w, bias, out, M, N, K, stride_xm, stride_xg, stride_wg, stride_wn, stride_wk, stride_om, stride_og,
           HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr):
+    """out[m, g, n] = sum_k x[m, g, k] w[g, n, k] (+ bias[n]); program (i, g) makes columns i*BLOCK_N... of group g."""
     if USE_GDC:
         tl.extra.cuda.gdc_launch_dependents()
+    g = tl.program_id(1).to(tl.int64)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
     n_ok = n < N
-    wt = tl.load(w + n.to(tl.int64)[:, None] * stride_wn + k[None, :], mask=n_ok[:, None] & (k < K)[None, :],
-                 other=0.0).to(tl.float32)                                   # the weights: before the wait
+    wt = tl.load(w + g * stride_wg + n.to(tl.int64)[:, None] * stride_wn + k[None, :] * stride_wk,
+                 mask=n_ok[:, None] & (k < K)[None, :], other=0.0).to(tl.float32)   # the weights: before the wait
     if HAS_BIAS:
         b = tl.load(bias + n, mask=n_ok, other=0.0).to(tl.float32)
     if USE_GDC:
-        tl.extra.cuda.gdc_wait()                                             # x is the previous kernel's output
+        tl.extra.cuda.gdc_wait()                                                  # x is an earlier kernel's output
     for m in range(M):
-        xv = tl.load(x + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+        xv = tl.load(x + m * stride_xm + g * stride_xg + k, mask=k < K, other=0.0).to(tl.float32)
         acc = tl.sum(wt * xv[None, :], axis=1)
         if HAS_BIAS:
             acc += b
-        tl.store(out + m * stride_om + n, acc.to(out.dtype.element_ty), mask=n_ok)
+        tl.store(out + m * stride_om + g * stride_og + n, acc.to(out.dtype.element_ty), mask=n_ok)
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    rows = x.numel() // x.shape[-1]
+    """x (..., K) against weight (N, K) or per group (G, N, K): few rows, 16-bit, K small enough for one tile."""
+    rows = x.numel() // (x.shape[-1] * (weight.shape[0] if weight.dim() == 3 else 1))
     return (rows <= MAX_ROWS and weight.dtype in (torch.bfloat16, torch.float16) and x.dtype == weight.dtype
-            and weight.stride(-1) == 1 and triton.next_power_of_2(weight.shape[1]) <= TILE_ELEMENTS)
+            and triton.next_power_of_2(weight.shape[-1]) <= TILE_ELEMENTS)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, block_n: int | None = None
-           ) -> torch.Tensor:
-    """F.linear(x, weight, bias) for x (..., K) with at most MAX_ROWS rows; see `applies`."""
-    flat = x.reshape(-1, x.shape[-1])
-    if flat.stride(-1) != 1:
-        flat = flat.contiguous()
-    n, k = weight.shape
+def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """x (M, G, K), weight (G, N, K) any strides, out (M, G, N)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    groups, n, k = weight.shape
     block_k = triton.next_power_of_2(k)
-    block_n = block_n or max(1, min(64, TILE_ELEMENTS // block_k))
-    out = torch.empty(flat.shape[0], n, dtype=x.dtype, device=x.device)
-    _gemv[(triton.cdiv(n, block_n),)](flat, weight, bias if bias is not None else weight, out, flat.shape[0], n, k,
-                                      flat.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
-                                      BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, **pdl.launch(x))
-    return out.view(*x.shape[:-1], n)
+    block_n = max(1, min(64, TILE_ELEMENTS // block_k))
+    _gemv[(triton.cdiv(n, block_n), groups)](
+        x, weight, bias if bias is not None else weight, out, x.shape[0], n, k, x.stride(0), x.stride(1),
+        weight.stride(0), weight.stride(1), weight.stride(2), out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, **pdl.launch(x))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x (..., K) with at most MAX_ROWS rows; see `applies`."""
+    flat = x.reshape(-1, 1, x.shape[-1])
+    out = torch.empty(flat.shape[0], 1, weight.shape[0], dtype=x.dtype, device=x.device)
+    _launch(flat, weight.unsqueeze(0), bias, out)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def per_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """out[m, h] = weight[h] x[m, h]: x (M, H, K), weight (H, N, K) with any strides (the absorbed MLA's W_UK,
+    transposed, and W_UV are views of kv_b_proj) -> (M, H, N)."""
+    out = torch.empty(x.shape[0], weight.shape[0], weight.shape[1], dtype=x.dtype, device=x.device)
+    _launch(x, weight, None, out)
+    return out

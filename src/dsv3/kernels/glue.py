@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv3.kernels import pdl
+
 
 def _warps(block: int) -> int:
     return min(max(block // 512, 1), 16)
@@ -28,7 +30,8 @@ def _scaled_norm(v, weight, cols, ok, dim, eps):
 
 @triton.jit
 def _rms_norm(x, residual, weight, out, summed, dim, eps, stride_x, stride_r, stride_o, stride_s,
-              HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+              HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
+    pdl.start(USE_GDC)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < dim
@@ -60,7 +63,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, normed_dtype), device=x.device)
     block = triton.next_power_of_2(dim)
     _rms_norm[(rows.shape[0],)](rows, res, weight, out, summed, dim, eps, rows.stride(0), res.stride(0), dim, dim,
-                                HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_warps(block))
+                                HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_warps(block),
+                                **pdl.launch(x))
     return out if residual is None else (out, summed)
 
 
@@ -76,7 +80,8 @@ def _rotated(src, first, second, ok, cos, sin):
 def _mla_rope_and_cache(q_pe, kv, rope, norm_weight, cache, slot_mapping, q_out, heads, block_size, eps,
                         stride_qn, stride_qh, stride_kv, stride_rope, stride_cb, stride_ct, stride_on, stride_oh,
                         C: tl.constexpr, HALF: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                        BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr):
+                        BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr, USE_GDC: tl.constexpr):
+    pdl.start(USE_GDC)
     n = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, BLOCK_HALF)
     pair_ok = i < HALF
@@ -128,16 +133,17 @@ def mla_rope_and_cache(q_pe: torch.Tensor, kv: torch.Tensor, rope: torch.Tensor,
         q_pe.stride(0), q_pe.stride(1), kv.stride(0), angles.stride(0), cache.stride(0), cache.stride(1),
         q_out.stride(0), q_out.stride(1), C=c, HALF=half, BLOCK_C=triton.next_power_of_2(c),
         BLOCK_HALF=block_half, BLOCK_H=min(triton.next_power_of_2(heads), max(1, 2048 // block_half)),
-        INTERLEAVED=interleaved, num_warps=4)
+        INTERLEAVED=interleaved, num_warps=4, **pdl.launch(kv))
     return q_out
 
 
 @triton.jit
 def _router_logits(x, weight, logits, rows, n_experts, dim, split_len, stride_x, stride_w, stride_ls, stride_l,
-                   UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+                   UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr):
     """x W^T in float32 straight from 16-bit x and W: their products are exact in float32 and the sums run
     in float32, which is the reference's x.float() @ W.float()^T without a float32 copy of W each step.
     Program (m, e, s) sums the s-th split_len columns into partial s (decode: more programs read W)."""
+    pdl.start(USE_GDC)
     pid_m, pid_e, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -160,9 +166,10 @@ def _router_logits(x, weight, logits, rows, n_experts, dim, split_len, stride_x,
 @triton.jit
 def _route(logits, bias, scores, weights, ids, stride_ls, stride_l, stride_s, scaling, SPLITS: tl.constexpr,
            GROUPS: tl.constexpr, PER_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, TOP_K: tl.constexpr,
-           NORM: tl.constexpr, G_POW2: tl.constexpr, PER_POW2: tl.constexpr, K_POW2: tl.constexpr):
+           NORM: tl.constexpr, G_POW2: tl.constexpr, PER_POW2: tl.constexpr, K_POW2: tl.constexpr, USE_GDC: tl.constexpr):
     """One token: its experts laid out (group, expert in group); top-k by repeated arg-max (ties: lowest id).
     Its logits are the sum of SPLITS partial sums, added in order."""
+    pdl.start(USE_GDC)
     row = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, G_POW2)
     j = tl.arange(0, PER_POW2)
@@ -217,7 +224,7 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int,
     _router_logits[(triton.cdiv(rows, block_m), triton.cdiv(n_experts, block_e), splits)](
         x, weight, logits, rows, n_experts, dim, split_len, x.stride(0), weight.stride(0), logits.stride(0),
         logits.stride(1), UPCAST=x.dtype != weight.dtype, BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_K=block_k,
-        num_warps=4)
+        num_warps=4, **pdl.launch(x))
     scores = torch.empty(rows, n_experts, dtype=torch.float32, device=x.device)
     weights = torch.empty(rows, top_k, dtype=torch.float32, device=x.device)
     ids = torch.empty(rows, top_k, dtype=torch.int64, device=x.device)
@@ -226,12 +233,14 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int,
     _route[(rows,)](logits, bias, scores, weights, ids, logits.stride(0), logits.stride(1), scores.stride(0),
                     scaling, SPLITS=splits, GROUPS=n_group, PER_GROUP=per_group, TOPK_GROUP=topk_group,
                     TOP_K=top_k, NORM=norm_topk_prob, G_POW2=triton.next_power_of_2(n_group), PER_POW2=triton.next_power_of_2(per_group),
-                    K_POW2=triton.next_power_of_2(top_k), num_warps=1 if experts_pow2 <= 512 else 4)
+                    K_POW2=triton.next_power_of_2(top_k), num_warps=1 if experts_pow2 <= 512 else 4,
+                    **pdl.launch(x))
     return weights, ids, scores
 
 
 @triton.jit
-def _silu_mul(gate, up, out, cols, stride_g, stride_u, stride_o, BLOCK: tl.constexpr):
+def _silu_mul(gate, up, out, cols, stride_g, stride_u, stride_o, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
+    pdl.start(USE_GDC)
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = c < cols
@@ -247,12 +256,14 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     g, u = _rows(gate), _rows(up)
     out = torch.empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
     cols = gate.shape[-1]
-    _silu_mul[(g.shape[0], triton.cdiv(cols, 1024))](g, u, out, cols, g.stride(0), u.stride(0), cols, BLOCK=1024)
+    _silu_mul[(g.shape[0], triton.cdiv(cols, 1024))](g, u, out, cols, g.stride(0), u.stride(0), cols, BLOCK=1024,
+                                                       **pdl.launch(gate))
     return out
 
 
 @triton.jit
-def _moe_combine(routed, shared, out, cols, stride_r, stride_s, stride_o, BLOCK: tl.constexpr):
+def _moe_combine(routed, shared, out, cols, stride_r, stride_s, stride_o, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
+    pdl.start(USE_GDC)
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = c < cols
@@ -266,5 +277,6 @@ def moe_combine(routed: torch.Tensor, shared: torch.Tensor, dtype: torch.dtype) 
     r, s = _rows(routed), _rows(shared)
     out = torch.empty(routed.shape, dtype=dtype, device=routed.device)
     cols = routed.shape[-1]
-    _moe_combine[(r.shape[0], triton.cdiv(cols, 1024))](r, s, out, cols, r.stride(0), s.stride(0), cols, BLOCK=1024)
+    _moe_combine[(r.shape[0], triton.cdiv(cols, 1024))](r, s, out, cols, r.stride(0), s.stride(0), cols, BLOCK=1024,
+                                                          **pdl.launch(routed))
     return out

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv3.kernels import pdl
+
 LOG2_E = 1.4426950408889634   # scores are scaled into base 2, so the kernels use exp2
 
 
@@ -29,7 +31,8 @@ def _mla_decode_split(q_latent, q_rope, cache, block_tables, context_lens, out, 
                       stride_qb, stride_qh, stride_rb, stride_rh, stride_cache_block, stride_cache_token,
                       stride_table, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
                       C: tl.constexpr, R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                      SPLIT: tl.constexpr):
+                      SPLIT: tl.constexpr, USE_GDC: tl.constexpr):
+    pdl.start(USE_GDC)
     head_block, split, seq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     heads = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
     head_ok = heads < num_heads
@@ -77,8 +80,9 @@ def _mla_decode_split(q_latent, q_rope, cache, block_tables, context_lens, out, 
 
 @triton.jit
 def _mla_decode_merge(partial, lse, out, num_splits, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
-                      stride_ob, stride_oh, C: tl.constexpr, SPLITS_POW2: tl.constexpr):
+                      stride_ob, stride_oh, C: tl.constexpr, SPLITS_POW2: tl.constexpr, USE_GDC: tl.constexpr):
     """out = sum_s w_s partial_s / sum_s w_s with w_s = 2^(lse_s - max lse): the softmax over all splits."""
+    pdl.start(USE_GDC)
     head, seq = tl.program_id(0), tl.program_id(1)
     splits = tl.arange(0, SPLITS_POW2)
     lses = tl.load(lse + seq * stride_lb + head * stride_lh + splits, mask=splits < num_splits,
@@ -148,9 +152,11 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch
         q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1),
         latent_cache.stride(0), latent_cache.stride(1), block_tables.stride(0),
         partial.stride(0), partial.stride(1), stride_ps, stride_lb, stride_lh,
-        C=c, R=r, BLOCK_H=block_h, BLOCK_N=block_n, SPLIT=splits > 1, num_warps=num_warps, num_stages=num_stages)
+        C=c, R=r, BLOCK_H=block_h, BLOCK_N=block_n, SPLIT=splits > 1, num_warps=num_warps, num_stages=num_stages,
+        **pdl.launch(q_latent))
     if splits > 1:
         _mla_decode_merge[(heads, batch)](
             partial, lse, out, splits, partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0),
-            lse.stride(1), out.stride(0), out.stride(1), C=c, SPLITS_POW2=triton.next_power_of_2(splits))
+            lse.stride(1), out.stride(0), out.stride(1), C=c, SPLITS_POW2=triton.next_power_of_2(splits),
+            **pdl.launch(q_latent))
     return out

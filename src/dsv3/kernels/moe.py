@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv3.kernels import pdl
+
 from dsv3.kernels import reference
 from dsv3.kernels.fp8_gemm import block_scaled_matmul, gemm_config
 from dsv3.kernels.glue import silu_mul
@@ -28,8 +30,9 @@ SINGLE_PROGRAM_PAIRS = 4096
 
 @triton.jit
 def _expert_blocks(ids, token_at, row_at, block_expert, row_of_pair, pairs, n_experts, capacity, k,
-                   BLOCK_M: tl.constexpr, E_POW2: tl.constexpr, BLOCK: tl.constexpr):
+                   BLOCK_M: tl.constexpr, E_POW2: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
     """reference.expert_blocks in one program: a counting sort, the pairs in chunks of BLOCK against all experts."""
+    pdl.start(USE_GDC)
     e = tl.arange(0, E_POW2)
     real = e < n_experts
     counts = tl.zeros([E_POW2], tl.int32)
@@ -80,15 +83,17 @@ def expert_blocks(local_ids: torch.Tensor, n_experts: int, block_m: int, k: int
                                                    empty(pairs))
     e_pow2 = triton.next_power_of_2(n_experts)
     _expert_blocks[(1,)](local_ids.contiguous(), token_at, row_at, block_expert, row_of_pair, pairs, n_experts,
-                         capacity, k, BLOCK_M=block_m, E_POW2=e_pow2, BLOCK=max(16, 8192 // e_pow2), num_warps=8)
+                         capacity, k, BLOCK_M=block_m, E_POW2=e_pow2, BLOCK=max(16, 8192 // e_pow2), num_warps=8,
+                         **pdl.launch(local_ids))
     return token_at, row_at, block_expert, row_of_pair
 
 
 @triton.jit
 def _weighted_sum(y, row_of_pair, weights, out, dim, capacity, stride_y, stride_o, K: tl.constexpr,
-                  BLOCK: tl.constexpr):
+                  BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
     """out[t] = the sum over t's k choices of weight * y[row], in float32 and in choice order (batch-invariant,
     no atomics); choices on other ranks add 0."""
+    pdl.start(USE_GDC)
     t = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = c < dim
@@ -113,7 +118,8 @@ def expert_sum(ys: torch.Tensor, order: torch.Tensor, mine: torch.Tensor, weight
     row_of_pair = torch.where(mine, row_of_pair, pairs)                                # pairs: not on this rank
     out = torch.empty(tokens, ys.shape[1], dtype=torch.float32, device=ys.device)
     _weighted_sum[(tokens, triton.cdiv(ys.shape[1], 1024))](
-        ys, row_of_pair, weights.contiguous(), out, ys.shape[1], pairs, ys.stride(0), out.stride(0), K=k, BLOCK=1024)
+        ys, row_of_pair, weights.contiguous(), out, ys.shape[1], pairs, ys.stride(0), out.stride(0), K=k, BLOCK=1024,
+        **pdl.launch(ys))
     return out
 
 
@@ -152,5 +158,6 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tenso
 
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     _weighted_sum[(tokens, triton.cdiv(x.shape[1], 1024))](
-        y, row_of_pair, weights.contiguous(), out, x.shape[1], capacity, y.stride(0), out.stride(0), K=k, BLOCK=1024)
+        y, row_of_pair, weights.contiguous(), out, x.shape[1], capacity, y.stride(0), out.stride(0), K=k, BLOCK=1024,
+        **pdl.launch(y))
     return out

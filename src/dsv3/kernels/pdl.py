@@ -19,6 +19,8 @@ import functools
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 ENABLED = os.environ.get("DSV3_PDL", "1") != "0"
 
@@ -33,3 +35,12 @@ def launch(t: torch.Tensor) -> dict:
     constexpr, and Triton's launch_pdl where the GPU has it (never in the interpreter)."""
     on = ENABLED and t.is_cuda and _supported(t.device)
     return dict(USE_GDC=True, launch_pdl=True) if on else dict(USE_GDC=False)
+
+
+@triton.jit
+def start(USE_GDC: tl.constexpr):
+    """The first line of a taking-part kernel that needs its inputs at once: let the next kernel be
+    scheduled, then wait for the previous one."""
+    if USE_GDC:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()

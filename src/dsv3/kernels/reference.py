@@ -62,6 +62,14 @@ def grouped_mm(x: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -> 
     return torch.bmm(weights[group_of_row], x.unsqueeze(-1)).squeeze(-1)
 
 
+def per_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """out[m, h] = weight[h] x[m, h] for x (M, H, K) and weight (H, N, K) -> (M, H, N): the absorbed MLA's two
+    per-head products. One batched GEMM over the heads, written straight into (M, H, N) order."""
+    out = torch.empty(x.shape[0], weight.shape[0], weight.shape[1], dtype=x.dtype, device=x.device)
+    torch.bmm(x.transpose(0, 1), weight.transpose(1, 2), out=out.transpose(0, 1))
+    return out
+
+
 def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch.Tensor, block_tables: torch.Tensor,
                context_lens: torch.Tensor, kv_lora_rank: int, softmax_scale: float) -> torch.Tensor:
     """Absorbed MLA for one new token per sequence over the paged latent cache.

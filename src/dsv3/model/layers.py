@@ -77,7 +77,7 @@ class Linear(nn.Module):
         if self.weight.dtype == FP8:
             y = dispatch.fp8_linear(x, self.weight, self.weight_scale_inv)
             return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight, self.bias)
+        return dispatch.linear(x, self.weight, self.bias)
 
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W as a plain matrix (dequantized when FP8): the absorbed MLA needs kv_b_proj this way."""

@@ -215,13 +215,10 @@ class MLA(nn.Module):
     def absorbed_decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
         """One query per sequence, attention computed in the latent space (no keys or values expanded)."""
         w_uk, w_uv = self.absorbed_weights()
-        q_latent = torch.einsum("nhd,hdc->nhc", q_nope, w_uk.to(q_nope.dtype))     # (S, H, C)
+        q_latent = dispatch.per_head(q_nope, w_uk.to(q_nope.dtype).transpose(1, 2))  # (S, H, C)
         out_latent = dispatch.mla_decode(q_latent, q_pe, batch.latent_caches[self.layer_idx], batch.block_tables,
                                          batch.context_lens, self.kv_lora_rank, self.softmax_scale)
-        # Per head (H, S, C) x (H, C, v), written straight into (S, H, v): o_proj then flattens it without a copy.
-        out = torch.empty(*out_latent.shape[:2], self.v_dim, dtype=out_latent.dtype, device=out_latent.device)
-        torch.bmm(out_latent.transpose(0, 1), w_uv.to(out_latent.dtype).transpose(1, 2), out=out.transpose(0, 1))
-        return out                                                                   # (S, H, v)
+        return dispatch.per_head(out_latent, w_uv.to(out_latent.dtype))            # (S, H, v)
 
     def absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
                  causal_offset: int = 0) -> torch.Tensor:
