@@ -149,7 +149,11 @@ def main() -> None:
     ap.add_argument("--model", default="moonlight-16b", choices=list(SHAPES))
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--prefill", default="8x2048")
+    ap.add_argument("--gemv-rows", type=int, default=None, help="rows up to which linears take the GEMV kernel")
     args = ap.parse_args()
+    if args.gemv_rows is not None:
+        from dsv3.kernels import gemv
+        gemv.MAX_ROWS = args.gemv_rows
     cfg = ModelConfig.from_dict({**SHAPES[args.model], "num_nextn_predict_layers": 0})
     torch.manual_seed(0)
     with torch.device("cuda"):
