@@ -66,6 +66,14 @@ def check_mla_decode(gen: torch.Generator) -> dict[str, float]:
     out = mla_decode(torch.randn(1, 4, 32), torch.randn(1, 4, 16), cache, tables, torch.zeros(1, dtype=torch.int32),
                      32, 0.3, num_splits=2)
     errors["mla_decode/empty_context_abs"] = out.abs().max().item() if torch.isfinite(out).all() else float("nan")
+    # Projected by W_UV in the same call: with several splits their merge happens inside the GEMV.
+    for splits in (1, 4):
+        cache, tables, ctx = paged_cache(gen, [37, 5], 16, 48, torch.float16)
+        q_latent, q_rope = torch.randn(2, 4, 32, generator=gen).half(), torch.randn(2, 4, 16, generator=gen).half()
+        w_uv = torch.randn(4, 24, 32, generator=gen).half()
+        out = mla_decode(q_latent, q_rope, cache, tables, ctx, 32, 0.3, num_splits=splits, w_uv=w_uv)
+        ref = reference.mla_decode(q_latent.float(), q_rope.float(), cache.float(), tables, ctx, 32, 0.3)
+        errors[f"mla_decode/w_uv/splits={splits}/float16"] = rel_err(out, reference.per_head(ref, w_uv.float()))
     return errors
 
 
@@ -134,6 +142,19 @@ def check_fused_experts(gen: torch.Generator) -> dict[str, float]:
     out = fused_experts(x[:1], one, weights[:1], gate_up, gate_up_scale, down, down_scale, quantize_activations=False,
                         all_local=True)
     errors["fused_experts/one_token"] = rel_err(out, ref)
+    # The shared experts' output added in the weighted sum, after join() (the stream wait) and only then.
+    shared, joins = torch.randn(tokens, dim, generator=gen), []
+    ref = reference.moe_combine(reference.routed_experts(x.double(), ids, weights, gate_up, gate_up_scale, down,
+                                                         down_scale), shared, torch.float64)
+    out = fused_experts(x, ids, weights, gate_up, gate_up_scale, down, down_scale, quantize_activations=False,
+                        shared=shared, join=lambda: joins.append(1))
+    errors["fused_experts/shared"] = rel_err(out, ref)
+    errors["fused_experts/shared/join_mismatches"] = float(joins != [1])
+    # 16 bits: the SwiGLU product in the first GEMM's epilogue rounds gate, silu and up as silu_mul does.
+    x16 = x.half()
+    gate_up16, down16 = (torch.randn(w.shape, generator=gen).mul(0.1).half() for w in (gate_up, down))
+    ref = reference.routed_experts(x16.double(), ids, weights, gate_up16.double(), None, down16.double(), None)
+    errors["fused_experts/float16"] = rel_err(fused_experts(x16, ids, weights, gate_up16, None, down16, None), ref)
     return errors
 
 
@@ -359,7 +380,7 @@ def test_triton_kernel_matches_reference(interpreted, kernel):
 
 def sm90_cases():
     """(kernel, its pointer arguments' element types, its float arguments, constexprs) at the model's shapes."""
-    from dsv3.kernels import gemv, glue, mla_decode, moe
+    from dsv3.kernels import fp8_gemm, gemv, glue, mla_decode, moe
 
     bf16 = dict.fromkeys(["x", "residual", "weight", "out", "summed"], "bf16")
     cases = [
@@ -378,10 +399,15 @@ def sm90_cases():
         (glue._moe_combine, {"routed": "fp32", "shared": "bf16", "out": "bf16"}, set(), {"BLOCK": 1024}),
         (moe._expert_blocks, dict.fromkeys(["ids", "token_at", "row_at", "block_expert", "row_of_pair"], "i64"), set(),
          {"BLOCK_M": 16, "E_POW2": 256, "BLOCK": 32}),
-        (moe._weighted_sum, {"y": "bf16", "row_of_pair": "i64", "weights": "fp32", "out": "fp32"}, set(),
-         {"K": 8, "BLOCK": 1024}),
-        (gemv._gemv, dict.fromkeys(["x", "w", "bias", "out"], "bf16"), set(),
-         {"HAS_BIAS": False, "BLOCK_N": 4, "BLOCK_K": 2048}),
+        *((moe._weighted_sum, {"y": "bf16", "row_of_pair": "i64", "weights": "fp32", "shared": "bf16", "out": out},
+           set(), {"K": 8, "HAS_SHARED": out == "bf16", "BLOCK": 1024}) for out in ("fp32", "bf16")),
+        *((fp8_gemm._block_scaled_matmul, {"a": "bf16", "b": b, "b_scale": "fp32", "c": "bf16", "a_rows": "i64",
+                                           "block_group": "i64"}, set(),
+           {"HAS_SCALE": b == "fp8e4nv", "QUANTIZE_A": b == "fp8e4nv", "GATHER": True, "SWIGLU": True, "BLOCK_M": 16,
+            "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8}) for b in ("bf16", "fp8e4nv")),
+        *((gemv._gemv, {**dict.fromkeys(["w", "bias", "out"], "bf16"), "x": x, "lse": "fp32"}, set(),
+           {"HAS_BIAS": False, "BLOCK_N": 4, "BLOCK_K": 2048 if splits == 0 else 512, "SPLITS_POW2": splits})
+          for x, splits in (("bf16", 0), ("fp32", 8))),
         (mla_decode._mla_decode_merge, {"partial": "fp32", "lse": "fp32", "out": "bf16"}, set(),
          {"C": 512, "SPLITS_POW2": 8}),
     ]

@@ -80,12 +80,15 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -
 
 
 def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch.Tensor, block_tables: torch.Tensor,
-               context_lens: torch.Tensor, kv_lora_rank: int, softmax_scale: float) -> torch.Tensor:
+               context_lens: torch.Tensor, kv_lora_rank: int, softmax_scale: float,
+               w_uv: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention over the latent cache, (S, H, C); given w_uv (H, v, C), projected per head: (S, H, v)."""
     if use_triton(q_latent):
         return mla_decode_kernel.mla_decode(q_latent, q_rope, latent_cache, block_tables, context_lens,
-                                            kv_lora_rank, softmax_scale)
-    return reference.mla_decode(q_latent, q_rope, latent_cache, block_tables, context_lens, kv_lora_rank,
-                                softmax_scale)
+                                            kv_lora_rank, softmax_scale, w_uv=w_uv)
+    out = reference.mla_decode(q_latent, q_rope, latent_cache, block_tables, context_lens, kv_lora_rank,
+                               softmax_scale)
+    return out if w_uv is None else reference.per_head(out, w_uv)
 
 
 def _grouped_mm_aligned(x: torch.Tensor, weights: torch.Tensor) -> bool:
@@ -122,10 +125,12 @@ def fused_experts_available(x: torch.Tensor, gate_up: torch.Tensor, pairs: int) 
 
 def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
                   gate_up: torch.Tensor, gate_up_scale: torch.Tensor | None,
-                  down: torch.Tensor, down_scale: torch.Tensor | None, all_local: bool = False) -> torch.Tensor:
-    """See reference.routed_experts; only where fused_experts_available."""
+                  down: torch.Tensor, down_scale: torch.Tensor | None, all_local: bool = False,
+                  shared: torch.Tensor | None = None, join=None) -> torch.Tensor:
+    """See reference.routed_experts (plus reference.moe_combine with shared); only where fused_experts_available."""
     return moe_kernel.fused_experts(x, local_ids, weights, gate_up, gate_up_scale, down, down_scale,
-                                    quantize_activations=QUANTIZE_ACTIVATIONS, all_local=all_local)
+                                    quantize_activations=QUANTIZE_ACTIVATIONS, all_local=all_local, shared=shared,
+                                    join=join)
 
 
 # ---- the elementwise glue of a layer (glue.py): one kernel each where PyTorch runs several ----------------

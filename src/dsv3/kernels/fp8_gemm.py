@@ -28,11 +28,29 @@ E4M3_MAX = 448.0
 
 
 @triton.jit
+def _k_step(x, w, scale, QUANTIZE_A: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """One BLOCK_K step of x w^T, times the weight block's scale (per output column) when FP8."""
+    if QUANTIZE_A:
+        # DeepSeek's act_quant: one scale per token per 128 columns, amax / 448.
+        xf = x.to(tl.float32)
+        x_scale = tl.maximum(tl.max(tl.abs(xf), 1), 1e-12) / 448.0
+        part = tl.dot((xf / x_scale[:, None]).to(w.dtype), tl.trans(w)) * x_scale[:, None]
+    else:
+        part = tl.dot(x, tl.trans(w.to(x.dtype)))
+    if HAS_SCALE:
+        part = part * scale[None, :]
+    return part
+
+
+@triton.jit
 def _block_scaled_matmul(a, b, b_scale, c, a_rows, block_group, M, N, K, scale_block_n,
                          stride_am, stride_bg, stride_bn, stride_sg, stride_sn, stride_sk, stride_cm,
-                         HAS_SCALE: tl.constexpr, QUANTIZE_A: tl.constexpr, GATHER: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, USE_GDC: tl.constexpr):
-    """c[m] = a[rows[m]] @ b[g]^T, g the group of m's block; b (G, N, K), its scales (G, N/bn, K/BLOCK_K)."""
+                         HAS_SCALE: tl.constexpr, QUANTIZE_A: tl.constexpr, GATHER: tl.constexpr, SWIGLU: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                         USE_GDC: tl.constexpr):
+    """c[m] = a[rows[m]] @ b[g]^T, g the group of m's block; b (G, N, K), its scales (G, N/bn, K/BLOCK_K).
+    SWIGLU: b is (G, 2N, K), gate rows then up rows, and c[m] = silu(gate) * up, each rounded to c's dtype
+    first as reference.silu_mul rounds them (the experts' SwiGLU product without a kernel of its own)."""
     pdl.start(USE_GDC)
     # Blocks of GROUP_M row tiles sweep the columns together, so their B tiles are shared in L2.
     pid = tl.program_id(0)
@@ -60,23 +78,30 @@ def _block_scaled_matmul(a, b, b_scale, c, a_rows, block_group, M, N, K, scale_b
     a_ptrs = a + source.to(tl.int64)[:, None] * stride_am + ks[None, :]                   # (BLOCK_M, BLOCK_K)
     b_ptrs = b + cols.to(tl.int64)[:, None] * stride_bn + ks[None, :]                     # (BLOCK_N, BLOCK_K)
     s_ptrs = b_scale + (cols // scale_block_n) * stride_sn                                # (BLOCK_N,)
+    up_ptrs = b_ptrs + N * stride_bn                                                      # SWIGLU's up rows
+    up_s_ptrs = b_scale + ((cols + N) // scale_block_n) * stride_sn
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    scale = tl.full([BLOCK_N], 1.0, tl.float32)                                           # FP8: per column
+    up_scale = tl.full([BLOCK_N], 1.0, tl.float32)
     for k0 in range(0, k_end, BLOCK_K):
         k_ok = ks < K - k0
         x = tl.load(a_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(b_ptrs + k0, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        if QUANTIZE_A:
-            # DeepSeek's act_quant: one scale per token per 128 columns, amax / 448.
-            xf = x.to(tl.float32)
-            x_scale = tl.maximum(tl.max(tl.abs(xf), 1), 1e-12) / 448.0
-            part = tl.dot((xf / x_scale[:, None]).to(w.dtype), tl.trans(w)) * x_scale[:, None]
-        else:
-            part = tl.dot(x, tl.trans(w.to(x.dtype)))
         if HAS_SCALE:
-            part = part * tl.load(s_ptrs + (k0 // BLOCK_K) * stride_sk, mask=col_ok, other=0.0)[None, :]
-        acc += part
-    tl.store(c + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :], acc.to(c.dtype.element_ty),
+            scale = tl.load(s_ptrs + (k0 // BLOCK_K) * stride_sk, mask=col_ok, other=0.0)
+        acc += _k_step(x, w, scale, QUANTIZE_A, HAS_SCALE)
+        if SWIGLU:
+            w_up = tl.load(up_ptrs + k0, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            if HAS_SCALE:
+                up_scale = tl.load(up_s_ptrs + (k0 // BLOCK_K) * stride_sk, mask=col_ok, other=0.0)
+            acc_up += _k_step(x, w_up, up_scale, QUANTIZE_A, HAS_SCALE)
+    dtype = c.dtype.element_ty
+    if SWIGLU:
+        gate = acc.to(dtype).to(tl.float32)
+        acc = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * acc_up.to(dtype).to(tl.float32)
+    tl.store(c + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :], acc.to(dtype),
              mask=(rows < M)[:, None] & col_ok[None, :])
 
 
@@ -91,12 +116,14 @@ def gemm_config(m: int, n: int) -> dict:
 
 def block_scaled_matmul(a: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor | None, out_rows: int,
                         a_rows: torch.Tensor | None = None, block_group: torch.Tensor | None = None,
-                        quantize_activations: bool = True, config: dict | None = None) -> torch.Tensor:
+                        quantize_activations: bool = True, config: dict | None = None, swiglu: bool = False
+                        ) -> torch.Tensor:
     """(out_rows, N) = rows of a times weight[group]^T; weight (G, N, K) e4m3 with scales (G, N/bn, K/bk), or bf16.
 
     Without a_rows, row m of the output is row m of a and G = 1. With them, output row m is
     a[a_rows[m]] (left unwritten when -1) times weight[block_group[m // BLOCK_M]], and config must
-    carry the BLOCK_M the rows were laid out for.
+    carry the BLOCK_M the rows were laid out for. swiglu: weight holds gate then up rows, and the
+    result is silu(gate) * up, (out_rows, N / 2).
     """
     if a.stride(-1) != 1:
         a = a.contiguous()
@@ -114,13 +141,18 @@ def block_scaled_matmul(a: torch.Tensor, weight: torch.Tensor, scale_inv: torch.
     if block_k & (block_k - 1) or block_k < 16:
         raise ValueError(f"the scale block along K must be a power of two >= 16, got {block_k}")
     config = {key: v for key, v in (config or gemm_config(out_rows, n)).items() if key != "BLOCK_K"}
+    if swiglu:
+        if n % 2:
+            raise ValueError(f"swiglu needs gate and up rows of equal count, got {n} rows")
+        n //= 2
     out = torch.empty(out_rows, n, dtype=a.dtype, device=a.device)
     grid = (triton.cdiv(out_rows, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
     sg, sn, sk = (scale_inv.stride(0), scale_inv.stride(1), scale_inv.stride(2)) if has_scale else (0, 0, 0)
     _block_scaled_matmul[grid](
         a, weight, scale_inv, out, a_rows if a_rows is not None else a, block_group if block_group is not None else a,
         out_rows, n, k, bn, a.stride(0), weight.stride(0), weight.stride(1), sg, sn, sk, out.stride(0),
-        HAS_SCALE=has_scale, QUANTIZE_A=quantize, GATHER=a_rows is not None, BLOCK_K=block_k, GROUP_M=8, **config,
+        HAS_SCALE=has_scale, QUANTIZE_A=quantize, GATHER=a_rows is not None, SWIGLU=swiglu, BLOCK_K=block_k,
+        GROUP_M=8, **config,
         **pdl.launch(a))
     return out
 

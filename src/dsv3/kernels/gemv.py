@@ -21,9 +21,28 @@ TILE_ELEMENTS = 8192     # weight elements a program holds: 16 KB of bf16 over 4
 
 
 @triton.jit
+def _merged_row(partial, lse, num_splits, k, K, stride_ps, SPLITS_POW2: tl.constexpr):
+    """One (token, head) of the split MLA decode merged as mla_decode._mla_decode_merge merges it:
+    sum_s 2^(lse_s - max) partial_s / sum_s 2^(lse_s - max), in float32."""
+    splits = tl.arange(0, SPLITS_POW2)
+    lses = tl.load(lse + splits, mask=splits < num_splits, other=float("-inf"))
+    top = tl.max(lses, 0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    acc = tl.zeros([k.shape[0]], tl.float32)
+    for s in range(num_splits):
+        acc += tl.exp2(tl.load(lse + s) - top) * tl.load(partial + s * stride_ps + k, mask=k < K, other=0.0)
+    total = tl.sum(tl.exp2(lses - top), 0)
+    return acc / tl.where(total > 0, total, 1.0)
+
+
+@triton.jit
 def _gemv(x, w, bias, out, M, N, K, stride_xm, stride_xg, stride_wg, stride_wn, stride_wk, stride_om, stride_og,
-          HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr):
-    """out[m, g, n] = sum_k x[m, g, k] w[g, n, k] (+ bias[n]); program (i, g) makes columns i*BLOCK_N... of group g."""
+          lse, num_splits, stride_xs, stride_lm, stride_lg,
+          HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS_POW2: tl.constexpr,
+          USE_GDC: tl.constexpr):
+    """out[m, g, n] = sum_k x[m, g, k] w[g, n, k] (+ bias[n]); program (i, g) makes columns i*BLOCK_N... of group g.
+    SPLITS_POW2 > 0: x[m, g] is the merge of num_splits partial rows x[m, g, s] by their log-sum-exps
+    lse[m, g, s], rounded to out's dtype as the merge kernel would store it."""
     if USE_GDC:
         tl.extra.cuda.gdc_launch_dependents()
     g = tl.program_id(1).to(tl.int64)
@@ -37,7 +56,11 @@ def _gemv(x, w, bias, out, M, N, K, stride_xm, stride_xg, stride_wg, stride_wn, 
     if USE_GDC:
         tl.extra.cuda.gdc_wait()                                                  # x is an earlier kernel's output
     for m in range(M):
-        xv = tl.load(x + m * stride_xm + g * stride_xg + k, mask=k < K, other=0.0).to(tl.float32)
+        if SPLITS_POW2 > 0:
+            xv = _merged_row(x + m * stride_xm + g * stride_xg, lse + m * stride_lm + g * stride_lg, num_splits,
+                             k, K, stride_xs, SPLITS_POW2).to(out.dtype.element_ty).to(tl.float32)
+        else:
+            xv = tl.load(x + m * stride_xm + g * stride_xg + k, mask=k < K, other=0.0).to(tl.float32)
         acc = tl.sum(wt * xv[None, :], axis=1)
         if HAS_BIAS:
             acc += b
@@ -51,17 +74,20 @@ def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and triton.next_power_of_2(weight.shape[-1]) <= TILE_ELEMENTS)
 
 
-def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
-    """x (M, G, K), weight (G, N, K) any strides, out (M, G, N)."""
+def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+            lse: torch.Tensor | None = None) -> None:
+    """x (M, G, K), weight (G, N, K) any strides, out (M, G, N); with lse (M, G, S), x is (M, G, S, K) partials."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     groups, n, k = weight.shape
     block_k = triton.next_power_of_2(k)
     block_n = max(1, min(64, TILE_ELEMENTS // block_k))
+    splits = (lse.shape[-1], x.stride(2), lse.stride(0), lse.stride(1)) if lse is not None else (0, 0, 0, 0)
     _gemv[(triton.cdiv(n, block_n), groups)](
         x, weight, bias if bias is not None else weight, out, x.shape[0], n, k, x.stride(0), x.stride(1),
         weight.stride(0), weight.stride(1), weight.stride(2), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, **pdl.launch(x))
+        lse if lse is not None else x, *splits, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        SPLITS_POW2=triton.next_power_of_2(splits[0]) if lse is not None else 0, num_warps=4, **pdl.launch(x))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -77,4 +103,14 @@ def per_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     transposed, and W_UV are views of kv_b_proj) -> (M, H, N)."""
     out = torch.empty(x.shape[0], weight.shape[0], weight.shape[1], dtype=x.dtype, device=x.device)
     _launch(x, weight, None, out)
+    return out
+
+
+def per_head_merged(partial: torch.Tensor, lse: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """per_head(merge(partial, lse), weight): the split MLA decode's merge (partial (M, H, S, C) float32, lse
+    (M, H, S) base 2) done inside the W_UV product, one kernel instead of two. -> (M, H, N) in weight's dtype."""
+    if lse.stride(-1) != 1:
+        raise ValueError("per_head_merged needs lse contiguous along the splits")
+    out = torch.empty(partial.shape[0], weight.shape[0], weight.shape[1], dtype=weight.dtype, device=partial.device)
+    _launch(partial, weight, None, out, lse)
     return out

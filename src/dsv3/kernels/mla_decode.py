@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3.kernels import pdl
+from dsv3.kernels import gemv, pdl, reference
 
 LOG2_E = 1.4426950408889634   # scores are scaled into base 2, so the kernels use exp2
 
@@ -116,8 +116,10 @@ def choose_splits(batch: int, head_blocks: int, max_context: int, device: torch.
 def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch.Tensor, block_tables: torch.Tensor,
                context_lens: torch.Tensor, kv_lora_rank: int, softmax_scale: float, *,
                num_splits: int | None = None, block_h: int | None = None, block_n: int = 32,
-               num_warps: int | None = None, num_stages: int = 2) -> torch.Tensor:
-    """Same arguments and result as reference.mla_decode; the keywords after * tune the launch."""
+               num_warps: int | None = None, num_stages: int = 2, w_uv: torch.Tensor | None = None) -> torch.Tensor:
+    """Same arguments and result as reference.mla_decode; the keywords after * tune the launch. Given w_uv
+    (H, v, C): the output projected per head, reference.per_head(result, w_uv), with the merge of the
+    splits inside that product at decode sizes (gemv.per_head_merged)."""
     batch, heads, c = q_latent.shape
     r = q_rope.shape[-1]
     if c != kv_lora_rank or latent_cache.shape[-1] != c + r:
@@ -154,9 +156,14 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch
         partial.stride(0), partial.stride(1), stride_ps, stride_lb, stride_lh,
         C=c, R=r, BLOCK_H=block_h, BLOCK_N=block_n, SPLIT=splits > 1, num_warps=num_warps, num_stages=num_stages,
         **pdl.launch(q_latent))
+    project = w_uv is not None and gemv.applies(q_latent, w_uv)
+    if splits > 1 and project:
+        return gemv.per_head_merged(partial, lse, w_uv)
     if splits > 1:
         _mla_decode_merge[(heads, batch)](
             partial, lse, out, splits, partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0),
             lse.stride(1), out.stride(0), out.stride(1), C=c, SPLITS_POW2=triton.next_power_of_2(splits),
             **pdl.launch(q_latent))
-    return out
+    if w_uv is None:
+        return out
+    return gemv.per_head(out, w_uv) if project else reference.per_head(out, w_uv)

@@ -5,13 +5,15 @@ whole blocks of BLOCK_M rows, so a block of rows has one expert and the GEMM ker
 weights of experts that received tokens (FP8 weights stay FP8 in memory). Nothing here reads a
 device value on the host: the padded layout has a size fixed by the shapes alone (every expert that
 can be present may waste BLOCK_M - 1 rows), so a decode step can be captured in a CUDA graph. In
-decode the layout is one kernel (a counting sort in one program), and so is each token's weighted
-sum over its experts: five kernels in all with the two GEMMs and the SwiGLU product between them.
+decode the layout is one kernel (a counting sort in one program; none for one token), the first GEMM
+ends with the SwiGLU product, and one kernel makes each token's weighted sum over its experts plus
+the shared experts' output: four kernels in all.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import triton
@@ -21,7 +23,6 @@ from dsv3.kernels import pdl
 
 from dsv3.kernels import reference
 from dsv3.kernels.fp8_gemm import block_scaled_matmul, gemm_config
-from dsv3.kernels.glue import silu_mul
 
 # One program walks the pairs twice, so past a few thousand pairs (prefill) the PyTorch layout, a
 # few dozen parallel kernels, is faster; below, launches dominate. An estimate, not measured.
@@ -89,10 +90,10 @@ def expert_blocks(local_ids: torch.Tensor, n_experts: int, block_m: int, k: int
 
 
 @triton.jit
-def _weighted_sum(y, row_of_pair, weights, out, dim, capacity, stride_y, stride_o, K: tl.constexpr,
-                  BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
+def _weighted_sum(y, row_of_pair, weights, shared, out, dim, capacity, stride_y, stride_sh, stride_o, K: tl.constexpr,
+                  HAS_SHARED: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
     """out[t] = the sum over t's k choices of weight * y[row], in float32 and in choice order (batch-invariant,
-    no atomics); choices on other ranks add 0."""
+    no atomics); choices on other ranks add 0. HAS_SHARED: plus shared[t], as reference.moe_combine adds it."""
     pdl.start(USE_GDC)
     t = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -105,6 +106,8 @@ def _weighted_sum(y, row_of_pair, weights, out, dim, capacity, stride_y, stride_
         # tl.where, not ok & on: Triton's interpreter gives a scalar & block mask a non-boolean dtype.
         v = tl.load(y + row * stride_y + c, mask=tl.where(on, ok, False), other=0.0).to(tl.float32)
         acc += tl.where(on, v * w, 0.0)
+    if HAS_SHARED:
+        acc += tl.load(shared + t * stride_sh + c, mask=ok, other=0.0).to(tl.float32)
     tl.store(out + t * stride_o + c, acc, mask=ok)
 
 
@@ -118,8 +121,8 @@ def expert_sum(ys: torch.Tensor, order: torch.Tensor, mine: torch.Tensor, weight
     row_of_pair = torch.where(mine, row_of_pair, pairs)                                # pairs: not on this rank
     out = torch.empty(tokens, ys.shape[1], dtype=torch.float32, device=ys.device)
     _weighted_sum[(tokens, triton.cdiv(ys.shape[1], 1024))](
-        ys, row_of_pair, weights.contiguous(), out, ys.shape[1], pairs, ys.stride(0), out.stride(0), K=k, BLOCK=1024,
-        **pdl.launch(ys))
+        ys, row_of_pair, weights.contiguous(), ys, out, ys.shape[1], pairs, ys.stride(0), 0, out.stride(0), K=k,
+        HAS_SHARED=False, BLOCK=1024, **pdl.launch(ys))
     return out
 
 
@@ -134,9 +137,12 @@ def _one_token_layout(k: int, block_m: int, device: torch.device) -> tuple[torch
 def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
                   gate_up: torch.Tensor, gate_up_scale: torch.Tensor | None,
                   down: torch.Tensor, down_scale: torch.Tensor | None, quantize_activations: bool = True,
-                  block_m: int | None = None, all_local: bool = False) -> torch.Tensor:
+                  block_m: int | None = None, all_local: bool = False, shared: torch.Tensor | None = None,
+                  join: Callable[[], None] | None = None) -> torch.Tensor:
     """Same arguments and result as reference.routed_experts. all_local: every id is an expert of this
-    rank (no expert parallel); one token then needs no layout kernel: its pair j is block j."""
+    rank (no expert parallel); one token then needs no layout kernel: its pair j is block j. shared: the
+    shared experts' output, added in the weighted sum's kernel (reference.moe_combine, in x's dtype);
+    join() runs before that kernel is queued (the shared experts may run on another stream)."""
     tokens, k = local_ids.shape
     n_experts = gate_up.shape[0]
     pairs = tokens * k
@@ -149,15 +155,16 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tenso
     capacity = token_at.numel()
     config = gemm_config(block_m, gate_up.shape[1])                                    # its BLOCK_M is block_m
 
-    h = block_scaled_matmul(x, gate_up, gate_up_scale, capacity, token_at, block_expert,
-                            quantize_activations, config)                               # (capacity, 2I)
-    inter = h.shape[1] // 2
-    act = silu_mul(h[:, :inter], h[:, inter:])                                          # (capacity, I)
+    act = block_scaled_matmul(x, gate_up, gate_up_scale, capacity, token_at, block_expert,
+                              quantize_activations, config, swiglu=True)               # (capacity, I): SwiGLU'd
     y = block_scaled_matmul(act, down, down_scale, capacity, row_at, block_expert,
                             quantize_activations, config)                               # (capacity, D)
 
-    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    if join is not None:
+        join()
+    out = torch.empty(x.shape, dtype=torch.float32 if shared is None else x.dtype, device=x.device)
     _weighted_sum[(tokens, triton.cdiv(x.shape[1], 1024))](
-        y, row_of_pair, weights.contiguous(), out, x.shape[1], capacity, y.stride(0), out.stride(0), K=k, BLOCK=1024,
-        **pdl.launch(y))
+        y, row_of_pair, weights.contiguous(), shared if shared is not None else y, out, x.shape[1], capacity,
+        y.stride(0), shared.stride(0) if shared is not None else 0, out.stride(0), K=k, HAS_SHARED=shared is not None,
+        BLOCK=1024, **pdl.launch(y))
     return out

@@ -216,9 +216,9 @@ class MLA(nn.Module):
         """One query per sequence, attention computed in the latent space (no keys or values expanded)."""
         w_uk, w_uv = self.absorbed_weights()
         q_latent = dispatch.per_head(q_nope, w_uk.to(q_nope.dtype).transpose(1, 2))  # (S, H, C)
-        out_latent = dispatch.mla_decode(q_latent, q_pe, batch.latent_caches[self.layer_idx], batch.block_tables,
-                                         batch.context_lens, self.kv_lora_rank, self.softmax_scale)
-        return dispatch.per_head(out_latent, w_uv.to(out_latent.dtype))            # (S, H, v)
+        return dispatch.mla_decode(q_latent, q_pe, batch.latent_caches[self.layer_idx], batch.block_tables,
+                                   batch.context_lens, self.kv_lora_rank, self.softmax_scale,
+                                   w_uv=w_uv.to(q_latent.dtype))                   # (S, H, v)
 
     def absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
                  causal_offset: int = 0) -> torch.Tensor:

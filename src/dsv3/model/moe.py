@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -81,12 +83,16 @@ class Experts(nn.Module):
             return dispatch.fp8_dequantize(w, getattr(self, name + "_scale_inv"), dtype)
         return w.to(dtype)
 
-    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x: (N, D), indices/weights: (N, k) -> (N, D) float32, the weighted sum over this rank's experts."""
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, shared: torch.Tensor | None = None,
+                join: Callable[[], None] = lambda: None) -> torch.Tensor:
+        """x: (N, D), indices/weights: (N, k) -> (N, D) float32, the weighted sum over this rank's experts.
+        Given the shared experts' output: that sum plus it, in x's dtype (dispatch.moe_combine), join()
+        called before shared is read."""
         if dispatch.fused_experts_available(x, self.gate_up_proj, indices.numel()):
             local = indices - self.first if self.first else indices                  # rank 0: no subtraction kernel
             return dispatch.fused_experts(x, local, weights, self.gate_up_proj, self.gate_up_proj_scale_inv,
-                                          self.down_proj, self.down_proj_scale_inv, all_local=self.all_local)
+                                          self.down_proj, self.down_proj_scale_inv, all_local=self.all_local,
+                                          shared=shared, join=join)
         k = indices.shape[1]
         local = (indices - self.first).flatten()                                # (N*k,)
         mine = (local >= 0) & (local < self.n_local)
@@ -101,7 +107,11 @@ class Experts(nn.Module):
         xs = x[token].to(dtype)                                                  # (N*k, D) grouped by expert
         gate, up = dispatch.grouped_mm(xs, self.dense("gate_up_proj", dtype), counts).chunk(2, dim=-1)
         ys = dispatch.grouped_mm(dispatch.silu_mul(gate, up), self.dense("down_proj", dtype), counts)  # (N*k, D)
-        return dispatch.expert_sum(ys, order, mine, weights)
+        routed = dispatch.expert_sum(ys, order, mine, weights)
+        if shared is None:
+            return routed
+        join()
+        return dispatch.moe_combine(routed, shared, x.dtype)
 
 
 def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -142,7 +152,5 @@ class MoE(nn.Module):
             if len(shape) == 3:
                 self.balance_loss = sequence_balance_loss(scores.view(*shape[:2], -1),
                                                           indices.view(*shape[:2], -1), self.top_k)
-        routed = self.experts(flat, indices, weights)
-        fork.join()
-        out = dispatch.moe_combine(routed, shared, x.dtype)
+        out = self.experts(flat, indices, weights, shared, fork.join)               # routed + shared
         return self.par.all_reduce(out).view(shape)
