@@ -154,11 +154,9 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tenso
         token_at, row_at, block_expert, row_of_pair = expert_blocks(local_ids.flatten(), n_experts, block_m, k)
     capacity = token_at.numel()
     config = gemm_config(block_m, gate_up.shape[1])                                    # its BLOCK_M is block_m
-    # The SwiGLU GEMM reads two weight tiles a program: half-width tiles keep as many programs reading.
-    swiglu_config = dict(config, BLOCK_N=config["BLOCK_N"] // 2) if block_m == 16 else config
 
     act = block_scaled_matmul(x, gate_up, gate_up_scale, capacity, token_at, block_expert,
-                              quantize_activations, swiglu_config, swiglu=True)        # (capacity, I): SwiGLU'd
+                              quantize_activations, config, swiglu=True)               # (capacity, I): SwiGLU'd
     y = block_scaled_matmul(act, down, down_scale, capacity, row_at, block_expert,
                             quantize_activations, config)                               # (capacity, D)
 
