@@ -140,7 +140,7 @@ def pdl_chain() -> None:
         weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(length)]
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
 
-        def chain(op):
+        def chain(op, weights=weights):
             def run(_):
                 h = x
                 for w in weights:

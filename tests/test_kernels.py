@@ -412,7 +412,8 @@ def sm90_cases():
          {"C": 512, "SPLITS_POW2": 8}),
     ]
     # Each with programmatic dependent launch's instructions (pdl.py), as the engine launches them on an H100.
-    return [(kernel, pointers, floats, {**constexprs, "USE_GDC": True}) for kernel, pointers, floats, constexprs in cases]
+    return [(kernel, pointers, floats, {**constexprs, "USE_GDC": True})
+            for kernel, pointers, floats, constexprs in cases]
 
 
 @needs_triton

@@ -139,7 +139,8 @@ def mla_rope_and_cache(q_pe: torch.Tensor, kv: torch.Tensor, rope: torch.Tensor,
 
 @triton.jit
 def _router_logits(x, weight, logits, rows, n_experts, dim, split_len, stride_x, stride_w, stride_ls, stride_l,
-                   UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr):
+                   UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                   USE_GDC: tl.constexpr):
     """x W^T in float32 straight from 16-bit x and W: their products are exact in float32 and the sums run
     in float32, which is the reference's x.float() @ W.float()^T without a float32 copy of W each step.
     Program (m, e, s) sums the s-th split_len columns into partial s (decode: more programs read W)."""
@@ -166,7 +167,8 @@ def _router_logits(x, weight, logits, rows, n_experts, dim, split_len, stride_x,
 @triton.jit
 def _route(logits, bias, scores, weights, ids, stride_ls, stride_l, stride_s, scaling, SPLITS: tl.constexpr,
            GROUPS: tl.constexpr, PER_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, TOP_K: tl.constexpr,
-           NORM: tl.constexpr, G_POW2: tl.constexpr, PER_POW2: tl.constexpr, K_POW2: tl.constexpr, USE_GDC: tl.constexpr):
+           NORM: tl.constexpr, G_POW2: tl.constexpr, PER_POW2: tl.constexpr, K_POW2: tl.constexpr,
+           USE_GDC: tl.constexpr):
     """One token: its experts laid out (group, expert in group); top-k by repeated arg-max (ties: lowest id).
     Its logits are the sum of SPLITS partial sums, added in order."""
     pdl.start(USE_GDC)
