@@ -27,7 +27,8 @@ ENABLED = os.environ.get("DSV3_PDL", "1") != "0"
 
 @functools.lru_cache(maxsize=None)
 def _supported(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    """Hopper or later, and a Triton that has the instructions (3.3 and later)."""
+    return torch.cuda.get_device_capability(device)[0] >= 9 and hasattr(tl.extra.cuda, "gdc_wait")
 
 
 def launch(t: torch.Tensor) -> dict:
