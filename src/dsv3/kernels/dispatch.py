@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -126,7 +127,7 @@ def fused_experts_available(x: torch.Tensor, gate_up: torch.Tensor, pairs: int) 
 def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
                   gate_up: torch.Tensor, gate_up_scale: torch.Tensor | None,
                   down: torch.Tensor, down_scale: torch.Tensor | None, all_local: bool = False,
-                  shared: torch.Tensor | None = None, join=None) -> torch.Tensor:
+                  shared: torch.Tensor | None = None, join: Callable[[], None] | None = None) -> torch.Tensor:
     """See reference.routed_experts (plus reference.moe_combine with shared); only where fused_experts_available."""
     return moe_kernel.fused_experts(x, local_ids, weights, gate_up, gate_up_scale, down, down_scale,
                                     quantize_activations=QUANTIZE_ACTIVATIONS, all_local=all_local, shared=shared,

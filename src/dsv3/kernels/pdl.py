@@ -8,6 +8,9 @@ of latency (launch, first loads, tail) beyond the bytes it moves. A kernel takin
 - calls `gdc_wait()` before it reads anything an earlier kernel wrote, and before it writes anything.
   Since every such kernel waits, the one ahead finished only after its own predecessor had: the
   ordering is transitive, as without the launch attribute.
+Before the wait a kernel reads only weights. A weight a kernel derives (the dequantized FP8 kv_b_proj,
+a dtype cast) is written by a kernel without the attribute, and a taking-part kernel right after one
+of those starts only once it has finished (no trigger means it triggers by finishing).
 Kernels launched without the attribute (cuBLAS, PyTorch's) keep the plain stream order, and a kernel
 with the instructions but without the attribute behaves as before (both are no-ops then).
 DSV3_PDL=0 turns it off, for A/B runs.
