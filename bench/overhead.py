@@ -42,7 +42,68 @@ def host_profile(fn, n: int, top: int = 12) -> str:
     return "\n".join(line for line in s.getvalue().splitlines() if line.strip())[:4000]
 
 
-def decode(model, cfg, batch: int) -> None:
+def timeline(graph, steps: int = 3) -> str:
+    """Where a replayed step's time goes, kernel by kernel (CUPTI traces the kernels inside a graph): each
+    kernel's start and end, and its *link cost*: its end minus the end of the kernel before it on the same
+    stream. With programmatic dependent launch a kernel starts before the one ahead ends, so its duration
+    overstates it; the link cost is what it adds to its stream. Averaged over the MoE layers by position
+    in the layer (a MoE layer is the kernels from one input norm, the 2nd of every 2 rms norms, to the next)."""
+    import json
+    import os
+    import tempfile
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            graph.replay()
+        sync()
+    path = os.path.join(tempfile.mkdtemp(), "trace.json")
+    prof.export_chrome_trace(path)
+    events = [e for e in json.load(open(path))["traceEvents"] if e.get("cat") == "kernel"]
+    events.sort(key=lambda e: e["ts"])
+    if not events:
+        return "timeline: the profiler saw no kernels inside the graph"
+    per_step = len(events) // steps
+    events = events[-per_step:]                                                  # the last replay
+    t0 = events[0]["ts"]
+    last_end: dict = {}
+    rows = []
+    for e in events:
+        stream = e["args"].get("stream", 0)
+        end = e["ts"] + e["dur"]
+        link = end - last_end.get(stream, e["ts"])
+        last_end[stream] = end
+        rows.append((e["name"][:40], stream, e["ts"] - t0, e["dur"], end - t0, link))
+    main = rows[0][1]
+    wall = max(r[4] for r in rows)
+    norms = [i for i, r in enumerate(rows) if r[0] == "_rms_norm"]
+    starts = norms[2:-1:2]                                                       # input norms of layers 1..
+    layers = [rows[a:b] for a, b in zip(starts, starts[1:])]
+    out = [f"timeline of one replay: {len(rows)} kernels, {wall:.0f} us from the first start to the last end; "
+           f"streams {sorted(set(r[1] for r in rows))} (main {main})"]
+    if layers:
+        mid = layers[len(layers) // 2]
+        base = mid[0][2]
+        out.append(f"one MoE layer ({len(mid)} kernels, {mid[-1][4] - base:.1f} us from its first start):")
+        out.append(f"{'kernel':40s} {'stream':>6s} {'start':>7s} {'dur':>6s} {'end':>7s} {'link':>6s}")
+        for name, stream, start, dur, end, link in mid:
+            out.append(f"{name:40s} {stream:6d} {start - base:7.1f} {dur:6.1f} {end - base:7.1f} {link:6.1f}")
+        same = [layer for layer in layers if [r[0] for r in layer] == [r[0] for r in mid]]
+        spans = [layer[-1][4] - layer[0][2] for layer in same]
+        out.append(f"mean over {len(same)} MoE layers of that shape: layer {sum(spans) / len(spans):.1f} us "
+                   f"(from input norm to input norm: "
+                   f"{sum(b[0][2] - a[0][2] for a, b in zip(same, same[1:])) / max(1, len(same) - 1):.1f} us); link cost by position:")
+        for i, (name, stream, *_rest) in enumerate(mid):
+            links = [layer[i][5] for layer in same]
+            durs = [layer[i][3] for layer in same]
+            out.append(f"  {i:2d} {name:40s} stream {stream:3d} link {sum(links) / len(links):6.2f} us, "
+                       f"duration {sum(durs) / len(durs):6.2f} us")
+    tail = [r for r in rows[starts[-1] if starts else 0:]]
+    out.append("the last layer and the head:")
+    for name, stream, start, dur, end, link in tail:
+        out.append(f"{name:40s} {stream:6d} {start:7.1f} {dur:6.1f} {end:7.1f} {link:6.1f}")
+    return "\n".join(out)
+
+
+def decode(model, cfg, batch: int, show_timeline: bool = False) -> None:
     engine = LLMEngine(model, None, max_num_seqs=batch, max_num_batched_tokens=16384, block_size=64,
                        max_model_len=1024, num_blocks=batch * 16 + 8)
     params = SamplingParams(max_tokens=600, temperature=0, ignore_eos=True)
@@ -74,6 +135,9 @@ def decode(model, cfg, batch: int) -> None:
     pack_ms = (time.perf_counter() - t0) / 50 * 1e3
     print(f"decode batch {batch}: engine step {step_ms:.2f} ms, graph replay {replay_ms:.2f} ms, "
           f"host share {step_ms - replay_ms:.2f} ms (pack alone {pack_ms:.3f} ms)", flush=True)
+    if show_timeline:
+        print(timeline(graph), flush=True)
+        return
     print(host_profile(engine.step, 30), flush=True)
     step = engine.runner.pack(items, rows_mode=True)
     # The captured step (side streams on) against the same step run eagerly on one stream.
@@ -149,6 +213,7 @@ def main() -> None:
     ap.add_argument("--model", default="moonlight-16b", choices=list(SHAPES))
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--prefill", default="8x2048")
+    ap.add_argument("--timeline", action="store_true", help="per-kernel timeline of a replayed decode step only")
     ap.add_argument("--gemv-rows", type=int, default=None, help="rows up to which linears take the GEMV kernel")
     args = ap.parse_args()
     if args.gemv_rows is not None:
@@ -160,7 +225,7 @@ def main() -> None:
         model = DeepseekV3ForCausalLM(cfg, dtype=torch.bfloat16).eval()
     init_weights(model, cfg.initializer_range)
     for b in [int(x) for x in args.batches.split(",") if x]:
-        decode(model, cfg, b)
+        decode(model, cfg, b, args.timeline)
     for shape in [s for s in args.prefill.split(",") if s]:
         prefill(model, cfg, *(int(v) for v in shape.split("x")))
 
