@@ -66,6 +66,27 @@ def check_mla_decode(gen: torch.Generator) -> dict[str, float]:
     out = mla_decode(torch.randn(1, 4, 32), torch.randn(1, 4, 16), cache, tables, torch.zeros(1, dtype=torch.int32),
                      32, 0.3, num_splits=2)
     errors["mla_decode/empty_context_abs"] = out.abs().max().item() if torch.isfinite(out).all() else float("nan")
+    # Most splits empty (the split count follows the cache's capacity, not the context): the merges must
+    # read only the splits that hold tokens, so fresh buffers are poisoned with NaN here.
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    torch.empty = poisoned
+    try:
+        cache, tables, ctx = paged_cache(gen, [5, 40], 16, 48, torch.float16)
+        q_latent, q_rope = torch.randn(2, 4, 32, generator=gen).half(), torch.randn(2, 4, 16, generator=gen).half()
+        w_uv = torch.randn(4, 24, 32, generator=gen).half()
+        ref = reference.mla_decode(q_latent.float(), q_rope.float(), cache.float(), tables, ctx, 32, 0.3)
+        for project in (False, True):
+            out = mla_decode(q_latent, q_rope, cache, tables, ctx, 32, 0.3, num_splits=16, block_n=16,
+                             w_uv=w_uv if project else None)
+            errors[f"mla_decode/empty_splits/w_uv={project}/float16"] = rel_err(
+                out, reference.per_head(ref, w_uv.float()) if project else ref)
+    finally:
+        torch.empty = empty
     # Projected by W_UV in the same call: with several splits their merge happens inside the GEMV.
     for splits in (1, 4):
         cache, tables, ctx = paged_cache(gen, [37, 5], 16, 48, torch.float16)

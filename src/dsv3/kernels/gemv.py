@@ -30,7 +30,7 @@ def _merged_row(partial, lse, num_splits, k, K, stride_ps, SPLITS_POW2: tl.const
     top = tl.max(lses, 0)
     top = tl.where(top == float("-inf"), 0.0, top)
     acc = tl.zeros([k.shape[0]], tl.float32)
-    for s in range(num_splits):
+    for s in range(tl.sum((lses > float("-inf")).to(tl.int32), 0)):   # the splits with tokens come first
         acc += tl.exp2(tl.load(lse + s) - top) * tl.load(partial + s * stride_ps + k, mask=k < K, other=0.0)
     total = tl.sum(tl.exp2(lses - top), 0)
     return acc / tl.where(total > 0, total, 1.0)

@@ -38,16 +38,19 @@ def _mla_decode_split(q_latent, q_rope, cache, block_tables, context_lens, out, 
     head_ok = heads < num_heads
     c, r = tl.arange(0, C), tl.arange(0, R)
     kv_dtype = cache.dtype.element_ty
-    q = tl.load(q_latent + seq * stride_qb + heads[:, None] * stride_qh + c[None, :],
-                mask=head_ok[:, None], other=0.0).to(kv_dtype)                       # (BLOCK_H, C)
-    q_pe = tl.load(q_rope + seq * stride_rb + heads[:, None] * stride_rh + r[None, :],
-                   mask=head_ok[:, None], other=0.0).to(kv_dtype)                    # (BLOCK_H, R)
 
-    # This split's tokens: an equal share of this sequence's context, in whole tiles.
+    # This split's tokens: an equal share of this sequence's context, in whole tiles. The splits that
+    # hold tokens come first; the graph's split count follows the longest context the cache allows, so
+    # at short contexts most splits are empty and read nothing.
     context = tl.load(context_lens + seq)
     per_split = tl.cdiv(tl.cdiv(context, num_splits), BLOCK_N) * BLOCK_N
     start = split * per_split
     end = tl.minimum(start + per_split, context)
+    used = tl.where(start < end, head_ok, False)        # not &: the interpreter gives scalar & block no bool dtype
+    q = tl.load(q_latent + seq * stride_qb + heads[:, None] * stride_qh + c[None, :],
+                mask=used[:, None], other=0.0).to(kv_dtype)                          # (BLOCK_H, C)
+    q_pe = tl.load(q_rope + seq * stride_rb + heads[:, None] * stride_rh + r[None, :],
+                   mask=used[:, None], other=0.0).to(kv_dtype)                       # (BLOCK_H, R)
 
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
@@ -68,11 +71,16 @@ def _mla_decode_split(q_latent, q_rope, cache, block_tables, context_lens, out, 
         acc = acc * alpha[:, None] + tl.dot(p.to(kv_dtype), latent)
         m = m_new
 
-    # An empty split (a context shorter than the splits) writes zeros with weight exp2(-inf) = 0.
+    # An empty split writes only its log-sum-exp, -inf: the merges read the partials of the others alone.
+    # Unsplit, an empty context writes zeros.
     has = l > 0
     result = acc / tl.where(has, l, 1.0)[:, None]
+    if SPLIT:
+        written = head_ok & has
+    else:
+        written = head_ok
     tl.store(out + seq * stride_ob + heads[:, None] * stride_oh + split * stride_os + c[None, :],
-             result.to(out.dtype.element_ty), mask=head_ok[:, None])
+             result.to(out.dtype.element_ty), mask=written[:, None])
     if SPLIT:
         tl.store(lse + seq * stride_lb + heads * stride_lh + split,
                  tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf")), mask=head_ok)
@@ -92,7 +100,7 @@ def _mla_decode_merge(partial, lse, out, num_splits, stride_pb, stride_ph, strid
     weights = tl.exp2(lses - top)
     c = tl.arange(0, C)
     acc = tl.zeros([C], tl.float32)
-    for s in range(num_splits):
+    for s in range(tl.sum((lses > float("-inf")).to(tl.int32), 0)):   # the splits with tokens come first
         w = tl.exp2(tl.load(lse + seq * stride_lb + head * stride_lh + s) - top)
         acc += w * tl.load(partial + seq * stride_pb + head * stride_ph + s * stride_ps + c)
     total = tl.sum(weights, 0)

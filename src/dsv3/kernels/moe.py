@@ -13,6 +13,7 @@ the shared experts' output: four kernels in all.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 
 import torch
@@ -23,6 +24,10 @@ from dsv3.kernels import pdl
 
 from dsv3.kernels import reference
 from dsv3.kernels.fp8_gemm import block_scaled_matmul, gemm_config
+
+# The first GEMM schedules the second only once its products are done (fp8_gemm's LATE_TRIGGER), so the
+# second's programs do not queue ahead of the shared experts' kernels on the other stream. DSV3_MOE_LATE=0/1.
+LATE_TRIGGER = os.environ.get("DSV3_MOE_LATE", "0") == "1"
 
 # One program walks the pairs twice, so past a few thousand pairs (prefill) the PyTorch layout, a
 # few dozen parallel kernels, is faster; below, launches dominate. An estimate, not measured.
@@ -156,7 +161,7 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tenso
     config = gemm_config(block_m, gate_up.shape[1])                                    # its BLOCK_M is block_m
 
     act = block_scaled_matmul(x, gate_up, gate_up_scale, capacity, token_at, block_expert,
-                              quantize_activations, config, swiglu=True)               # (capacity, I): SwiGLU'd
+                              quantize_activations, config, swiglu=True, late_trigger=LATE_TRIGGER)  # (capacity, I)
     y = block_scaled_matmul(act, down, down_scale, capacity, row_at, block_expert,
                             quantize_activations, config)                               # (capacity, D)
 
