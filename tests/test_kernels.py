@@ -176,6 +176,14 @@ def check_fused_experts(gen: torch.Generator) -> dict[str, float]:
     gate_up16, down16 = (torch.randn(w.shape, generator=gen).mul(0.1).half() for w in (gate_up, down))
     ref = reference.routed_experts(x16.double(), ids, weights, gate_up16.double(), None, down16.double(), None)
     errors["fused_experts/float16"] = rel_err(fused_experts(x16, ids, weights, gate_up16, None, down16, None), ref)
+    # One 16-bit token, every expert here: each expert's rows as a GEMV (gemv.routed), shared added after join().
+    ref = reference.moe_combine(reference.routed_experts(x16[:1].double(), one, weights[:1], gate_up16.double(), None,
+                                                         down16.double(), None), shared[:1].half(), torch.float64)
+    joins.clear()
+    out = fused_experts(x16[:1], one, weights[:1], gate_up16, None, down16, None, all_local=True,
+                        shared=shared[:1].half(), join=lambda: joins.append(1))
+    errors["fused_experts/one_token_gemv/float16"] = rel_err(out, ref)
+    errors["fused_experts/one_token_gemv/join_mismatches"] = float(joins != [1])
     return errors
 
 
@@ -235,6 +243,15 @@ def check_gemv(gen: torch.Generator) -> dict[str, float]:
     latent = torch.randn(2, 4, 64, generator=gen).half()
     errors["gemv/per_head/w_uv/float16"] = rel_err(gemv.per_head(latent, w_uv),
                                                    reference.per_head(latent.float(), w_uv.float()))
+    # Routed experts of one token (K not a power of two): ids pick the weights, SwiGLU rounds as silu_mul.
+    experts = torch.randn(5, 2 * 24, 300, generator=gen).half()
+    ids = torch.tensor([3, 0, 4])
+    act = gemv.routed(x[:1], ids, experts, swiglu=True)
+    gate, up = (x[:1].float() @ experts[ids].float().transpose(1, 2)).half().chunk(2, dim=-1)
+    errors["gemv/routed/swiglu/float16"] = rel_err(act, reference.silu_mul(gate, up).view(3, 24))
+    down = torch.randn(5, 70, 24, generator=gen).half()
+    errors["gemv/routed/rows/float16"] = rel_err(gemv.routed(act, ids, down),
+                                                 (act.float()[:, None] @ down[ids].float().transpose(1, 2))[:, 0])
     return errors
 
 
@@ -425,10 +442,13 @@ def sm90_cases():
         *((fp8_gemm._block_scaled_matmul, {"a": "bf16", "b": b, "b_scale": "fp32", "c": "bf16", "a_rows": "i64",
                                            "block_group": "i64"}, set(),
            {"HAS_SCALE": b == "fp8e4nv", "QUANTIZE_A": b == "fp8e4nv", "GATHER": True, "SWIGLU": True, "BLOCK_M": 16,
-            "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8}) for b in ("bf16", "fp8e4nv")),
-        *((gemv._gemv, {**dict.fromkeys(["w", "bias", "out"], "bf16"), "x": x, "lse": "fp32"}, set(),
-           {"HAS_BIAS": False, "BLOCK_N": 4, "BLOCK_K": 2048 if splits == 0 else 512, "SPLITS_POW2": splits})
-          for x, splits in (("bf16", 0), ("fp32", 8))),
+            "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "LATE_TRIGGER": late})
+          for b, late in (("bf16", False), ("fp8e4nv", False), ("bf16", True))),
+        *((gemv._gemv, {**dict.fromkeys(["w", "bias", "out"], "bf16"), "x": x, "lse": "fp32", "ids": "i64"}, set(),
+           {"HAS_BIAS": False, "BLOCK_N": 2 if swiglu else 4, "BLOCK_K": 2048 if splits == 0 else 512,
+            "SPLITS_POW2": splits, "ROUTED": routed, "SWIGLU": swiglu, "LATE_TRIGGER": swiglu})
+          for x, splits, routed, swiglu in (("bf16", 0, False, False), ("fp32", 8, False, False),
+                                            ("bf16", 0, True, True), ("bf16", 0, True, False))),
         (mla_decode._mla_decode_merge, {"partial": "fp32", "lse": "fp32", "out": "bf16"}, set(),
          {"C": 512, "SPLITS_POW2": 8}),
     ]

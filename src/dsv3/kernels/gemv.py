@@ -37,21 +37,34 @@ def _merged_row(partial, lse, num_splits, k, K, stride_ps, SPLITS_POW2: tl.const
 
 
 @triton.jit
-def _gemv(x, w, bias, out, M, N, K, stride_xm, stride_xg, stride_wg, stride_wn, stride_wk, stride_om, stride_og,
+def _gemv(x, w, bias, out, ids, M, N, K, stride_xm, stride_xg, stride_wg, stride_wn, stride_wk, stride_om, stride_og,
           lse, num_splits, stride_xs, stride_lm, stride_lg,
           HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS_POW2: tl.constexpr,
-          USE_GDC: tl.constexpr):
+          ROUTED: tl.constexpr, SWIGLU: tl.constexpr, USE_GDC: tl.constexpr, LATE_TRIGGER: tl.constexpr = False):
     """out[m, g, n] = sum_k x[m, g, k] w[g, n, k] (+ bias[n]); program (i, g) makes columns i*BLOCK_N... of group g.
     SPLITS_POW2 > 0: x[m, g] is the merge of num_splits partial rows x[m, g, s] by their log-sum-exps
-    lse[m, g, s], rounded to out's dtype as the merge kernel would store it."""
-    if USE_GDC:
-        tl.extra.cuda.gdc_launch_dependents()
+    lse[m, g, s], rounded to out's dtype as the merge kernel would store it.
+    ROUTED: group g takes the weights w[ids[g]] (an expert the router chose), so they load after the wait.
+    SWIGLU: w[.] holds gate rows then up rows (2N of them) and out = silu(gate) * up, each rounded to out's
+    dtype first, as fp8_gemm's SWIGLU epilogue and reference.silu_mul round them.
+    LATE_TRIGGER: the next kernel is scheduled only when this one's products are done (see moe.LATE_TRIGGER)."""
+    if not LATE_TRIGGER:
+        pdl.trigger(USE_GDC)
     g = tl.program_id(1).to(tl.int64)
+    if ROUTED:
+        if USE_GDC:
+            tl.extra.cuda.gdc_wait()                                              # ids are the router's output
+        group = tl.load(ids + g).to(tl.int64)
+    else:
+        group = g
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
     n_ok = n < N
-    wt = tl.load(w + g * stride_wg + n.to(tl.int64)[:, None] * stride_wn + k[None, :] * stride_wk,
-                 mask=n_ok[:, None] & (k < K)[None, :], other=0.0).to(tl.float32)   # the weights: before the wait
+    w_ptrs = w + group * stride_wg + n.to(tl.int64)[:, None] * stride_wn + k[None, :] * stride_wk
+    w_ok = n_ok[:, None] & (k < K)[None, :]
+    wt = tl.load(w_ptrs, mask=w_ok, other=0.0).to(tl.float32)                    # the weights: before the wait
+    if SWIGLU:
+        wu = tl.load(w_ptrs + N * stride_wn, mask=w_ok, other=0.0).to(tl.float32)
     if HAS_BIAS:
         b = tl.load(bias + n, mask=n_ok, other=0.0).to(tl.float32)
     if USE_GDC:
@@ -65,7 +78,13 @@ def _gemv(x, w, bias, out, M, N, K, stride_xm, stride_xg, stride_wg, stride_wn, 
         acc = tl.sum(wt * xv[None, :], axis=1)
         if HAS_BIAS:
             acc += b
+        if SWIGLU:
+            gate = acc.to(out.dtype.element_ty).to(tl.float32)
+            up = tl.sum(wu * xv[None, :], axis=1).to(out.dtype.element_ty).to(tl.float32)
+            acc = (gate / (1.0 + tl.exp(-gate))).to(out.dtype.element_ty).to(tl.float32) * up
         tl.store(out + m * stride_om + g * stride_og + n, acc.to(out.dtype.element_ty), mask=n_ok)
+    if LATE_TRIGGER:
+        pdl.trigger(USE_GDC)
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -76,19 +95,24 @@ def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-            lse: torch.Tensor | None = None) -> None:
-    """x (M, G, K), weight (G, N, K) any strides, out (M, G, N); with lse (M, G, S), x is (M, G, S, K) partials."""
+            lse: torch.Tensor | None = None, ids: torch.Tensor | None = None, swiglu: bool = False,
+            late_trigger: bool = False) -> None:
+    """x (M, G, K), weight (G, N, K) any strides, out (M, G, N); with lse (M, G, S), x is (M, G, S, K) partials;
+    with ids (G,), group g takes weight[ids[g]] (weight (E, N, K)); swiglu: weight rows are gate then up."""
     if x.stride(-1) != 1:
         x = x.contiguous()
-    groups, n, k = weight.shape
+    _, n, k = weight.shape
+    groups = ids.numel() if ids is not None else weight.shape[0]
+    n = n // 2 if swiglu else n
     block_k = triton.next_power_of_2(k)
-    block_n = max(1, min(64, TILE_ELEMENTS // block_k))
+    block_n = max(1, min(64, TILE_ELEMENTS // (block_k * (2 if swiglu else 1))))
     splits = (lse.shape[-1], x.stride(2), lse.stride(0), lse.stride(1)) if lse is not None else (0, 0, 0, 0)
     _gemv[(triton.cdiv(n, block_n), groups)](
-        x, weight, bias if bias is not None else weight, out, x.shape[0], n, k, x.stride(0), x.stride(1),
-        weight.stride(0), weight.stride(1), weight.stride(2), out.stride(0), out.stride(1),
+        x, weight, bias if bias is not None else weight, out, ids if ids is not None else weight, x.shape[0], n, k,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), weight.stride(2), out.stride(0), out.stride(1),
         lse if lse is not None else x, *splits, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        SPLITS_POW2=triton.next_power_of_2(splits[0]) if lse is not None else 0, num_warps=4, **pdl.launch(x))
+        SPLITS_POW2=triton.next_power_of_2(splits[0]) if lse is not None else 0, ROUTED=ids is not None,
+        SWIGLU=swiglu, LATE_TRIGGER=late_trigger, num_warps=4, **pdl.launch(x))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -115,3 +139,25 @@ def per_head_merged(partial: torch.Tensor, lse: torch.Tensor, weight: torch.Tens
     out = torch.empty(partial.shape[0], weight.shape[0], weight.shape[1], dtype=weight.dtype, device=partial.device)
     _launch(partial, weight, None, out, lse)
     return out
+
+
+def routed_applies(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False) -> bool:
+    """One token against 16-bit experts (E, N, K) whose rows (gate and up: twice as many) fit one tile."""
+    return (x.numel() == x.shape[-1] and weight.dtype in (torch.bfloat16, torch.float16) and x.dtype == weight.dtype
+            and triton.next_power_of_2(weight.shape[-1]) * (2 if swiglu else 1) <= TILE_ELEMENTS)
+
+
+def routed(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, swiglu: bool = False,
+           late_trigger: bool = False) -> torch.Tensor:
+    """One token's routed experts, a row each: out[j] = x[j] weight[ids[j]]^T, x (1, K) for every j or (k, K)
+    a row each, ids (k,) -> (k, N); swiglu: weight (E, 2N, K) gate rows then up, out silu(gate) * up.
+    Batch 1 decode: every program loads its whole weight slice at once, where the tiled grouped GEMM
+    streams it in K steps (moonlight-16b's two expert GEMMs, 104 MB: 47 us at ~2.2 TB/s that way)."""
+    k = ids.numel()
+    n = weight.shape[1] // 2 if swiglu else weight.shape[1]
+    out = torch.empty(1, k, n, dtype=x.dtype, device=x.device)
+    rows = x.view(1, -1, x.shape[-1])
+    if rows.shape[1] == 1:
+        rows = rows.expand(1, k, x.shape[-1])                                    # stride 0: the same row
+    _launch(rows, weight, None, out, ids=ids.view(-1), swiglu=swiglu, late_trigger=late_trigger)
+    return out.view(k, n)

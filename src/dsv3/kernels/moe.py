@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3.kernels import pdl
+from dsv3.kernels import gemv, pdl
 
 from dsv3.kernels import reference
 from dsv3.kernels.fp8_gemm import block_scaled_matmul, gemm_config
@@ -151,6 +151,12 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tenso
     tokens, k = local_ids.shape
     n_experts = gate_up.shape[0]
     pairs = tokens * k
+    if tokens == 1 and all_local and gate_up_scale is None and gemv.routed_applies(x, gate_up, swiglu=True) \
+            and gemv.routed_applies(x, down):
+        # One token: each expert's rows as a GEMV (gemv.routed), pair j's output in row j.
+        act = gemv.routed(x, local_ids.view(-1), gate_up, swiglu=True, late_trigger=LATE_TRIGGER)  # (k, I)
+        y = gemv.routed(act, local_ids.view(-1), down)                                  # (k, D)
+        return _sum(y, torch.arange(k, device=x.device), weights, k, x, shared, join)
     block_m = block_m or (16 if pairs <= 4 * n_experts else 64)                        # 16 or 64: gemm_config's
     if tokens == 1 and all_local:
         token_at, row_at, row_of_pair = _one_token_layout(k, block_m, x.device)
@@ -165,8 +171,15 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tenso
     y = block_scaled_matmul(act, down, down_scale, capacity, row_at, block_expert,
                             quantize_activations, config)                               # (capacity, D)
 
+    return _sum(y, row_of_pair, weights, capacity, x, shared, join)
+
+
+def _sum(y: torch.Tensor, row_of_pair: torch.Tensor, weights: torch.Tensor, capacity: int, x: torch.Tensor,
+         shared: torch.Tensor | None, join: Callable[[], None] | None) -> torch.Tensor:
+    """Each token's weighted sum over its pairs' rows of y (rows >= capacity: not on this rank), plus shared."""
     if join is not None:
         join()
+    tokens, k = weights.shape
     out = torch.empty(x.shape, dtype=torch.float32 if shared is None else x.dtype, device=x.device)
     _weighted_sum[(tokens, triton.cdiv(x.shape[1], 1024))](
         y, row_of_pair, weights.contiguous(), shared if shared is not None else y, out, x.shape[1], capacity,
