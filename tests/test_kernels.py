@@ -442,11 +442,10 @@ def sm90_cases():
         *((fp8_gemm._block_scaled_matmul, {"a": "bf16", "b": b, "b_scale": "fp32", "c": "bf16", "a_rows": "i64",
                                            "block_group": "i64"}, set(),
            {"HAS_SCALE": b == "fp8e4nv", "QUANTIZE_A": b == "fp8e4nv", "GATHER": True, "SWIGLU": True, "BLOCK_M": 16,
-            "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "LATE_TRIGGER": late})
-          for b, late in (("bf16", False), ("fp8e4nv", False), ("bf16", True))),
+            "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8}) for b in ("bf16", "fp8e4nv")),
         *((gemv._gemv, {**dict.fromkeys(["w", "bias", "out"], "bf16"), "x": x, "lse": "fp32", "ids": "i64"}, set(),
            {"HAS_BIAS": False, "BLOCK_N": 2 if swiglu else 4, "BLOCK_K": 2048 if splits == 0 else 512,
-            "SPLITS_POW2": splits, "ROUTED": routed, "SWIGLU": swiglu, "LATE_TRIGGER": swiglu})
+            "SPLITS_POW2": splits, "ROUTED": routed, "SWIGLU": swiglu})
           for x, splits, routed, swiglu in (("bf16", 0, False, False), ("fp32", 8, False, False),
                                             ("bf16", 0, True, True), ("bf16", 0, True, False))),
         (mla_decode._mla_decode_merge, {"partial": "fp32", "lse": "fp32", "out": "bf16"}, set(),

@@ -47,15 +47,11 @@ def _block_scaled_matmul(a, b, b_scale, c, a_rows, block_group, M, N, K, scale_b
                          stride_am, stride_bg, stride_bn, stride_sg, stride_sn, stride_sk, stride_cm,
                          HAS_SCALE: tl.constexpr, QUANTIZE_A: tl.constexpr, GATHER: tl.constexpr, SWIGLU: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                         USE_GDC: tl.constexpr, LATE_TRIGGER: tl.constexpr = False):
+                         USE_GDC: tl.constexpr):
     """c[m] = a[rows[m]] @ b[g]^T, g the group of m's block; b (G, N, K), its scales (G, N/bn, K/BLOCK_K).
     SWIGLU: b is (G, 2N, K), gate rows then up rows, and c[m] = silu(gate) * up, each rounded to c's dtype
-    first as reference.silu_mul rounds them (the experts' SwiGLU product without a kernel of its own).
-    LATE_TRIGGER: the next kernel is scheduled only once this one's products are done (pdl.wait)."""
-    if LATE_TRIGGER:
-        pdl.wait(USE_GDC)
-    else:
-        pdl.start(USE_GDC)
+    first as reference.silu_mul rounds them (the experts' SwiGLU product without a kernel of its own)."""
+    pdl.start(USE_GDC)
     # Blocks of GROUP_M row tiles sweep the columns together, so their B tiles are shared in L2.
     pid = tl.program_id(0)
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -101,8 +97,6 @@ def _block_scaled_matmul(a, b, b_scale, c, a_rows, block_group, M, N, K, scale_b
             if HAS_SCALE:
                 up_scale = tl.load(up_s_ptrs + (k0 // BLOCK_K) * stride_sk, mask=col_ok, other=0.0)
             acc_up += _k_step(x, w_up, up_scale, QUANTIZE_A, HAS_SCALE)
-    if LATE_TRIGGER:
-        pdl.trigger(USE_GDC)
     dtype = c.dtype.element_ty
     if SWIGLU:
         gate = acc.to(dtype).to(tl.float32)
@@ -122,14 +116,14 @@ def gemm_config(m: int, n: int) -> dict:
 
 def block_scaled_matmul(a: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor | None, out_rows: int,
                         a_rows: torch.Tensor | None = None, block_group: torch.Tensor | None = None,
-                        quantize_activations: bool = True, config: dict | None = None, swiglu: bool = False,
-                        late_trigger: bool = False) -> torch.Tensor:
+                        quantize_activations: bool = True, config: dict | None = None, swiglu: bool = False
+                        ) -> torch.Tensor:
     """(out_rows, N) = rows of a times weight[group]^T; weight (G, N, K) e4m3 with scales (G, N/bn, K/bk), or bf16.
 
     Without a_rows, row m of the output is row m of a and G = 1. With them, output row m is
     a[a_rows[m]] (left unwritten when -1) times weight[block_group[m // BLOCK_M]], and config must
     carry the BLOCK_M the rows were laid out for. swiglu: weight holds gate then up rows, and the
-    result is silu(gate) * up, (out_rows, N / 2). late_trigger: see the kernel.
+    result is silu(gate) * up, (out_rows, N / 2).
     """
     if a.stride(-1) != 1:
         a = a.contiguous()
@@ -158,7 +152,7 @@ def block_scaled_matmul(a: torch.Tensor, weight: torch.Tensor, scale_inv: torch.
         a, weight, scale_inv, out, a_rows if a_rows is not None else a, block_group if block_group is not None else a,
         out_rows, n, k, bn, a.stride(0), weight.stride(0), weight.stride(1), sg, sn, sk, out.stride(0),
         HAS_SCALE=has_scale, QUANTIZE_A=quantize, GATHER=a_rows is not None, SWIGLU=swiglu, BLOCK_K=block_k,
-        GROUP_M=8, LATE_TRIGGER=late_trigger, **config,
+        GROUP_M=8, **config,
         **pdl.launch(a))
     return out
 

@@ -40,16 +40,15 @@ def _merged_row(partial, lse, num_splits, k, K, stride_ps, SPLITS_POW2: tl.const
 def _gemv(x, w, bias, out, ids, M, N, K, stride_xm, stride_xg, stride_wg, stride_wn, stride_wk, stride_om, stride_og,
           lse, num_splits, stride_xs, stride_lm, stride_lg,
           HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS_POW2: tl.constexpr,
-          ROUTED: tl.constexpr, SWIGLU: tl.constexpr, USE_GDC: tl.constexpr, LATE_TRIGGER: tl.constexpr = False):
+          ROUTED: tl.constexpr, SWIGLU: tl.constexpr, USE_GDC: tl.constexpr):
     """out[m, g, n] = sum_k x[m, g, k] w[g, n, k] (+ bias[n]); program (i, g) makes columns i*BLOCK_N... of group g.
     SPLITS_POW2 > 0: x[m, g] is the merge of num_splits partial rows x[m, g, s] by their log-sum-exps
     lse[m, g, s], rounded to out's dtype as the merge kernel would store it.
     ROUTED: group g takes the weights w[ids[g]] (an expert the router chose), so they load after the wait.
     SWIGLU: w[.] holds gate rows then up rows (2N of them) and out = silu(gate) * up, each rounded to out's
-    dtype first, as fp8_gemm's SWIGLU epilogue and reference.silu_mul round them.
-    LATE_TRIGGER: the next kernel is scheduled only when this one's products are done (see moe.LATE_TRIGGER)."""
-    if not LATE_TRIGGER:
-        pdl.trigger(USE_GDC)
+    dtype first, as fp8_gemm's SWIGLU epilogue and reference.silu_mul round them."""
+    if USE_GDC:
+        tl.extra.cuda.gdc_launch_dependents()
     g = tl.program_id(1).to(tl.int64)
     if ROUTED:
         if USE_GDC:
@@ -83,8 +82,6 @@ def _gemv(x, w, bias, out, ids, M, N, K, stride_xm, stride_xg, stride_wg, stride
             up = tl.sum(wu * xv[None, :], axis=1).to(out.dtype.element_ty).to(tl.float32)
             acc = (gate / (1.0 + tl.exp(-gate))).to(out.dtype.element_ty).to(tl.float32) * up
         tl.store(out + m * stride_om + g * stride_og + n, acc.to(out.dtype.element_ty), mask=n_ok)
-    if LATE_TRIGGER:
-        pdl.trigger(USE_GDC)
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -95,8 +92,7 @@ def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-            lse: torch.Tensor | None = None, ids: torch.Tensor | None = None, swiglu: bool = False,
-            late_trigger: bool = False) -> None:
+            lse: torch.Tensor | None = None, ids: torch.Tensor | None = None, swiglu: bool = False) -> None:
     """x (M, G, K), weight (G, N, K) any strides, out (M, G, N); with lse (M, G, S), x is (M, G, S, K) partials;
     with ids (G,), group g takes weight[ids[g]] (weight (E, N, K)); swiglu: weight rows are gate then up."""
     if x.stride(-1) != 1:
@@ -112,7 +108,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), weight.stride(2), out.stride(0), out.stride(1),
         lse if lse is not None else x, *splits, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
         SPLITS_POW2=triton.next_power_of_2(splits[0]) if lse is not None else 0, ROUTED=ids is not None,
-        SWIGLU=swiglu, LATE_TRIGGER=late_trigger, num_warps=4, **pdl.launch(x))
+        SWIGLU=swiglu, num_warps=4, **pdl.launch(x))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -147,8 +143,7 @@ def routed_applies(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False) 
             and triton.next_power_of_2(weight.shape[-1]) * (2 if swiglu else 1) <= TILE_ELEMENTS)
 
 
-def routed(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, swiglu: bool = False,
-           late_trigger: bool = False) -> torch.Tensor:
+def routed(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
     """One token's routed experts, a row each: out[j] = x[j] weight[ids[j]]^T, x (1, K) for every j or (k, K)
     a row each, ids (k,) -> (k, N); swiglu: weight (E, 2N, K) gate rows then up, out silu(gate) * up.
     Batch 1 decode: every program loads its whole weight slice at once, where the tiled grouped GEMM
@@ -159,5 +154,5 @@ def routed(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, swiglu: boo
     rows = x.view(1, -1, x.shape[-1])
     if rows.shape[1] == 1:
         rows = rows.expand(1, k, x.shape[-1])                                    # stride 0: the same row
-    _launch(rows, weight, None, out, ids=ids.view(-1), swiglu=swiglu, late_trigger=late_trigger)
+    _launch(rows, weight, None, out, ids=ids.view(-1), swiglu=swiglu)
     return out.view(k, n)

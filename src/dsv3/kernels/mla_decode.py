@@ -26,13 +26,31 @@ LOG2_E = 1.4426950408889634   # scores are scaled into base 2, so the kernels us
 
 
 @triton.jit
+def _attend(q, q_pe, latent, k_pe, tok_ok, m, l, acc, softmax_scale):
+    """One tile of BLOCK_N cache rows into the online softmax of BLOCK_H heads (scores in base 2)."""
+    s = tl.dot(q, tl.trans(latent)) + tl.dot(q_pe, tl.trans(k_pe))                      # (BLOCK_H, BLOCK_N)
+    s = tl.where(tok_ok[None, :], s * softmax_scale, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(latent.dtype), latent)
+    return m_new, l, acc
+
+
+@triton.jit
 def _mla_decode_split(q_latent, q_rope, cache, block_tables, context_lens, out, lse, softmax_scale,  # scale * log2(e)
                       num_heads, block_size, num_splits,
                       stride_qb, stride_qh, stride_rb, stride_rh, stride_cache_block, stride_cache_token,
                       stride_table, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
                       C: tl.constexpr, R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                       SPLIT: tl.constexpr, USE_GDC: tl.constexpr):
-    pdl.start(USE_GDC)
+    """The split's first tile is read before the wait for the kernel ahead (pdl.py): the context lengths
+    and block tables are the step's inputs, copied before the step's kernels ran, and the cache rows are
+    earlier steps' work, except this step's new token (the last of the context), which the kernel ahead
+    (mla_rope_and_cache) writes: that row is read after the wait."""
+    if USE_GDC:
+        tl.extra.cuda.gdc_launch_dependents()
     head_block, split, seq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     heads = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
     head_ok = heads < num_heads
@@ -46,6 +64,20 @@ def _mla_decode_split(q_latent, q_rope, cache, block_tables, context_lens, out, 
     per_split = tl.cdiv(tl.cdiv(context, num_splits), BLOCK_N) * BLOCK_N
     start = split * per_split
     end = tl.minimum(start + per_split, context)
+
+    tok = start + tl.arange(0, BLOCK_N)
+    tok_ok = tok < end
+    page = tl.load(block_tables + seq * stride_table + tok // block_size, mask=tok_ok, other=0)
+    row = cache + page.to(tl.int64) * stride_cache_block + (tok % block_size) * stride_cache_token
+    old = tok_ok & (tok < context - 1)
+    latent = tl.load(row[:, None] + c[None, :], mask=old[:, None], other=0.0)          # (BLOCK_N, C)
+    k_pe = tl.load(row[:, None] + C + r[None, :], mask=old[:, None], other=0.0)        # (BLOCK_N, R)
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+    new = tok_ok & (tok == context - 1)
+    latent = tl.where(new[:, None], tl.load(row[:, None] + c[None, :], mask=new[:, None], other=0.0), latent)
+    k_pe = tl.where(new[:, None], tl.load(row[:, None] + C + r[None, :], mask=new[:, None], other=0.0), k_pe)
+
     used = tl.where(start < end, head_ok, False)        # not &: the interpreter gives scalar & block no bool dtype
     q = tl.load(q_latent + seq * stride_qb + heads[:, None] * stride_qh + c[None, :],
                 mask=used[:, None], other=0.0).to(kv_dtype)                          # (BLOCK_H, C)
@@ -55,21 +87,15 @@ def _mla_decode_split(q_latent, q_rope, cache, block_tables, context_lens, out, 
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, C], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
+    m, l, acc = _attend(q, q_pe, latent, k_pe, tok_ok, m, l, acc, softmax_scale)
+    for n0 in range(start + BLOCK_N, end, BLOCK_N):
         tok = n0 + tl.arange(0, BLOCK_N)
         tok_ok = tok < end
         page = tl.load(block_tables + seq * stride_table + tok // block_size, mask=tok_ok, other=0)
         row = cache + page.to(tl.int64) * stride_cache_block + (tok % block_size) * stride_cache_token
-        latent = tl.load(row[:, None] + c[None, :], mask=tok_ok[:, None], other=0.0)   # (BLOCK_N, C)
-        k_pe = tl.load(row[:, None] + C + r[None, :], mask=tok_ok[:, None], other=0.0)  # (BLOCK_N, R)
-        s = tl.dot(q, tl.trans(latent)) + tl.dot(q_pe, tl.trans(k_pe))                  # (BLOCK_H, BLOCK_N)
-        s = tl.where(tok_ok[None, :], s * softmax_scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(kv_dtype), latent)
-        m = m_new
+        latent = tl.load(row[:, None] + c[None, :], mask=tok_ok[:, None], other=0.0)
+        k_pe = tl.load(row[:, None] + C + r[None, :], mask=tok_ok[:, None], other=0.0)
+        m, l, acc = _attend(q, q_pe, latent, k_pe, tok_ok, m, l, acc, softmax_scale)
 
     # An empty split writes only its log-sum-exp, -inf: the merges read the partials of the others alone.
     # Unsplit, an empty context writes zeros.

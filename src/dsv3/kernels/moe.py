@@ -13,7 +13,6 @@ the shared experts' output: four kernels in all.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 
 import torch
@@ -24,10 +23,6 @@ from dsv3.kernels import gemv, pdl
 
 from dsv3.kernels import reference
 from dsv3.kernels.fp8_gemm import block_scaled_matmul, gemm_config
-
-# The first GEMM schedules the second only once its products are done (fp8_gemm's LATE_TRIGGER), so the
-# second's programs do not queue ahead of the shared experts' kernels on the other stream. DSV3_MOE_LATE=0/1.
-LATE_TRIGGER = os.environ.get("DSV3_MOE_LATE", "0") == "1"
 
 # One program walks the pairs twice, so past a few thousand pairs (prefill) the PyTorch layout, a
 # few dozen parallel kernels, is faster; below, launches dominate. An estimate, not measured.
@@ -132,6 +127,12 @@ def expert_sum(ys: torch.Tensor, order: torch.Tensor, mine: torch.Tensor, weight
 
 
 @functools.lru_cache(maxsize=None)
+def _pair_rows(k: int, device: torch.device) -> torch.Tensor:
+    """0..k-1, made once: a kernel in a decode step's chain would hold up the PDL kernels after it."""
+    return torch.arange(k, device=device)
+
+
+@functools.lru_cache(maxsize=None)
 def _one_token_layout(k: int, block_m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """token_at, row_at, row_of_pair of one token's k pairs, a block each (its k experts are distinct)."""
     rows = torch.arange(k, device=device) * block_m
@@ -154,9 +155,9 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tenso
     if tokens == 1 and all_local and gate_up_scale is None and gemv.routed_applies(x, gate_up, swiglu=True) \
             and gemv.routed_applies(x, down):
         # One token: each expert's rows as a GEMV (gemv.routed), pair j's output in row j.
-        act = gemv.routed(x, local_ids.view(-1), gate_up, swiglu=True, late_trigger=LATE_TRIGGER)  # (k, I)
+        act = gemv.routed(x, local_ids.view(-1), gate_up, swiglu=True)                 # (k, I): SwiGLU'd
         y = gemv.routed(act, local_ids.view(-1), down)                                  # (k, D)
-        return _sum(y, torch.arange(k, device=x.device), weights, k, x, shared, join)
+        return _sum(y, _pair_rows(k, x.device), weights, k, x, shared, join)
     block_m = block_m or (16 if pairs <= 4 * n_experts else 64)                        # 16 or 64: gemm_config's
     if tokens == 1 and all_local:
         token_at, row_at, row_of_pair = _one_token_layout(k, block_m, x.device)
@@ -167,7 +168,7 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tenso
     config = gemm_config(block_m, gate_up.shape[1])                                    # its BLOCK_M is block_m
 
     act = block_scaled_matmul(x, gate_up, gate_up_scale, capacity, token_at, block_expert,
-                              quantize_activations, config, swiglu=True, late_trigger=LATE_TRIGGER)  # (capacity, I)
+                              quantize_activations, config, swiglu=True)               # (capacity, I): SwiGLU'd
     y = block_scaled_matmul(act, down, down_scale, capacity, row_at, block_expert,
                             quantize_activations, config)                               # (capacity, D)
 

@@ -42,21 +42,6 @@ def launch(t: torch.Tensor) -> dict:
 
 
 @triton.jit
-def wait(USE_GDC: tl.constexpr):
-    """Wait for the previous kernel without letting the next one be scheduled yet (`trigger` does that
-    later): for a kernel whose successor cannot start any useful work early and would only hold
-    multiprocessors that other streams' kernels need meanwhile."""
-    if USE_GDC:
-        tl.extra.cuda.gdc_wait()
-
-
-@triton.jit
-def trigger(USE_GDC: tl.constexpr):
-    if USE_GDC:
-        tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
 def start(USE_GDC: tl.constexpr):
     """The first line of a taking-part kernel that needs its inputs at once: let the next kernel be
     scheduled, then wait for the previous one."""
