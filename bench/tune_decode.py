@@ -160,8 +160,52 @@ def pdl_chain() -> None:
         torch.cuda.empty_cache()
 
 
+def mla_chain(context: int, layers: int = 27, heads: int = 16, max_len: int = 1024, block_size: int = 64) -> None:
+    """Batch 1: a chain of `layers` MLA decodes with the W_UV product (the merge inside it), each over its own
+    layer's cache, under PDL as in a decode step: microseconds a link, by launch setting."""
+    c, r, v = 512, 64, 128
+    blocks = max_len // block_size
+    caches = [torch.randn(blocks, block_size, c + r, device="cuda", dtype=torch.bfloat16) for _ in range(layers)]
+    tables = torch.arange(blocks, device="cuda", dtype=torch.int32).view(1, -1)
+    lens = torch.full((1,), context, device="cuda", dtype=torch.int32)
+    q = torch.randn(1, heads, c, device="cuda", dtype=torch.bfloat16)
+    q_pe = torch.randn(1, heads, r, device="cuda", dtype=torch.bfloat16)
+    w_uv = torch.randn(heads, v, c, device="cuda", dtype=torch.bfloat16) * 0.02
+
+    def chain(kw):
+        def run(_):
+            for cache in caches:
+                mla_decode(q, q_pe, cache, tables, lens, c, 0.1, w_uv=w_uv, **kw)
+        return run
+
+    results = [(streamed_us(chain({}), [None]) / layers, "default")]
+    for splits, block_n, warps, stages in itertools.product((2, 4, 8, 16), (16, 32, 64), (4, 8), (1, 2)):
+        kw = dict(num_splits=splits, block_n=block_n, num_warps=warps, num_stages=stages)
+        try:
+            results.append((streamed_us(chain(kw), [None]) / layers, kw))
+        except Exception as e:
+            print(f"  mla chain {kw}: {type(e).__name__}")
+    try:  # registers and spills of each compiled variant (Triton's cache layout differs between versions)
+        from dsv3.kernels import mla_decode as module
+        for cache in module._mla_decode_split.device_caches.values():
+            for key, kernel in cache[0].items():
+                print(f"    compiled: {kernel.n_regs} registers, {kernel.n_spills} spills, "
+                      f"{kernel.metadata.num_warps} warps, shared {kernel.metadata.shared} B", flush=True)
+    except Exception as e:
+        print(f"    (no register counts: {type(e).__name__}: {e})")
+    best = min(results, key=lambda r: r[0])
+    print(f"mla + W_UV chain, batch 1, context {context}, max_len {max_len}: default {results[0][0]:.2f} us a link; "
+          f"best {best[0]:.2f} us {best[1]}", flush=True)
+    for t, kw in sorted(results, key=lambda r: r[0])[:6]:
+        print(f"    {t:.2f} us {kw}")
+
+
 def main() -> None:
     import sys
+    if "--mla-chain" in sys.argv:
+        for context in (170, 1000):
+            mla_chain(context)
+        return
     if "--pdl" in sys.argv:
         pdl_chain()
         return
