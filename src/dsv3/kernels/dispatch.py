@@ -27,14 +27,10 @@ else:
 QUANTIZE_ACTIVATIONS = True
 
 
-# Independent work of a small batch (kv_a_proj beside q_proj; the shared experts beside the router and routed
-# experts) may run on a second CUDA stream: at decode sizes each kernel is too short to use the whole GPU.
-# DSV3_OVERLAP=0 turns it off, for A/B runs. The shared experts stay on the main stream unless
-# DSV3_OVERLAP_SHARED=1: there, in the chain of programmatic dependent launches, they load their weights
-# while the attention finishes, where on the side stream they queued behind the routed experts' programs
-# (bench/NOTES.md, batch 1).
+# Independent work of a small batch (the shared experts beside the router and routed experts; kv_a_proj beside
+# q_proj) runs on a second CUDA stream: at decode sizes each kernel is too short to use the whole GPU.
+# DSV3_OVERLAP=0 turns it off, for A/B runs.
 OVERLAP = os.environ.get("DSV3_OVERLAP", "1") != "0"
-OVERLAP_SHARED = os.environ.get("DSV3_OVERLAP_SHARED", "0") == "1"
 OVERLAP_MAX_TOKENS = 256
 _side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
@@ -192,8 +188,8 @@ class Fork:
     goes back to its own stream's pool, reused only by later side-stream work, which waits for the main
     stream (and so for every use of those tensors) when it forks again."""
 
-    def __init__(self, x: torch.Tensor, shared_experts: bool = False):
-        on = OVERLAP and (OVERLAP_SHARED or not shared_experts) and x.is_cuda and use_fast(x) and x.numel() <= OVERLAP_MAX_TOKENS * x.shape[-1]
+    def __init__(self, x: torch.Tensor):
+        on = OVERLAP and x.is_cuda and use_fast(x) and x.numel() <= OVERLAP_MAX_TOKENS * x.shape[-1]
         if on and x.device not in _side_streams:
             _side_streams[x.device] = torch.cuda.Stream(x.device)
         self.stream = _side_streams[x.device] if on else None

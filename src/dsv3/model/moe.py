@@ -143,7 +143,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])                                          # (N, D)
-        with (fork := dispatch.Fork(flat, shared_experts=True)):  # see dispatch.OVERLAP_SHARED
+        with (fork := dispatch.Fork(flat)):            # decode sizes: the shared experts beside the routed ones
             shared = self.shared_experts(flat)
         weights, indices, scores = self.gate(flat)
         if self.training:
