@@ -149,8 +149,9 @@ def choose_splits(batch: int, head_blocks: int, max_context: int, device: torch.
 
 def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch.Tensor, block_tables: torch.Tensor,
                context_lens: torch.Tensor, kv_lora_rank: int, softmax_scale: float, *,
-               num_splits: int | None = None, block_h: int | None = None, block_n: int = 32,
-               num_warps: int | None = None, num_stages: int = 2, w_uv: torch.Tensor | None = None) -> torch.Tensor:
+               num_splits: int | None = None, block_h: int | None = None, block_n: int | None = None,
+               num_warps: int | None = None, num_stages: int | None = None, w_uv: torch.Tensor | None = None
+               ) -> torch.Tensor:
     """Same arguments and result as reference.mla_decode; the keywords after * tune the launch. Given w_uv
     (H, v, C): the output projected per head, reference.per_head(result, w_uv), with the merge of the
     splits inside that product at decode sizes (gemv.per_head_merged)."""
@@ -169,10 +170,20 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch
     # Measured on an H100 (bench/results/2026-11-22-*-kernels.md), C = 512: at 128 heads, 64 a program
     # ran batch 64 x 4096 tokens in 530 us against 790 for 16 (batch 1: 28 against 24 us).
     block_h = block_h or (64 if heads >= 64 else 16)  # tl.dot needs 16 rows
-    num_warps = num_warps or (8 if block_h >= 64 else 4)
     head_blocks = triton.cdiv(heads, block_h)
     max_context = block_tables.shape[1] * latent_cache.shape[1]
-    splits = num_splits or choose_splits(batch, head_blocks, max_context, q_latent.device)
+    few = block_h <= 16 and batch * head_blocks <= 4
+    if few and block_n is None:
+        # A chain of batch-1 decodes with the W_UV product, 16 heads, under PDL (tune_decode.py --mla-chain,
+        # H100): 64-token tiles, 8 warps and one stage took 7.0 us a link over 170 tokens (3 splits with
+        # tokens) and 9.7 over 1000 (16 splits), against 7.9 and 12.3 for 32-token tiles, 4 warps, two
+        # stages and 32 splits.
+        block_n, num_warps, num_stages = 64, num_warps or 8, num_stages or 1
+    block_n = block_n or 32
+    num_warps = num_warps or (8 if block_h >= 64 else 4)
+    num_stages = num_stages or 2
+    splits = num_splits or choose_splits(batch, head_blocks, max_context, q_latent.device,
+                                         max_splits=16 if few else 64)
 
     out = torch.empty(batch, heads, c, dtype=q_latent.dtype, device=q_latent.device)  # (B, H, C)
     if splits == 1:
