@@ -32,6 +32,9 @@ QUANTIZE_ACTIVATIONS = True
 # DSV3_OVERLAP=0 turns it off, for A/B runs.
 OVERLAP = os.environ.get("DSV3_OVERLAP", "1") != "0"
 OVERLAP_MAX_TOKENS = 256
+# One token: the shared experts inside the routed experts' launches (shared_experts_inline). DSV3_SHARED_INLINE=0
+# turns it off, for A/B runs.
+SHARED_INLINE = os.environ.get("DSV3_SHARED_INLINE", "1") != "0"
 _side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
@@ -127,11 +130,24 @@ def fused_experts_available(x: torch.Tensor, gate_up: torch.Tensor, pairs: int) 
 def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
                   gate_up: torch.Tensor, gate_up_scale: torch.Tensor | None,
                   down: torch.Tensor, down_scale: torch.Tensor | None, all_local: bool = False,
-                  shared: torch.Tensor | None = None, join: Callable[[], None] | None = None) -> torch.Tensor:
-    """See reference.routed_experts (plus reference.moe_combine with shared); only where fused_experts_available."""
+                  shared: torch.Tensor | None = None, join: Callable[[], None] | None = None,
+                  shared_mlp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """See reference.routed_experts (plus reference.moe_combine with shared, or with the shared experts'
+    output of shared_mlp's weights); only where fused_experts_available (and shared_experts_inline for
+    shared_mlp)."""
     return moe_kernel.fused_experts(x, local_ids, weights, gate_up, gate_up_scale, down, down_scale,
                                     quantize_activations=QUANTIZE_ACTIVATIONS, all_local=all_local, shared=shared,
-                                    join=join)
+                                    join=join, shared_mlp=shared_mlp)
+
+
+def shared_experts_inline(x: torch.Tensor, gate_up: torch.Tensor, gate_up_scale: torch.Tensor | None,
+                          down: torch.Tensor, all_local: bool,
+                          shared_mlp: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> bool:
+    """One token on the GPU: the shared experts run as more experts in the routed experts' two GEMV launches
+    (kernels/moe.py one_token_gemv), instead of three kernels of their own beside them, whose programs
+    queued behind the routed ones (moonlight-16b batch 1 on an H100, bench/NOTES.md)."""
+    return (SHARED_INLINE and fused_experts_available(x, gate_up, 1)
+            and moe_kernel.one_token_gemv(x, gate_up, gate_up_scale, down, all_local, shared_mlp))
 
 
 # ---- the elementwise glue of a layer (glue.py): one kernel each where PyTorch runs several ----------------

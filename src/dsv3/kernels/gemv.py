@@ -10,6 +10,8 @@ while the previous kernel's tail does. Each row of x is reduced in float32, inde
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -38,32 +40,44 @@ def _merged_row(partial, lse, num_splits, k, K, stride_ps, SPLITS_POW2: tl.const
 
 @triton.jit
 def _gemv(x, w, bias, out, ids, M, N, K, stride_xm, stride_xg, stride_wg, stride_wn, stride_wk, stride_om, stride_og,
-          lse, num_splits, stride_xs, stride_lm, stride_lg,
+          lse, num_splits, stride_xs, stride_lm, stride_lg, extra, extra_up, routed_groups, stride_ej, stride_en,
           HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS_POW2: tl.constexpr,
           ROUTED: tl.constexpr, SWIGLU: tl.constexpr, USE_GDC: tl.constexpr):
     """out[m, g, n] = sum_k x[m, g, k] w[g, n, k] (+ bias[n]); program (i, g) makes columns i*BLOCK_N... of group g.
     SPLITS_POW2 > 0: x[m, g] is the merge of num_splits partial rows x[m, g, s] by their log-sum-exps
     lse[m, g, s], rounded to out's dtype as the merge kernel would store it.
-    ROUTED: group g takes the weights w[ids[g]] (an expert the router chose), so they load after the wait.
+    ROUTED: group g < routed_groups takes the weights w[ids[g]] (an expert the router chose), so they load
+    after the wait; group routed_groups + j takes extra + j * stride_ej, rows stride_en apart (and its up
+    rows from extra_up): the shared experts, as more experts of the same launch.
     SWIGLU: w[.] holds gate rows then up rows (2N of them) and out = silu(gate) * up, each rounded to out's
     dtype first, as fp8_gemm's SWIGLU epilogue and reference.silu_mul round them."""
     if USE_GDC:
         tl.extra.cuda.gdc_launch_dependents()
     g = tl.program_id(1).to(tl.int64)
+    one = tl.full([], 1, tl.int64)
     if ROUTED:
         if USE_GDC:
             tl.extra.cuda.gdc_wait()                                              # ids are the router's output
-        group = tl.load(ids + g).to(tl.int64)
+        if g < routed_groups:
+            base = w + tl.load(ids + g).to(tl.int64) * stride_wg
+            up_base = base + N * stride_wn
+            row = stride_wn * one
+        else:
+            base = extra + (g - routed_groups) * stride_ej
+            up_base = extra_up + (g - routed_groups) * stride_ej
+            row = stride_en * one
     else:
-        group = g
+        base = w + g * stride_wg
+        up_base = base + N * stride_wn
+        row = stride_wn * one
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
     n_ok = n < N
-    w_ptrs = w + group * stride_wg + n.to(tl.int64)[:, None] * stride_wn + k[None, :] * stride_wk
+    offsets = n.to(tl.int64)[:, None] * row + k[None, :] * stride_wk
     w_ok = n_ok[:, None] & (k < K)[None, :]
-    wt = tl.load(w_ptrs, mask=w_ok, other=0.0).to(tl.float32)                    # the weights: before the wait
+    wt = tl.load(base + offsets, mask=w_ok, other=0.0).to(tl.float32)            # the weights: before the wait
     if SWIGLU:
-        wu = tl.load(w_ptrs + N * stride_wn, mask=w_ok, other=0.0).to(tl.float32)
+        wu = tl.load(up_base + offsets, mask=w_ok, other=0.0).to(tl.float32)
     if HAS_BIAS:
         b = tl.load(bias + n, mask=n_ok, other=0.0).to(tl.float32)
     if USE_GDC:
@@ -92,21 +106,28 @@ def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-            lse: torch.Tensor | None = None, ids: torch.Tensor | None = None, swiglu: bool = False) -> None:
+            lse: torch.Tensor | None = None, ids: torch.Tensor | None = None, swiglu: bool = False,
+            extra: Extra | None = None) -> None:
     """x (M, G, K), weight (G, N, K) any strides, out (M, G, N); with lse (M, G, S), x is (M, G, S, K) partials;
-    with ids (G,), group g takes weight[ids[g]] (weight (E, N, K)); swiglu: weight rows are gate then up."""
+    with ids (G,), group g takes weight[ids[g]] (weight (E, N, K)), then come extra's groups; swiglu: weight
+    rows are gate then up."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     _, n, k = weight.shape
     groups = ids.numel() if ids is not None else weight.shape[0]
     n = n // 2 if swiglu else n
+    if extra is not None and (extra.weight.dtype != weight.dtype or extra.weight.stride(-1) != weight.stride(-1)):
+        raise ValueError("gemv: the extra groups' weights must have the routed weights' dtype and column stride")
+    extra_args = ((extra.weight, extra.up if extra.up is not None else extra.weight, groups, extra.stride_group,
+                   extra.stride_row) if extra is not None else (weight, weight, groups, 0, 0))
+    groups += extra.groups if extra is not None else 0
     block_k = triton.next_power_of_2(k)
     block_n = max(1, min(64, TILE_ELEMENTS // (block_k * (2 if swiglu else 1))))
     splits = (lse.shape[-1], x.stride(2), lse.stride(0), lse.stride(1)) if lse is not None else (0, 0, 0, 0)
     _gemv[(triton.cdiv(n, block_n), groups)](
         x, weight, bias if bias is not None else weight, out, ids if ids is not None else weight, x.shape[0], n, k,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), weight.stride(2), out.stride(0), out.stride(1),
-        lse if lse is not None else x, *splits, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        lse if lse is not None else x, *splits, *extra_args, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
         SPLITS_POW2=triton.next_power_of_2(splits[0]) if lse is not None else 0, ROUTED=ids is not None,
         SWIGLU=swiglu, num_warps=4, **pdl.launch(x))
 
@@ -143,16 +164,41 @@ def routed_applies(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False) 
             and triton.next_power_of_2(weight.shape[-1]) * (2 if swiglu else 1) <= TILE_ELEMENTS)
 
 
-def routed(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
+@dataclass
+class Extra:
+    """Groups after the routed ones: group j's rows start at weight's element j * stride_group and lie
+    stride_row apart (its up rows likewise in up, for SwiGLU)."""
+    weight: torch.Tensor
+    up: torch.Tensor | None
+    groups: int
+    stride_group: int
+    stride_row: int
+
+    @staticmethod
+    def shared_experts(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, inter: int) -> tuple[Extra, Extra]:
+        """The shared experts' MLP (gate and up (I_s, D), down (D, I_s)) as I_s / inter experts of the routed
+        size: pseudo-expert j is rows j*inter... of gate and up and the same columns of down. -> the extras
+        of the first and of the second routed GEMV."""
+        groups = gate.shape[0] // inter
+        if gate.stride() != up.stride():
+            raise ValueError("gemv: the shared gate and up projections must have the same layout")
+        return (Extra(gate, up, groups, inter * gate.stride(0), gate.stride(0)),
+                Extra(down, None, groups, inter * down.stride(1), down.stride(0)))
+
+
+def routed(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, swiglu: bool = False,
+           extra: Extra | None = None) -> torch.Tensor:
     """One token's routed experts, a row each: out[j] = x[j] weight[ids[j]]^T, x (1, K) for every j or (k, K)
     a row each, ids (k,) -> (k, N); swiglu: weight (E, 2N, K) gate rows then up, out silu(gate) * up.
+    extra: more groups after the k routed ones (Extra), with rows k... of out (and of x when one a row).
     Batch 1 decode: every program loads its whole weight slice at once, where the tiled grouped GEMM
-    streams it in K steps (moonlight-16b's two expert GEMMs, 104 MB: 47 us at ~2.2 TB/s that way)."""
-    k = ids.numel()
+    streams it in K steps (moonlight-16b's two expert GEMMs, 104 MB: 31 + 15.5 us at ~2.2 TB/s that way,
+    25 + 13 us this way, bench/NOTES.md)."""
+    rows_out = ids.numel() + (extra.groups if extra is not None else 0)
     n = weight.shape[1] // 2 if swiglu else weight.shape[1]
-    out = torch.empty(1, k, n, dtype=x.dtype, device=x.device)
+    out = torch.empty(1, rows_out, n, dtype=x.dtype, device=x.device)
     rows = x.view(1, -1, x.shape[-1])
     if rows.shape[1] == 1:
-        rows = rows.expand(1, k, x.shape[-1])                                    # stride 0: the same row
-    _launch(rows, weight, None, out, ids=ids.view(-1), swiglu=swiglu)
-    return out.view(k, n)
+        rows = rows.expand(1, rows_out, x.shape[-1])                              # stride 0: the same row
+    _launch(rows, weight, None, out, ids=ids.view(-1), swiglu=swiglu, extra=extra)
+    return out.view(rows_out, n)

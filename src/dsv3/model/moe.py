@@ -26,6 +26,10 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(dispatch.silu_mul(self.gate_proj(x), self.up_proj(x)))
 
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """gate, up and down weights as stored, for kernels that run this MLP themselves."""
+        return self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
+
 
 class Gate(nn.Module):
     """Chooses num_experts_per_tok experts per token (V3 §2.1.2, Eq. 13-16; §2.1.2 'auxiliary-loss-free').
@@ -83,11 +87,20 @@ class Experts(nn.Module):
             return dispatch.fp8_dequantize(w, getattr(self, name + "_scale_inv"), dtype)
         return w.to(dtype)
 
+    def takes_shared(self, x: torch.Tensor, shared: MLP) -> bool:
+        """Whether forward(shared_mlp=shared) runs the shared experts inside the routed experts' kernels here."""
+        return dispatch.shared_experts_inline(x, self.gate_up_proj, self.gate_up_proj_scale_inv, self.down_proj,
+                                              self.all_local, shared.weights())
+
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, shared: torch.Tensor | None = None,
-                join: Callable[[], None] = lambda: None) -> torch.Tensor:
+                join: Callable[[], None] = lambda: None, shared_mlp: MLP | None = None) -> torch.Tensor:
         """x: (N, D), indices/weights: (N, k) -> (N, D) float32, the weighted sum over this rank's experts.
         Given the shared experts' output: that sum plus it, in x's dtype (dispatch.moe_combine), join()
-        called before shared is read."""
+        called before shared is read. Given the shared experts themselves (only where takes_shared): the same,
+        computed in the routed experts' kernels."""
+        if shared_mlp is not None:
+            return dispatch.fused_experts(x, indices, weights, self.gate_up_proj, None, self.down_proj, None,
+                                          all_local=True, shared_mlp=shared_mlp.weights())
         if dispatch.fused_experts_available(x, self.gate_up_proj, indices.numel()):
             local = indices - self.first if self.first else indices                  # rank 0: no subtraction kernel
             return dispatch.fused_experts(x, local, weights, self.gate_up_proj, self.gate_up_proj_scale_inv,
@@ -143,6 +156,10 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])                                          # (N, D)
+        if not self.training and self.experts.takes_shared(flat, self.shared_experts):  # one token: in the same kernels
+            weights, indices, _ = self.gate(flat)
+            out = self.experts(flat, indices, weights, shared_mlp=self.shared_experts)
+            return self.par.all_reduce(out).view(shape)
         with (fork := dispatch.Fork(flat)):            # decode sizes: the shared experts beside the routed ones
             shared = self.shared_experts(flat)
         weights, indices, scores = self.gate(flat)
