@@ -41,10 +41,8 @@ def _merged_row(partial, lse, num_splits, k, K, stride_ps, SPLITS_POW2: tl.const
 @triton.jit
 def _gemv(x, w, bias, out, ids, M, N, K, stride_xm, stride_xg, stride_wg, stride_wn, stride_wk, stride_om, stride_og,
           lse, num_splits, stride_xs, stride_lm, stride_lg, extra, extra_up, routed_groups, stride_ej, stride_en,
-          counter, pair_weights, summed, programs,
           HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS_POW2: tl.constexpr,
-          ROUTED: tl.constexpr, SWIGLU: tl.constexpr, SUM_PAIRS: tl.constexpr, SUM_EXTRA: tl.constexpr,
-          USE_GDC: tl.constexpr):
+          ROUTED: tl.constexpr, SWIGLU: tl.constexpr, USE_GDC: tl.constexpr):
     """out[m, g, n] = sum_k x[m, g, k] w[g, n, k] (+ bias[n]); program (i, g) makes columns i*BLOCK_N... of group g.
     SPLITS_POW2 > 0: x[m, g] is the merge of num_splits partial rows x[m, g, s] by their log-sum-exps
     lse[m, g, s], rounded to out's dtype as the merge kernel would store it.
@@ -52,9 +50,7 @@ def _gemv(x, w, bias, out, ids, M, N, K, stride_xm, stride_xg, stride_wg, stride
     after the wait; group routed_groups + j takes extra + j * stride_ej, rows stride_en apart (and its up
     rows from extra_up): the shared experts, as more experts of the same launch.
     SWIGLU: w[.] holds gate rows then up rows (2N of them) and out = silu(gate) * up, each rounded to out's
-    dtype first, as fp8_gemm's SWIGLU epilogue and reference.silu_mul round them.
-    SUM_PAIRS > 0 (one token's routed experts): the program that finishes last also writes
-    summed = sum_j pair_weights[j] out[0, j] (j < SUM_PAIRS) + the SUM_EXTRA rows after them (_sum_rows)."""
+    dtype first, as fp8_gemm's SWIGLU epilogue and reference.silu_mul round them."""
     if USE_GDC:
         tl.extra.cuda.gdc_launch_dependents()
     g = tl.program_id(1).to(tl.int64)
@@ -100,32 +96,6 @@ def _gemv(x, w, bias, out, ids, M, N, K, stride_xm, stride_xg, stride_wg, stride
             up = tl.sum(wu * xv[None, :], axis=1).to(out.dtype.element_ty).to(tl.float32)
             acc = (gate / (1.0 + tl.exp(-gate))).to(out.dtype.element_ty).to(tl.float32) * up
         tl.store(out + m * stride_om + g * stride_og + n, acc.to(out.dtype.element_ty), mask=n_ok)
-    if SUM_PAIRS > 0:
-        _sum_rows(out, stride_og, N, counter, pair_weights, summed, programs, SUM_PAIRS, SUM_EXTRA)
-
-
-@triton.jit
-def _sum_rows(rows, stride_row, N, counter, pair_weights, summed, programs, PAIRS: tl.constexpr, EXTRA: tl.constexpr):
-    """The last program of the launch to get here sums the rows the launch wrote: summed = sum_j
-    pair_weights[j] rows[j] + rows[PAIRS...PAIRS+EXTRA-1], in float32 and in that order, as moe._weighted_sum
-    does, then resets the counter for the next launch. Every program's stores come before its ticket (the
-    barrier, then the ticket's release), and the last ticket's acquire makes them all visible to its program,
-    which reads the rows past L1 (.cg)."""
-    tl.debug_barrier()
-    ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-    if ticket == programs - 1:
-        for c0 in range(0, N, 1024):
-            c = c0 + tl.arange(0, 1024)
-            ok = c < N
-            acc = tl.zeros([1024], tl.float32)
-            for j in tl.static_range(PAIRS):
-                acc += tl.load(pair_weights + j).to(tl.float32) * tl.load(
-                    rows + j * stride_row + c, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
-            for j in tl.static_range(EXTRA):
-                acc += tl.load(rows + (PAIRS + j) * stride_row + c, mask=ok, other=0.0,
-                               cache_modifier=".cg").to(tl.float32)
-            tl.store(summed + c, acc.to(summed.dtype.element_ty), mask=ok)
-        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -137,7 +107,7 @@ def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
             lse: torch.Tensor | None = None, ids: torch.Tensor | None = None, swiglu: bool = False,
-            extra: Extra | None = None, sum_into: SumInto | None = None) -> None:
+            extra: Extra | None = None) -> None:
     """x (M, G, K), weight (G, N, K) any strides, out (M, G, N); with lse (M, G, S), x is (M, G, S, K) partials;
     with ids (G,), group g takes weight[ids[g]] (weight (E, N, K)), then come extra's groups; swiglu: weight
     rows are gate then up."""
@@ -153,16 +123,13 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
     groups += extra.groups if extra is not None else 0
     block_k = triton.next_power_of_2(k)
     block_n = max(1, min(64, TILE_ELEMENTS // (block_k * (2 if swiglu else 1))))
-    tail = ((sum_into.counter, sum_into.weights, sum_into.out, triton.cdiv(n, block_n) * groups)
-            if sum_into is not None else (x, x, x, 0))
     splits = (lse.shape[-1], x.stride(2), lse.stride(0), lse.stride(1)) if lse is not None else (0, 0, 0, 0)
     _gemv[(triton.cdiv(n, block_n), groups)](
         x, weight, bias if bias is not None else weight, out, ids if ids is not None else weight, x.shape[0], n, k,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), weight.stride(2), out.stride(0), out.stride(1),
-        lse if lse is not None else x, *splits, *extra_args, *tail, HAS_BIAS=bias is not None, BLOCK_N=block_n,
-        BLOCK_K=block_k, SPLITS_POW2=triton.next_power_of_2(splits[0]) if lse is not None else 0,
-        ROUTED=ids is not None, SWIGLU=swiglu, SUM_PAIRS=ids.numel() if sum_into is not None else 0,
-        SUM_EXTRA=extra.groups if sum_into is not None and extra is not None else 0, num_warps=4, **pdl.launch(x))
+        lse if lse is not None else x, *splits, *extra_args, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        SPLITS_POW2=triton.next_power_of_2(splits[0]) if lse is not None else 0, ROUTED=ids is not None,
+        SWIGLU=swiglu, num_warps=4, **pdl.launch(x))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -219,33 +186,11 @@ class Extra:
                 Extra(down, None, groups, inter * down.stride(1), down.stride(0)))
 
 
-@dataclass
-class SumInto:
-    """routed(sum_into=...): the launch also writes out = sum_j weights[j] row_j + its extra rows (counter: an
-    int32 zero that the launch leaves zero, see _sum_rows; one per call site, made outside graph capture)."""
-    weights: torch.Tensor
-    out: torch.Tensor
-    counter: torch.Tensor
-
-
-_counters: dict[tuple[torch.device, int], torch.Tensor] = {}
-
-
-def counter(device: torch.device, key: int) -> torch.Tensor:
-    """A zeroed int32 counter for the call site `key` (a weight's data_ptr, say), made once."""
-    if (device, key) not in _counters:
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("gemv.counter: first made during CUDA graph capture; run the step once before")
-        _counters[device, key] = torch.zeros(1, dtype=torch.int32, device=device)
-    return _counters[device, key]
-
-
 def routed(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, swiglu: bool = False,
-           extra: Extra | None = None, sum_into: SumInto | None = None) -> torch.Tensor:
+           extra: Extra | None = None) -> torch.Tensor:
     """One token's routed experts, a row each: out[j] = x[j] weight[ids[j]]^T, x (1, K) for every j or (k, K)
     a row each, ids (k,) -> (k, N); swiglu: weight (E, 2N, K) gate rows then up, out silu(gate) * up.
     extra: more groups after the k routed ones (Extra), with rows k... of out (and of x when one a row).
-    sum_into: the launch also writes the rows' weighted sum (SumInto), with no kernel of its own.
     Batch 1 decode: every program loads its whole weight slice at once, where the tiled grouped GEMM
     streams it in K steps (moonlight-16b's two expert GEMMs, 104 MB: 31 + 15.5 us at ~2.2 TB/s that way,
     25 + 13 us this way, bench/NOTES.md)."""
@@ -255,5 +200,5 @@ def routed(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, swiglu: boo
     rows = x.view(1, -1, x.shape[-1])
     if rows.shape[1] == 1:
         rows = rows.expand(1, rows_out, x.shape[-1])                              # stride 0: the same row
-    _launch(rows, weight, None, out, ids=ids.view(-1), swiglu=swiglu, extra=extra, sum_into=sum_into)
+    _launch(rows, weight, None, out, ids=ids.view(-1), swiglu=swiglu, extra=extra)
     return out.view(rows_out, n)

@@ -91,9 +91,10 @@ def expert_blocks(local_ids: torch.Tensor, n_experts: int, block_m: int, k: int
 
 @triton.jit
 def _weighted_sum(y, row_of_pair, weights, shared, out, dim, capacity, stride_y, stride_sh, stride_o, K: tl.constexpr,
-                  HAS_SHARED: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
+                  HAS_SHARED: tl.constexpr, EXTRA: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
     """out[t] = the sum over t's k choices of weight * y[row], in float32 and in choice order (batch-invariant,
-    no atomics); choices on other ranks add 0. HAS_SHARED: plus shared[t], as reference.moe_combine adds it."""
+    no atomics); choices on other ranks add 0. HAS_SHARED: plus shared[t], as reference.moe_combine adds it.
+    EXTRA (one token): plus rows capacity... of y, EXTRA of them (the shared experts run as routed ones)."""
     pdl.start(USE_GDC)
     t = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -108,6 +109,8 @@ def _weighted_sum(y, row_of_pair, weights, shared, out, dim, capacity, stride_y,
         acc += tl.where(on, v * w, 0.0)
     if HAS_SHARED:
         acc += tl.load(shared + t * stride_sh + c, mask=ok, other=0.0).to(tl.float32)
+    for j in tl.static_range(EXTRA):
+        acc += tl.load(y + (capacity + j) * stride_y + c, mask=ok, other=0.0).to(tl.float32)
     tl.store(out + t * stride_o + c, acc, mask=ok)
 
 
@@ -122,7 +125,7 @@ def expert_sum(ys: torch.Tensor, order: torch.Tensor, mine: torch.Tensor, weight
     out = torch.empty(tokens, ys.shape[1], dtype=torch.float32, device=ys.device)
     _weighted_sum[(tokens, triton.cdiv(ys.shape[1], 1024))](
         ys, row_of_pair, weights.contiguous(), ys, out, ys.shape[1], pairs, ys.stride(0), 0, out.stride(0), K=k,
-        HAS_SHARED=False, BLOCK=1024, **pdl.launch(ys))
+        HAS_SHARED=False, EXTRA=0, BLOCK=1024, **pdl.launch(ys))
     return out
 
 
@@ -160,14 +163,9 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tenso
         extra_up, extra_down = (gemv.Extra.shared_experts(*shared_mlp, inter=down.shape[2]) if shared_mlp is not None
                                 else (None, None))
         act = gemv.routed(x, local_ids.view(-1), gate_up, swiglu=True, extra=extra_up)  # (k [+ s], I): SwiGLU'd
-        if shared is None:
-            # The weighted sum in the last program of the second launch (gemv._sum_rows): no kernel of its own.
-            out = torch.empty(x.shape, dtype=x.dtype if shared_mlp is not None else torch.float32, device=x.device)
-            gemv.routed(act, local_ids.view(-1), down, extra=extra_down, sum_into=gemv.SumInto(
-                weights.reshape(-1), out, gemv.counter(x.device, down.data_ptr())))
-            return out
-        y = gemv.routed(act, local_ids.view(-1), down, extra=extra_down)                # (k, D)
-        return _sum(y, _pair_rows(k, x.device), weights, k, x, shared, join)
+        y = gemv.routed(act, local_ids.view(-1), down, extra=extra_down)                # (k [+ s], D)
+        return _sum(y, _pair_rows(k, x.device), weights, k, x, shared, join,
+                    extra_down.groups if extra_down is not None else 0)
     block_m = block_m or (16 if pairs <= 4 * n_experts else 64)                        # 16 or 64: gemm_config's
     if tokens == 1 and all_local:
         token_at, row_at, row_of_pair = _one_token_layout(k, block_m, x.device)
@@ -202,15 +200,17 @@ def one_token_gemv(x: torch.Tensor, gate_up: torch.Tensor, gate_up_scale: torch.
 
 
 def _sum(y: torch.Tensor, row_of_pair: torch.Tensor, weights: torch.Tensor, capacity: int, x: torch.Tensor,
-         shared: torch.Tensor | None, join: Callable[[], None] | None) -> torch.Tensor:
-    """Each token's weighted sum over its pairs' rows of y (rows >= capacity: not on this rank), plus shared
-    (then in x's dtype, reference.moe_combine; else float32)."""
+         shared: torch.Tensor | None, join: Callable[[], None] | None, extra: int = 0) -> torch.Tensor:
+    """Each token's weighted sum over its pairs' rows of y (rows >= capacity: not on this rank), plus shared,
+    plus (one token) y's `extra` rows from capacity on: the shared experts' parts. With the shared experts,
+    in x's dtype (reference.moe_combine), else float32."""
     if join is not None:
         join()
     tokens, k = weights.shape
-    out = torch.empty(x.shape, dtype=torch.float32 if shared is None else x.dtype, device=x.device)
+    with_shared = shared is not None or extra > 0
+    out = torch.empty(x.shape, dtype=x.dtype if with_shared else torch.float32, device=x.device)
     _weighted_sum[(tokens, triton.cdiv(x.shape[1], 1024))](
         y, row_of_pair, weights.contiguous(), shared if shared is not None else y, out, x.shape[1], capacity,
         y.stride(0), shared.stride(0) if shared is not None else 0, out.stride(0), K=k, HAS_SHARED=shared is not None,
-        BLOCK=1024, **pdl.launch(y))
+        EXTRA=extra, BLOCK=1024, **pdl.launch(y))
     return out
