@@ -143,6 +143,10 @@ def decode(model, cfg, batch: int, show_timeline: bool = False) -> None:
     # The captured step (side streams on) against the same step run eagerly on one stream.
     with torch.inference_mode():
         replayed = engine.runner.execute(step)[1].clone()
+        # The same step replayed again and again gives the same logits to the bit (a kernel that races, such
+        # as a last-program-done reduction reading rows before they land, would not).
+        differ = sum(not torch.equal(engine.runner.execute(step)[1], replayed) for _ in range(100))
+        print(f"decode batch {batch}: the same step replayed 100 times: {differ} differ from the first", flush=True)
         (overlap, dispatch.OVERLAP), (launch, pdl.ENABLED) = (dispatch.OVERLAP, False), (pdl.ENABLED, False)
         step.graph_size = 0
         one_stream = engine.runner.execute(step)[1]
