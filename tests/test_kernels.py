@@ -468,8 +468,8 @@ def sm90_cases():
            {"C": 512, "HALF": 32, "BLOCK_C": 512, "BLOCK_HALF": 32, "BLOCK_H": 16, "INTERLEAVED": interleaved})
           for interleaved in (True, False)),
         *((glue._router_logits, {"x": x, "weight": "bf16", "logits": "fp32"}, set(),
-           {"UPCAST": x != "bf16", "BLOCK_M": block, "BLOCK_E": block, "BLOCK_K": 64})
-          for x, block in (("bf16", 16), ("bf16", 64), ("fp32", 16))),
+           {"UPCAST": x != "bf16", "BLOCK_M": block, "BLOCK_E": block, "BLOCK_K": 256 if one else 64, "ONE_TILE": one})
+          for x, block, one in (("bf16", 16, True), ("bf16", 64, False), ("fp32", 16, False))),
         *((glue._route, dict.fromkeys(["logits", "bias", "scores", "weights"], "fp32") | {"ids": "i64"}, {"scaling"},
            {"SPLITS": 8, "GROUPS": g, "PER_GROUP": e // g, "TOPK_GROUP": tg, "TOP_K": k, "NORM": True, "G_POW2": g,
             "PER_POW2": e // g, "K_POW2": 8}) for e, g, tg, k in ((64, 1, 1, 6), (256, 8, 4, 8))),
@@ -478,7 +478,7 @@ def sm90_cases():
         (moe._expert_blocks, dict.fromkeys(["ids", "token_at", "row_at", "block_expert", "row_of_pair"], "i64"), set(),
          {"BLOCK_M": 16, "E_POW2": 256, "BLOCK": 32}),
         *((moe._weighted_sum, {"y": "bf16", "row_of_pair": "i64", "weights": "fp32", "shared": "bf16", "out": out},
-           set(), {"K": 8, "HAS_SHARED": out == "bf16", "EXTRA": extra, "BLOCK": 1024})
+           set(), {"K": 8, "HAS_SHARED": out == "bf16", "EXTRA": extra, "ROWS_IN_ORDER": extra > 0, "BLOCK": 1024})
           for out, extra in (("fp32", 0), ("bf16", 0), ("bf16", 2))),
         *((fp8_gemm._block_scaled_matmul, {"a": "bf16", "b": b, "b_scale": "fp32", "c": "bf16", "a_rows": "i64",
                                            "block_group": "i64"}, set(),

@@ -140,26 +140,41 @@ def mla_rope_and_cache(q_pe: torch.Tensor, kv: torch.Tensor, rope: torch.Tensor,
 @triton.jit
 def _router_logits(x, weight, logits, rows, n_experts, dim, split_len, stride_x, stride_w, stride_ls, stride_l,
                    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-                   USE_GDC: tl.constexpr):
+                   ONE_TILE: tl.constexpr, USE_GDC: tl.constexpr):
     """x W^T in float32 straight from 16-bit x and W: their products are exact in float32 and the sums run
     in float32, which is the reference's x.float() @ W.float()^T without a float32 copy of W each step.
-    Program (m, e, s) sums the s-th split_len columns into partial s (decode: more programs read W)."""
-    pdl.start(USE_GDC)
+    Program (m, e, s) sums the s-th split_len columns into partial s (decode: more programs read W).
+    ONE_TILE (split_len == BLOCK_K): the program's weights load before it waits for the kernel ahead."""
     pid_m, pid_e, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_E], tl.float32)
     first = split * split_len
-    for k0 in range(first, tl.minimum(first + split_len, dim), BLOCK_K):
-        k_ok = k < dim - k0
-        a = tl.load(x + m.to(tl.int64)[:, None] * stride_x + k0 + k[None, :], mask=(m < rows)[:, None] & k_ok[None, :],
+    if ONE_TILE:
+        if USE_GDC:
+            tl.extra.cuda.gdc_launch_dependents()
+        k_ok = (k < split_len) & (k < dim - first)
+        b = tl.load(weight + e[:, None] * stride_w + first + k[None, :], mask=(e < n_experts)[:, None] & k_ok[None, :],
                     other=0.0)
-        b = tl.load(weight + e[:, None] * stride_w + k0 + k[None, :], mask=(e < n_experts)[:, None] & k_ok[None, :],
-                    other=0.0)
-        if UPCAST:                       # mixed dtypes
+        if USE_GDC:
+            tl.extra.cuda.gdc_wait()
+        a = tl.load(x + m.to(tl.int64)[:, None] * stride_x + first + k[None, :],
+                    mask=(m < rows)[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:
             a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")             # float32 inputs: no TF32
+        acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+    else:
+        pdl.start(USE_GDC)
+        for k0 in range(first, tl.minimum(first + split_len, dim), BLOCK_K):
+            k_ok = k < dim - k0
+            a = tl.load(x + m.to(tl.int64)[:, None] * stride_x + k0 + k[None, :],
+                        mask=(m < rows)[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(weight + e[:, None] * stride_w + k0 + k[None, :], mask=(e < n_experts)[:, None] & k_ok[None, :],
+                        other=0.0)
+            if UPCAST:                       # mixed dtypes
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")         # float32 inputs: no TF32
     tl.store(logits + split * stride_ls + m.to(tl.int64)[:, None] * stride_l + e[None, :], acc,
              mask=(m < rows)[:, None] & (e < n_experts)[None, :])
 
@@ -217,16 +232,19 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int,
     x, weight = _rows(x), _rows(weight)
     rows, dim = x.shape
     n_experts = weight.shape[0]
-    # Decode: W spread over programs, also along K (moonlight: 4 programs took 7.4 us of a 2.4 us read).
+    # Decode: W spread over programs, also along K (moonlight: 4 programs took 7.4 us of a 2.4 us read), one
+    # tile of K a program, loaded before the wait.
     block_m, block_e, block_k = (16, 16, 128) if rows <= 16 else (64, 16 if rows <= 1024 else 64, 64)
     splits = max(1, min(8, dim // 256)) if rows <= 1024 else 1
     split_len = triton.cdiv(triton.cdiv(dim, splits), block_k) * block_k
     splits = triton.cdiv(dim, split_len)
+    one_tile = rows <= 16 and split_len <= 512
+    block_k = triton.next_power_of_2(split_len) if one_tile else block_k
     logits = torch.empty(splits, rows, n_experts, dtype=torch.float32, device=x.device)
     _router_logits[(triton.cdiv(rows, block_m), triton.cdiv(n_experts, block_e), splits)](
         x, weight, logits, rows, n_experts, dim, split_len, x.stride(0), weight.stride(0), logits.stride(0),
         logits.stride(1), UPCAST=x.dtype != weight.dtype, BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_K=block_k,
-        num_warps=4, **pdl.launch(x))
+        ONE_TILE=one_tile, num_warps=4, **pdl.launch(x))
     scores = torch.empty(rows, n_experts, dtype=torch.float32, device=x.device)
     weights = torch.empty(rows, top_k, dtype=torch.float32, device=x.device)
     ids = torch.empty(rows, top_k, dtype=torch.int64, device=x.device)

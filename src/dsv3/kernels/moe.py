@@ -91,17 +91,22 @@ def expert_blocks(local_ids: torch.Tensor, n_experts: int, block_m: int, k: int
 
 @triton.jit
 def _weighted_sum(y, row_of_pair, weights, shared, out, dim, capacity, stride_y, stride_sh, stride_o, K: tl.constexpr,
-                  HAS_SHARED: tl.constexpr, EXTRA: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
+                  HAS_SHARED: tl.constexpr, EXTRA: tl.constexpr, ROWS_IN_ORDER: tl.constexpr, BLOCK: tl.constexpr,
+                  USE_GDC: tl.constexpr):
     """out[t] = the sum over t's k choices of weight * y[row], in float32 and in choice order (batch-invariant,
     no atomics); choices on other ranks add 0. HAS_SHARED: plus shared[t], as reference.moe_combine adds it.
-    EXTRA (one token): plus rows capacity... of y, EXTRA of them (the shared experts run as routed ones)."""
+    EXTRA (one token): plus rows capacity... of y, EXTRA of them (the shared experts run as routed ones).
+    ROWS_IN_ORDER: pair j of token t is row t * K + j (row_of_pair not read: one load less in the chain)."""
     pdl.start(USE_GDC)
     t = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = c < dim
     acc = tl.zeros([BLOCK], tl.float32)
     for j in tl.static_range(K):
-        row = tl.load(row_of_pair + t * K + j)
+        if ROWS_IN_ORDER:
+            row = t * K + j
+        else:
+            row = tl.load(row_of_pair + t * K + j)
         w = tl.load(weights + t * K + j).to(tl.float32)
         on = row < capacity
         # tl.where, not ok & on: Triton's interpreter gives a scalar & block mask a non-boolean dtype.
@@ -125,14 +130,8 @@ def expert_sum(ys: torch.Tensor, order: torch.Tensor, mine: torch.Tensor, weight
     out = torch.empty(tokens, ys.shape[1], dtype=torch.float32, device=ys.device)
     _weighted_sum[(tokens, triton.cdiv(ys.shape[1], 1024))](
         ys, row_of_pair, weights.contiguous(), ys, out, ys.shape[1], pairs, ys.stride(0), 0, out.stride(0), K=k,
-        HAS_SHARED=False, EXTRA=0, BLOCK=1024, **pdl.launch(ys))
+        HAS_SHARED=False, EXTRA=0, ROWS_IN_ORDER=False, BLOCK=1024, **pdl.launch(ys))
     return out
-
-
-@functools.lru_cache(maxsize=None)
-def _pair_rows(k: int, device: torch.device) -> torch.Tensor:
-    """0..k-1, made once: a kernel in a decode step's chain would hold up the PDL kernels after it."""
-    return torch.arange(k, device=device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -164,8 +163,7 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tenso
                                 else (None, None))
         act = gemv.routed(x, local_ids.view(-1), gate_up, swiglu=True, extra=extra_up)  # (k [+ s], I): SwiGLU'd
         y = gemv.routed(act, local_ids.view(-1), down, extra=extra_down)                # (k [+ s], D)
-        return _sum(y, _pair_rows(k, x.device), weights, k, x, shared, join,
-                    extra_down.groups if extra_down is not None else 0)
+        return _sum(y, None, weights, k, x, shared, join, extra_down.groups if extra_down is not None else 0)
     block_m = block_m or (16 if pairs <= 4 * n_experts else 64)                        # 16 or 64: gemm_config's
     if tokens == 1 and all_local:
         token_at, row_at, row_of_pair = _one_token_layout(k, block_m, x.device)
@@ -199,18 +197,19 @@ def one_token_gemv(x: torch.Tensor, gate_up: torch.Tensor, gate_up_scale: torch.
             and shared_down.shape == (down.shape[1], gate.shape[0]))
 
 
-def _sum(y: torch.Tensor, row_of_pair: torch.Tensor, weights: torch.Tensor, capacity: int, x: torch.Tensor,
+def _sum(y: torch.Tensor, row_of_pair: torch.Tensor | None, weights: torch.Tensor, capacity: int, x: torch.Tensor,
          shared: torch.Tensor | None, join: Callable[[], None] | None, extra: int = 0) -> torch.Tensor:
-    """Each token's weighted sum over its pairs' rows of y (rows >= capacity: not on this rank), plus shared,
-    plus (one token) y's `extra` rows from capacity on: the shared experts' parts. With the shared experts,
-    in x's dtype (reference.moe_combine), else float32."""
+    """Each token's weighted sum over its pairs' rows of y (rows >= capacity: not on this rank; row_of_pair
+    None: pair j of token t is row t * k + j), plus shared, plus (one token) y's `extra` rows from capacity
+    on: the shared experts' parts. With the shared experts, in x's dtype (reference.moe_combine), else float32."""
     if join is not None:
         join()
     tokens, k = weights.shape
     with_shared = shared is not None or extra > 0
     out = torch.empty(x.shape, dtype=x.dtype if with_shared else torch.float32, device=x.device)
-    _weighted_sum[(tokens, triton.cdiv(x.shape[1], 1024))](
-        y, row_of_pair, weights.contiguous(), shared if shared is not None else y, out, x.shape[1], capacity,
-        y.stride(0), shared.stride(0) if shared is not None else 0, out.stride(0), K=k, HAS_SHARED=shared is not None,
-        EXTRA=extra, BLOCK=1024, **pdl.launch(y))
+    block = 256 if tokens == 1 else 1024                           # one token: more programs, fewer loads each
+    _weighted_sum[(tokens, triton.cdiv(x.shape[1], block))](
+        y, row_of_pair if row_of_pair is not None else y, weights.contiguous(), shared if shared is not None else y,
+        out, x.shape[1], capacity, y.stride(0), shared.stride(0) if shared is not None else 0, out.stride(0), K=k,
+        HAS_SHARED=shared is not None, EXTRA=extra, ROWS_IN_ORDER=row_of_pair is None, BLOCK=block, **pdl.launch(y))
     return out
