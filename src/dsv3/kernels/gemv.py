@@ -40,32 +40,35 @@ def _merged_row(partial, lse, num_splits, k, K, stride_ps, SPLITS_POW2: tl.const
 
 @triton.jit
 def _gemv(x, w, bias, out, ids, M, N, K, stride_xm, stride_xg, stride_wg, stride_wn, stride_wk, stride_om, stride_og,
-          lse, num_splits, stride_xs, stride_lm, stride_lg, extra, extra_up, routed_groups, stride_ej, stride_en,
-          HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS_POW2: tl.constexpr,
+          lse, num_splits, stride_xs, stride_lm, stride_lg, extra, extra_up, routed_groups, extra_groups, stride_ej,
+          stride_en, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS_POW2: tl.constexpr,
           ROUTED: tl.constexpr, SWIGLU: tl.constexpr, USE_GDC: tl.constexpr):
     """out[m, g, n] = sum_k x[m, g, k] w[g, n, k] (+ bias[n]); program (i, g) makes columns i*BLOCK_N... of group g.
     SPLITS_POW2 > 0: x[m, g] is the merge of num_splits partial rows x[m, g, s] by their log-sum-exps
     lse[m, g, s], rounded to out's dtype as the merge kernel would store it.
     ROUTED: group g < routed_groups takes the weights w[ids[g]] (an expert the router chose), so they load
     after the wait; group routed_groups + j takes extra + j * stride_ej, rows stride_en apart (and its up
-    rows from extra_up): the shared experts, as more experts of the same launch.
+    rows from extra_up): the shared experts, as more experts of the same launch. Their programs come first
+    in the grid and load their weights before the wait, while the kernels ahead finish.
     SWIGLU: w[.] holds gate rows then up rows (2N of them) and out = silu(gate) * up, each rounded to out's
     dtype first, as fp8_gemm's SWIGLU epilogue and reference.silu_mul round them."""
     if USE_GDC:
         tl.extra.cuda.gdc_launch_dependents()
-    g = tl.program_id(1).to(tl.int64)
     one = tl.full([], 1, tl.int64)
+    g = tl.program_id(1).to(tl.int64)
     if ROUTED:
-        if USE_GDC:
-            tl.extra.cuda.gdc_wait()                                              # ids are the router's output
-        if g < routed_groups:
+        if g < extra_groups:                                    # grid order: the shared experts first
+            base = extra + g * stride_ej
+            up_base = extra_up + g * stride_ej
+            row = stride_en * one
+            g = routed_groups + g                               # their rows come after the routed ones
+        else:
+            g = g - extra_groups
+            if USE_GDC:
+                tl.extra.cuda.gdc_wait()                        # ids are the router's output
             base = w + tl.load(ids + g).to(tl.int64) * stride_wg
             up_base = base + N * stride_wn
             row = stride_wn * one
-        else:
-            base = extra + (g - routed_groups) * stride_ej
-            up_base = extra_up + (g - routed_groups) * stride_ej
-            row = stride_en * one
     else:
         base = w + g * stride_wg
         up_base = base + N * stride_wn
@@ -118,8 +121,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
     n = n // 2 if swiglu else n
     if extra is not None and (extra.weight.dtype != weight.dtype or extra.weight.stride(-1) != weight.stride(-1)):
         raise ValueError("gemv: the extra groups' weights must have the routed weights' dtype and column stride")
-    extra_args = ((extra.weight, extra.up if extra.up is not None else extra.weight, groups, extra.stride_group,
-                   extra.stride_row) if extra is not None else (weight, weight, groups, 0, 0))
+    extra_args = ((extra.weight, extra.up if extra.up is not None else extra.weight, groups, extra.groups,
+                   extra.stride_group, extra.stride_row) if extra is not None else (weight, weight, groups, 0, 0, 0))
     groups += extra.groups if extra is not None else 0
     block_k = triton.next_power_of_2(k)
     block_n = max(1, min(64, TILE_ELEMENTS // (block_k * (2 if swiglu else 1))))
