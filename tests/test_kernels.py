@@ -490,6 +490,11 @@ def sm90_cases():
             "SPLITS_POW2": splits, "ROUTED": routed, "SWIGLU": swiglu})
           for x, splits, routed, swiglu in (("bf16", 0, False, False), ("fp32", 8, False, False),
                                             ("bf16", 0, True, True), ("bf16", 0, True, False))),
+        *((mla_decode._mla_decode_split, {**dict.fromkeys(["q_latent", "q_rope", "cache"], "bf16"), "out": "fp32",
+                                          "lse": "fp32", "block_tables": "i32", "context_lens": "i32"},
+           {"softmax_scale"}, {"C": 512, "R": 64, "BLOCK_H": block_h, "BLOCK_N": 64 if early else 32, "SPLIT": True,
+                               "EARLY_TILE": early})
+          for block_h, early in ((16, True), (16, False), (64, False))),
         (mla_decode._mla_decode_merge, {"partial": "fp32", "lse": "fp32", "out": "bf16"}, set(),
          {"C": 512, "SPLITS_POW2": 8}),
     ]
