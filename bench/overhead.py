@@ -103,6 +103,32 @@ def timeline(graph, steps: int = 3) -> str:
     return "\n".join(out)
 
 
+def gemv_sweep(model, cfg, settings: str) -> None:
+    """Batch-1 graph replay for each GEMV tile setting, 'elements x warps' (kernels/gemv.py)."""
+    from dsv3.kernels import gemv
+    for setting in settings.split(","):
+        gemv.TILE_ELEMENTS, gemv.NUM_WARPS = (int(v) for v in setting.split("x"))
+        engine = LLMEngine(model, None, max_num_seqs=1, max_num_batched_tokens=16384, block_size=64,
+                           max_model_len=1024, num_blocks=24)
+        params = SamplingParams(max_tokens=600, temperature=0, ignore_eos=True)
+        seq = engine.add_request(random_prompts(1, 128, cfg.vocab_size, seed=1)[0], params)
+        while not seq.output_token_ids:
+            engine.step()
+        for _ in range(5):
+            engine.step()
+        sync()
+        graph = engine.runner.graphs[1]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(50):
+            graph.replay()
+        end.record()
+        sync()
+        print(f"gemv {setting}: batch 1 graph replay {start.elapsed_time(end) / 50:.3f} ms", flush=True)
+        del engine
+        torch.cuda.empty_cache()
+
+
 def decode(model, cfg, batch: int, show_timeline: bool = False) -> None:
     engine = LLMEngine(model, None, max_num_seqs=batch, max_num_batched_tokens=16384, block_size=64,
                        max_model_len=1024, num_blocks=batch * 16 + 8)
@@ -217,6 +243,7 @@ def main() -> None:
     ap.add_argument("--model", default="moonlight-16b", choices=list(SHAPES))
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--prefill", default="8x2048")
+    ap.add_argument("--gemv-sweep", default="", help="tile settings 'elements x warps', comma-separated")
     ap.add_argument("--timeline", action="store_true", help="per-kernel timeline of a replayed decode step only")
     ap.add_argument("--gemv-rows", type=int, default=None, help="rows up to which linears take the GEMV kernel")
     args = ap.parse_args()
@@ -228,6 +255,8 @@ def main() -> None:
     with torch.device("cuda"):
         model = DeepseekV3ForCausalLM(cfg, dtype=torch.bfloat16).eval()
     init_weights(model, cfg.initializer_range)
+    if args.gemv_sweep:
+        gemv_sweep(model, cfg, args.gemv_sweep)
     for b in [int(x) for x in args.batches.split(",") if x]:
         decode(model, cfg, b, args.timeline)
     for shape in [s for s in args.prefill.split(",") if s]:

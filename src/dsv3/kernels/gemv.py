@@ -20,7 +20,8 @@ from dsv3.kernels import pdl
 
 # Above this, cuBLAS: moonlight-16b decode on an H100 tied at batch 2 and lost at 4 (5.9 ms a step against 5.35).
 MAX_ROWS = 2
-TILE_ELEMENTS = 8192     # weight elements a program holds: 16 KB of bf16 over 4 warps
+TILE_ELEMENTS = 8192     # weight elements a program holds: 16 KB of bf16 over NUM_WARPS warps
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -132,7 +133,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), weight.stride(2), out.stride(0), out.stride(1),
         lse if lse is not None else x, *splits, *extra_args, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
         SPLITS_POW2=triton.next_power_of_2(splits[0]) if lse is not None else 0, ROUTED=ids is not None,
-        SWIGLU=swiglu, num_warps=4, **pdl.launch(x))
+        SWIGLU=swiglu, num_warps=NUM_WARPS, **pdl.launch(x))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
