@@ -253,15 +253,6 @@ def check_gemv(gen: torch.Generator) -> dict[str, float]:
     latent = torch.randn(2, 4, 64, generator=gen).half()
     errors["gemv/per_head/w_uv/float16"] = rel_err(gemv.per_head(latent, w_uv),
                                                    reference.per_head(latent.float(), w_uv.float()))
-    # Two projections of one x in one launch (an extra group of other row count), as views of one buffer.
-    w2 = torch.randn(13, 300, generator=gen).half()
-    for rows in (1, 2):
-        first, second = gemv.linear_pair(x[:rows], w, w2)
-        errors[f"gemv/linear_pair/{rows}/first/float16"] = rel_err(first, x[:rows].float() @ w.float().T)
-        errors[f"gemv/linear_pair/{rows}/second/float16"] = rel_err(second, x[:rows].float() @ w2.float().T)
-    first, second = gemv.linear_pair(x[:1], w2, w)                                # the second one longer
-    errors["gemv/linear_pair/longer_second/float16"] = rel_err(torch.cat([first, second], -1),
-                                                               x[:1].float() @ torch.cat([w2, w]).float().T)
     # Routed experts of one token (K not a power of two): ids pick the weights, SwiGLU rounds as silu_mul.
     experts = torch.randn(5, 2 * 24, 300, generator=gen).half()
     ids = torch.tensor([3, 0, 4])

@@ -66,17 +66,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def linear_pair(x: torch.Tensor, first: torch.nn.Module, second: torch.nn.Module
-                ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Two 16-bit bias-free linears of the same x in one GEMV launch at decode sizes (gemv.linear_pair), or
-    None where that does not apply (then each runs as its own Linear)."""
-    a, b = first.weight, second.weight
-    if (use_triton(x) and first.bias is None and second.bias is None and a.shape[1] == b.shape[1]
-            and gemv.applies(x, a) and gemv.applies(x, b)):
-        return gemv.linear_pair(x, a, b)
-    return None
-
-
 def per_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """See reference.per_head; decode sizes take the GEMV kernel."""
     if use_triton(x) and gemv.applies(x, weight):

@@ -42,7 +42,7 @@ def _merged_row(partial, lse, num_splits, k, K, stride_ps, SPLITS_POW2: tl.const
 @triton.jit
 def _gemv(x, w, bias, out, ids, M, N, K, stride_xm, stride_xg, stride_wg, stride_wn, stride_wk, stride_om, stride_og,
           lse, num_splits, stride_xs, stride_lm, stride_lg, extra, extra_up, routed_groups, extra_groups, stride_ej,
-          stride_en, extra_n, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS_POW2: tl.constexpr,
+          stride_en, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS_POW2: tl.constexpr,
           ROUTED: tl.constexpr, SWIGLU: tl.constexpr, USE_GDC: tl.constexpr):
     """out[m, g, n] = sum_k x[m, g, k] w[g, n, k] (+ bias[n]); program (i, g) makes columns i*BLOCK_N... of group g.
     SPLITS_POW2 > 0: x[m, g] is the merge of num_splits partial rows x[m, g, s] by their log-sum-exps
@@ -51,7 +51,6 @@ def _gemv(x, w, bias, out, ids, M, N, K, stride_xm, stride_xg, stride_wg, stride
     after the wait; group routed_groups + j takes extra + j * stride_ej, rows stride_en apart (and its up
     rows from extra_up): the shared experts, as more experts of the same launch. Their programs come first
     in the grid and load their weights before the wait, while the kernels ahead finish.
-    Not ROUTED, groups routed_groups... are extra's (extra_n rows each): a second weight in the same launch.
     SWIGLU: w[.] holds gate rows then up rows (2N of them) and out = silu(gate) * up, each rounded to out's
     dtype first, as fp8_gemm's SWIGLU epilogue and reference.silu_mul round them."""
     if USE_GDC:
@@ -71,21 +70,13 @@ def _gemv(x, w, bias, out, ids, M, N, K, stride_xm, stride_xg, stride_wg, stride
             base = w + tl.load(ids + g).to(tl.int64) * stride_wg
             up_base = base + N * stride_wn
             row = stride_wn * one
-        rows = N * one
     else:
-        if g < routed_groups:
-            base = w + g * stride_wg
-            up_base = base + N * stride_wn
-            row = stride_wn * one
-            rows = N * one
-        else:
-            base = extra + (g - routed_groups) * stride_ej
-            up_base = base
-            row = stride_en * one
-            rows = extra_n * one
+        base = w + g * stride_wg
+        up_base = base + N * stride_wn
+        row = stride_wn * one
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
-    n_ok = n < rows
+    n_ok = n < N
     offsets = n.to(tl.int64)[:, None] * row + k[None, :] * stride_wk
     w_ok = n_ok[:, None] & (k < K)[None, :]
     wt = tl.load(base + offsets, mask=w_ok, other=0.0).to(tl.float32)            # the weights: before the wait
@@ -132,14 +123,12 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
     if extra is not None and (extra.weight.dtype != weight.dtype or extra.weight.stride(-1) != weight.stride(-1)):
         raise ValueError("gemv: the extra groups' weights must have the routed weights' dtype and column stride")
     extra_args = ((extra.weight, extra.up if extra.up is not None else extra.weight, groups, extra.groups,
-                   extra.stride_group, extra.stride_row, extra.rows or n) if extra is not None
-                  else (weight, weight, groups, 0, 0, 0, 0))
+                   extra.stride_group, extra.stride_row) if extra is not None else (weight, weight, groups, 0, 0, 0))
     groups += extra.groups if extra is not None else 0
     block_k = triton.next_power_of_2(k)
     block_n = max(1, min(64, TILE_ELEMENTS // (block_k * (2 if swiglu else 1))))
     splits = (lse.shape[-1], x.stride(2), lse.stride(0), lse.stride(1)) if lse is not None else (0, 0, 0, 0)
-    n_grid = max(n, extra.rows) if extra is not None else n
-    _gemv[(triton.cdiv(n_grid, block_n), groups)](
+    _gemv[(triton.cdiv(n, block_n), groups)](
         x, weight, bias if bias is not None else weight, out, ids if ids is not None else weight, x.shape[0], n, k,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), weight.stride(2), out.stride(0), out.stride(1),
         lse if lse is not None else x, *splits, *extra_args, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
@@ -153,20 +142,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     out = torch.empty(flat.shape[0], 1, weight.shape[0], dtype=x.dtype, device=x.device)
     _launch(flat, weight.unsqueeze(0), bias, out)
     return out.view(*x.shape[:-1], weight.shape[0])
-
-
-def linear_pair(x: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(F.linear(x, first), F.linear(x, second)) in one launch: x's two projections of an MLA layer (q_proj or
-    q_a_proj, and kv_a_proj), which otherwise ran on two streams and joined. Both see `applies`; the results
-    are views of one buffer."""
-    flat = x.reshape(-1, 1, x.shape[-1])
-    n1, n2 = first.shape[0], second.shape[0]
-    out = torch.empty(flat.shape[0], n1 + n2, dtype=x.dtype, device=x.device)
-    # Group 0 writes columns 0..n1-1 of a row, group 1 (second, as an extra group) the n2 after them.
-    groups_view = out.as_strided((flat.shape[0], 1, n1), (n1 + n2, n1, 1))
-    _launch(flat.expand(-1, 2, -1), first.unsqueeze(0), None, groups_view,                   # both groups: x's row
-            extra=Extra(second, None, 1, 0, second.stride(0), rows=n2))
-    return out[:, :n1].view(*x.shape[:-1], n1), out[:, n1:].view(*x.shape[:-1], n2)
 
 
 def per_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -202,7 +177,6 @@ class Extra:
     groups: int
     stride_group: int
     stride_row: int
-    rows: int = 0                   # rows a group, if not the routed weight's (only outside ROUTED)
 
     @staticmethod
     def shared_experts(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, inter: int) -> tuple[Extra, Extra]:
