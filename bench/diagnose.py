@@ -17,6 +17,7 @@ import torch
 import transformers
 
 from bench import SHAPES, hf_model, random_prompts
+from overhead import replay_ms
 from dsv3.config import ModelConfig
 from dsv3.engine.llm import LLMEngine
 from dsv3.engine.sampling import SamplingParams
@@ -93,16 +94,9 @@ def profile_decode(layers: int) -> None:
         engine.step()
     torch.cuda.synchronize()
     step_ms = (time.perf_counter() - t0) / 50 * 1e3
-    graph = engine.runner.graphs[1]
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(50):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    replay_ms = start.elapsed_time(end) / 50
-    print(f"moonlight shape, {layers} layers, batch 1: engine step {step_ms:.2f} ms, graph replay {replay_ms:.2f} ms "
-          f"({replay_ms / layers * 1e3:.0f} us a layer)")
+    replay = replay_ms(engine.runner.graphs[1])
+    print(f"moonlight shape, {layers} layers, batch 1: engine step {step_ms:.2f} ms, graph replay {replay:.2f} ms "
+          f"({replay / layers * 1e3:.0f} us a layer)")
     items = [(seq, seq.num_cached_tokens, seq.all_token_ids[seq.num_cached_tokens:], 1)]
     step = engine.runner.pack(items, rows_mode=True)
     step.graph_size = 0  # eager, to see the kernels

@@ -103,33 +103,19 @@ def timeline(graph, steps: int = 3) -> str:
     return "\n".join(out)
 
 
-def gemv_sweep(model, cfg, settings: str) -> None:
-    """Batch-1 graph replay for each GEMV tile setting, 'elements x warps' (kernels/gemv.py)."""
-    from dsv3.kernels import gemv
-    for setting in settings.split(","):
-        gemv.TILE_ELEMENTS, gemv.NUM_WARPS = (int(v) for v in setting.split("x"))
-        engine = LLMEngine(model, None, max_num_seqs=1, max_num_batched_tokens=16384, block_size=64,
-                           max_model_len=1024, num_blocks=24)
-        params = SamplingParams(max_tokens=600, temperature=0, ignore_eos=True)
-        seq = engine.add_request(random_prompts(1, 128, cfg.vocab_size, seed=1)[0], params)
-        while not seq.output_token_ids:
-            engine.step()
-        for _ in range(5):
-            engine.step()
-        sync()
-        graph = engine.runner.graphs[1]
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(50):
-            graph.replay()
-        end.record()
-        sync()
-        print(f"gemv {setting}: batch 1 graph replay {start.elapsed_time(end) / 50:.3f} ms", flush=True)
-        del engine
-        torch.cuda.empty_cache()
+def replay_ms(graph: torch.cuda.CUDAGraph, reps: int = 50) -> float:
+    """Milliseconds a replay of a captured step, the mean of reps back to back."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    sync()
+    return start.elapsed_time(end) / reps
 
 
-def decode(model, cfg, batch: int, show_timeline: bool = False) -> None:
+def decoding_engine(model, cfg, batch: int) -> tuple[LLMEngine, list]:
+    """An engine decoding `batch` random 128-token prompts, a few steps past their first tokens."""
     engine = LLMEngine(model, None, max_num_seqs=batch, max_num_batched_tokens=16384, block_size=64,
                        max_model_len=1024, num_blocks=batch * 16 + 8)
     params = SamplingParams(max_tokens=600, temperature=0, ignore_eos=True)
@@ -139,28 +125,37 @@ def decode(model, cfg, batch: int, show_timeline: bool = False) -> None:
     for _ in range(5):
         engine.step()
     sync()
+    return engine, seqs
+
+
+def gemv_sweep(model, cfg, settings: str) -> None:
+    """Batch-1 graph replay for each GEMV tile setting, 'elements x warps' (kernels/gemv.py)."""
+    from dsv3.kernels import gemv
+    for setting in settings.split(","):
+        gemv.TILE_ELEMENTS, gemv.NUM_WARPS = (int(v) for v in setting.split("x"))
+        engine, _ = decoding_engine(model, cfg, 1)
+        print(f"gemv {setting}: batch 1 graph replay {replay_ms(engine.runner.graphs[1]):.3f} ms", flush=True)
+        del engine
+        torch.cuda.empty_cache()
+
+
+def decode(model, cfg, batch: int, show_timeline: bool = False) -> None:
+    engine, seqs = decoding_engine(model, cfg, batch)
     t0 = time.perf_counter()
     for _ in range(50):
         engine.step()
     sync()
     step_ms = (time.perf_counter() - t0) / 50 * 1e3
-    size = next(b for b in engine.runner.graphs if b >= batch)
-    graph = engine.runner.graphs[size]
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(50):
-        graph.replay()
-    end.record()
-    sync()
-    replay_ms = start.elapsed_time(end) / 50
+    graph = engine.runner.graphs[next(b for b in engine.runner.graphs if b >= batch)]
+    replay = replay_ms(graph)
     # Each sequence's last known token again (a step may be in flight): a real decode step's shapes.
     items = [(s, len(s.all_token_ids) - 1, s.all_token_ids[-1:], 1) for s in seqs]
     t0 = time.perf_counter()
     for _ in range(50):
         engine.runner.pack(items, rows_mode=True)
     pack_ms = (time.perf_counter() - t0) / 50 * 1e3
-    print(f"decode batch {batch}: engine step {step_ms:.2f} ms, graph replay {replay_ms:.2f} ms, "
-          f"host share {step_ms - replay_ms:.2f} ms (pack alone {pack_ms:.3f} ms)", flush=True)
+    print(f"decode batch {batch}: engine step {step_ms:.2f} ms, graph replay {replay:.2f} ms, "
+          f"host share {step_ms - replay:.2f} ms (pack alone {pack_ms:.3f} ms)", flush=True)
     if show_timeline:
         print(timeline(graph), flush=True)
         return

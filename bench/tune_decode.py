@@ -58,6 +58,14 @@ def moe(tokens: int, experts: int = 64, dim: int = 2048, inter: int = 1408, k: i
         print(f"    {r[0]:.1f} us {r[3]}")
 
 
+def report(title: str, results: list, unit: str, top: int) -> None:
+    """results: (time, setting) with the default first; prints it, the best, and the `top` fastest."""
+    best = min(results, key=lambda r: r[0])
+    print(f"{title}: default {results[0][0]:.2f} {unit}; best {best[0]:.2f} {unit} {best[1]}", flush=True)
+    for t, kw in sorted(results, key=lambda r: r[0])[:top]:
+        print(f"    {t:.2f} us {kw}")
+
+
 def mla(batch: int, context: int = 256, heads: int = 16, max_len: int = 1024, block_size: int = 64) -> None:
     c, r = 512, 64
     blocks = batch * (max_len // block_size)
@@ -73,11 +81,7 @@ def mla(batch: int, context: int = 256, heads: int = 16, max_len: int = 1024, bl
             results.append((us(lambda: mla_decode(q, q_pe, cache, tables, lens, c, 0.1, **kw)), kw))
         except Exception as e:
             print(f"  mla batch={batch} {kw}: {type(e).__name__}")
-    best = min(results, key=lambda r: r[0])
-    print(f"mla batch={batch} context={context} max_len={max_len}: default {results[0][0]:.1f} us; "
-          f"best {best[0]:.1f} us {best[1]}", flush=True)
-    for t, kw in sorted(results, key=lambda r: r[0])[:4]:
-        print(f"    {t:.1f} us {kw}")
+    report(f"mla batch={batch} context={context} max_len={max_len}", results, "us", 4)
 
 
 def streamed_us(op, weights: list[torch.Tensor], reps: int = 20) -> float:
@@ -193,11 +197,7 @@ def mla_chain(context: int, layers: int = 27, heads: int = 16, max_len: int = 10
                       f"{kernel.metadata.num_warps} warps, shared {kernel.metadata.shared} B", flush=True)
     except Exception as e:
         print(f"    (no register counts: {type(e).__name__}: {e})")
-    best = min(results, key=lambda r: r[0])
-    print(f"mla + W_UV chain, batch 1, context {context}, max_len {max_len}: default {results[0][0]:.2f} us a link; "
-          f"best {best[0]:.2f} us {best[1]}", flush=True)
-    for t, kw in sorted(results, key=lambda r: r[0])[:6]:
-        print(f"    {t:.2f} us {kw}")
+    report(f"mla + W_UV chain, batch 1, context {context}, max_len {max_len}", results, "us a link", 6)
 
 
 def main() -> None:
