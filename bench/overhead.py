@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from bench import SHAPES, random_prompts
+from bench import SHAPES, random_fp8_weights, random_prompts
 from dsv3.config import ModelConfig
 from dsv3.engine.llm import LLMEngine
 from dsv3.engine.sampling import SamplingParams
@@ -42,12 +42,13 @@ def host_profile(fn, n: int, top: int = 12) -> str:
     return "\n".join(line for line in s.getvalue().splitlines() if line.strip())[:4000]
 
 
-def timeline(graph, steps: int = 3) -> str:
+def timeline(graph, norms_a_layer: int = 2, steps: int = 3) -> str:
     """Where a replayed step's time goes, kernel by kernel (CUPTI traces the kernels inside a graph): each
     kernel's start and end, and its *link cost*: its end minus the end of the kernel before it on the same
     stream. With programmatic dependent launch a kernel starts before the one ahead ends, so its duration
     overstates it; the link cost is what it adds to its stream. Averaged over the MoE layers by position
-    in the layer (a MoE layer is the kernels from one input norm, the 2nd of every 2 rms norms, to the next)."""
+    in the layer (a MoE layer is the kernels from one input norm to the next: norms_a_layer rms norms a layer,
+    3 with a q_lora_rank)."""
     import json
     import os
     import tempfile
@@ -75,7 +76,7 @@ def timeline(graph, steps: int = 3) -> str:
     main = rows[0][1]
     wall = max(r[4] for r in rows)
     norms = [i for i, r in enumerate(rows) if r[0] == "_rms_norm"]
-    starts = norms[2:-1:2]                                                       # input norms of layers 1..
+    starts = norms[norms_a_layer:-1:norms_a_layer]                               # input norms of layers 1..
     layers = [rows[a:b] for a, b in zip(starts, starts[1:])]
     out = [f"timeline of one replay: {len(rows)} kernels, {wall:.0f} us from the first start to the last end; "
            f"streams {sorted(set(r[1] for r in rows))} (main {main})"]
@@ -157,7 +158,7 @@ def decode(model, cfg, batch: int, show_timeline: bool = False) -> None:
     print(f"decode batch {batch}: engine step {step_ms:.2f} ms, graph replay {replay:.2f} ms, "
           f"host share {step_ms - replay:.2f} ms (pack alone {pack_ms:.3f} ms)", flush=True)
     if show_timeline:
-        print(timeline(graph), flush=True)
+        print(timeline(graph, 2 if cfg.q_lora_rank is None else 3), flush=True)
         return
     print(host_profile(engine.step, 30), flush=True)
     step = engine.runner.pack(items, rows_mode=True)
@@ -250,6 +251,8 @@ def main() -> None:
     with torch.device("cuda"):
         model = DeepseekV3ForCausalLM(cfg, dtype=torch.bfloat16).eval()
     init_weights(model, cfg.initializer_range)
+    if cfg.quant is not None:
+        random_fp8_weights(model, cfg.initializer_range)
     if args.gemv_sweep:
         gemv_sweep(model, cfg, args.gemv_sweep)
     for b in [int(x) for x in args.batches.split(",") if x]:
