@@ -161,11 +161,6 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, q
                config: dict | None = None) -> torch.Tensor:
     """y = x W^T for an e4m3 W (N, K) with block scales (N/128, K/128); see reference.fp8_linear."""
     flat = x.reshape(-1, x.shape[-1])                                                     # (M, K)
-    n = weight.shape[0]
-    if config is None and flat.shape[0] <= 16 and n < 16384:
-        # Few output columns at decode sizes: narrower tiles give every multiprocessor work (7168 x 16384 at
-        # M = 1 on an H100: 91.8 us with 32 columns a tile against 126 with 64, kernels.md).
-        config = {**gemm_config(flat.shape[0], n), "BLOCK_N": 32}
     y = block_scaled_matmul(flat, weight.unsqueeze(0), scale_inv.unsqueeze(0), flat.shape[0],
                             quantize_activations=quantize_activations, config=config)
     return y.view(*x.shape[:-1], weight.shape[0])
