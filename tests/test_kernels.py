@@ -597,20 +597,3 @@ def test_routed_experts_reference_matches_the_model():
 
 if __name__ == "__main__":
     print(json.dumps(run_checks()))
-
-
-@needs_triton
-def test_fp8_linear_takes_triton_at_decode_sizes(monkeypatch):
-    """A decode-sized FP8 linear takes the Triton kernel (activations quantized inside it); from
-    SCALED_MM_MIN_ROWS rows on, cuBLASLt where it applies (it pads to 64 rows and quantizes in PyTorch)."""
-    from dsv3.kernels import dispatch, fp8_gemm, scaled_mm
-
-    calls = []
-    monkeypatch.setattr(dispatch, "use_fast", lambda t: True)
-    monkeypatch.setattr(scaled_mm, "supported", lambda *args: True)
-    monkeypatch.setattr(scaled_mm, "fp8_linear", lambda *args: calls.append("cuBLASLt"))
-    monkeypatch.setattr(fp8_gemm, "fp8_linear", lambda *args, **kw: calls.append("triton"))
-    weight, scale = torch.zeros(256, 512, dtype=torch.float8_e4m3fn), torch.ones(2, 4)
-    for rows in (1, dispatch.SCALED_MM_MIN_ROWS - 1, dispatch.SCALED_MM_MIN_ROWS, 64):
-        dispatch.fp8_linear(torch.zeros(rows, 512, dtype=torch.bfloat16), weight, scale)
-    assert calls == ["triton", "triton", "cuBLASLt", "cuBLASLt"]

@@ -73,16 +73,10 @@ def per_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return reference.per_head(x, weight)
 
 
-# Up to this many rows an FP8 linear takes the Triton kernel, which quantizes the activations itself: the
-# cuBLASLt path pads to 64 rows and quantizes in ~11 PyTorch kernels, ~28 us before each GEMM at batch 1
-# (v3-slice, `bench/overhead.py --model v3-slice --timeline`).
-SCALED_MM_MIN_ROWS = 17
-
-
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
     """cuBLASLt's blockwise FP8 GEMM where it applies (measured 1.7-4.6x faster than the Triton kernel at
-    M >= 64) and the batch is not decode-sized, else the Triton kernel, else the reference."""
-    if (use_fast(x) and x.numel() >= SCALED_MM_MIN_ROWS * x.shape[-1] and scaled_mm.supported(x, weight, scale_inv)):
+    M >= 64), else the Triton kernel, else the reference."""
+    if use_fast(x) and scaled_mm.supported(x, weight, scale_inv):
         return scaled_mm.fp8_linear(x, weight, scale_inv)
     if use_triton(x):
         return fp8_gemm.fp8_linear(x, weight, scale_inv, quantize_activations=QUANTIZE_ACTIVATIONS)
