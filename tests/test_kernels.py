@@ -106,9 +106,18 @@ def exact_e4m3_activations(gen: torch.Generator, rows: int, cols: int) -> torch.
 
 
 def check_fp8_gemm(gen: torch.Generator) -> dict[str, float]:
-    from dsv3.kernels.fp8_gemm import fp8_dequantize, fp8_linear
+    from dsv3.kernels import scaled_mm
+    from dsv3.kernels.fp8_gemm import fp8_dequantize, fp8_linear, quantize_rows
 
     errors = {}
+    # The activations' quantization before cuBLASLt's FP8 GEMM: the PyTorch function's values, scales and
+    # their column-major layout, with the rows padded to the multiple it needs.
+    x = exact_e4m3_activations(gen, 3, 256).to(torch.bfloat16)
+    q, s = quantize_rows(x, 8)
+    ref_q, ref_s = scaled_mm.quantize_activations(torch.nn.functional.pad(x, (0, 0, 0, 5)))
+    errors["fp8_linear/quantize_rows/value_mismatches"] = float((q.float() != ref_q.float()).sum())
+    errors["fp8_linear/quantize_rows/scale_mismatches"] = float((s != ref_s).sum())
+    errors["fp8_linear/quantize_rows/layout_mismatches"] = float(s.stride() != ref_s.stride() or s.shape != ref_s.shape)
     for m, n, k in [(1, 128, 128), (5, 200, 320), (70, 130, 256)]:
         weight, scale = reference.fp8_quantize(torch.randn(n, k, generator=gen) * 0.1)
         x = torch.randn(m, k, generator=gen)
@@ -490,6 +499,7 @@ def sm90_cases():
             "SPLITS_POW2": splits, "ROUTED": routed, "SWIGLU": swiglu})
           for x, splits, routed, swiglu in (("bf16", 0, False, False), ("fp32", 8, False, False),
                                             ("bf16", 0, True, True), ("bf16", 0, True, False))),
+        (fp8_gemm._quantize_rows, {"x": "bf16", "q": "fp8e4nv", "scale": "fp32"}, set(), {}),
         *((mla_decode._mla_decode_split, {**dict.fromkeys(["q_latent", "q_rope", "cache"], "bf16"), "out": "fp32",
                                           "lse": "fp32", "block_tables": "i32", "context_lens": "i32"},
            {"softmax_scale"}, {"C": 512, "R": 64, "BLOCK_H": block_h, "BLOCK_N": 64 if early else 32, "SPLIT": True,

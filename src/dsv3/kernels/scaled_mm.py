@@ -10,6 +10,8 @@ than the Triton kernel at M = 1.
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 
@@ -40,12 +42,18 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
-    """y = x W^T for an e4m3 W (N, K) with (N/128, K/128) scales, where `supported`."""
+    """y = x W^T for an e4m3 W (N, K) with (N/128, K/128) scales, where `supported`. On the GPU the padding and
+    the activations' quantization are one Triton kernel (fp8_gemm.quantize_rows): in PyTorch they were ~11
+    kernels, ~28 us before each GEMM at batch 1 (v3-slice timeline, bench/NOTES.md)."""
     flat = x.reshape(-1, x.shape[-1])                                                 # (M, K)
     rows = flat.shape[0]
     padded = -(-rows // ROW_MULTIPLE) * ROW_MULTIPLE
-    if padded != rows:
-        flat = F.pad(flat, (0, 0, 0, padded - rows))
-    xq, xs = quantize_activations(flat)
+    if flat.is_cuda and importlib.util.find_spec("triton") is not None:
+        from dsv3.kernels.fp8_gemm import quantize_rows
+        xq, xs = quantize_rows(flat if flat.stride(-1) == 1 else flat.contiguous(), padded)
+    else:
+        if padded != rows:
+            flat = F.pad(flat, (0, 0, 0, padded - rows))
+        xq, xs = quantize_activations(flat)
     y = torch._scaled_mm(xq, weight.t(), xs, scale_inv.t(), out_dtype=x.dtype)        # (padded, N)
     return y[:rows].view(*x.shape[:-1], weight.shape[0])
