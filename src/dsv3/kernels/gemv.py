@@ -6,6 +6,10 @@ bytes (`bench/tune_decode.py --dense`). This kernel is built to overlap that lat
 program loads its whole slice of W (BLOCK_N rows, all of K) before it waits for the kernel ahead of
 it to finish (programmatic dependent launch, `pdl.py`), so the weight reads of the next projection run
 while the previous kernel's tail does. Each row of x is reduced in float32, independently of the others.
+
+The same kernel runs one token's routed experts (`routed`: each group's weights are the expert the router
+chose, so they load after the wait), with the shared experts as more groups of the same launch (`Extra`),
+whose weights do load before it.
 """
 
 from __future__ import annotations

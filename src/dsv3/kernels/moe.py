@@ -7,7 +7,8 @@ device value on the host: the padded layout has a size fixed by the shapes alone
 can be present may waste BLOCK_M - 1 rows), so a decode step can be captured in a CUDA graph. In
 decode the layout is one kernel (a counting sort in one program; none for one token), the first GEMM
 ends with the SwiGLU product, and one kernel makes each token's weighted sum over its experts plus
-the shared experts' output: four kernels in all.
+the shared experts' output: four kernels in all. One token with 16-bit experts takes two GEMV launches
+instead (gemv.routed, `one_token_gemv`), the shared experts inside them, and the weighted sum: three.
 """
 
 from __future__ import annotations
