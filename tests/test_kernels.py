@@ -402,24 +402,22 @@ def check_paged_model(gen: torch.Generator) -> dict[str, float]:
     init_weights(model, 0.2)
     random_bias(model)
     from dsv3.kernels import gemv
-    outs, inline, routed = [], [], gemv.routed
+    outs, inline, routed, use_fast = [], [], gemv.routed, dispatch.use_fast
     gemv.routed = lambda *args, extra=None, **kw: (inline.append(extra is not None), routed(*args, extra=extra, **kw))[1]
-    for fast in (False, True):
-        caches = [torch.zeros(8, block_size, cfg.latent_dim, dtype=torch.float16) for _ in model.model.layers]
-        prefill = PagedBatch([0, 5], torch.tensor([5], dtype=torch.int32), tables[:1], torch.tensor(slots(0, range(5))),
-                             caches)
-        decode = PagedBatch([0, 1], torch.tensor([6], dtype=torch.int32), tables[:1], torch.tensor(slots(0, [5])),
-                            caches, decode_only=True)
-        use_fast = dispatch.use_fast
-        if fast:
-            dispatch.use_fast = lambda t: not (t.requires_grad and torch.is_grad_enabled())
-        try:
+    try:
+        for fast in (False, True):
+            caches = [torch.zeros(8, block_size, cfg.latent_dim, dtype=torch.float16) for _ in model.model.layers]
+            prefill = PagedBatch([0, 5], torch.tensor([5], dtype=torch.int32), tables[:1],
+                                 torch.tensor(slots(0, range(5))), caches)
+            decode = PagedBatch([0, 1], torch.tensor([6], dtype=torch.int32), tables[:1], torch.tensor(slots(0, [5])),
+                                caches, decode_only=True)
+            if fast:
+                dispatch.use_fast = lambda t: not (t.requires_grad and torch.is_grad_enabled())
             with torch.no_grad():
                 model.model(ids[:5], torch.arange(5), prefill)
                 outs.append(model.model(ids[5:6], torch.tensor([5]), decode))
-        finally:
-            dispatch.use_fast = use_fast
-    gemv.routed = routed
+    finally:
+        dispatch.use_fast, gemv.routed = use_fast, routed
     errors["paged_model/one_token/float16/decode"] = rel_err(outs[1], outs[0])
     # each MoE layer's two expert GEMVs ran with the shared experts inside
     errors["paged_model/one_token/shared_inline_mismatches"] = float(inline != [True] * 2 * (cfg.num_hidden_layers - 1))
@@ -502,9 +500,8 @@ def sm90_cases():
         (fp8_gemm._quantize_rows, {"x": "bf16", "q": "fp8e4nv", "scale": "fp32"}, set(), {}),
         *((mla_decode._mla_decode_split, {**dict.fromkeys(["q_latent", "q_rope", "cache"], "bf16"), "out": "fp32",
                                           "lse": "fp32", "block_tables": "i32", "context_lens": "i32"},
-           {"softmax_scale"}, {"C": 512, "R": 64, "BLOCK_H": block_h, "BLOCK_N": 64 if early else 32, "SPLIT": True,
-                               "EARLY_TILE": early})
-          for block_h, early in ((16, True), (16, False), (64, False))),
+           {"softmax_scale"}, {"C": 512, "R": 64, "BLOCK_H": block_h, "BLOCK_N": block_n, "SPLIT": True})
+          for block_h, block_n in ((16, 64), (64, 32))),
         (mla_decode._mla_decode_merge, {"partial": "fp32", "lse": "fp32", "out": "bf16"}, set(),
          {"C": 512, "SPLITS_POW2": 8}),
     ]

@@ -83,7 +83,7 @@ def _gemv(x, w, bias, out, ids, M, N, K, stride_xm, stride_xg, stride_wg, stride
     n_ok = n < N
     offsets = n.to(tl.int64)[:, None] * row + k[None, :] * stride_wk
     w_ok = n_ok[:, None] & (k < K)[None, :]
-    wt = tl.load(base + offsets, mask=w_ok, other=0.0).to(tl.float32)            # the weights: before the wait
+    wt = tl.load(base + offsets, mask=w_ok, other=0.0).to(tl.float32)  # before the wait (a routed group's: after)
     if SWIGLU:
         wu = tl.load(up_base + offsets, mask=w_ok, other=0.0).to(tl.float32)
     if HAS_BIAS:

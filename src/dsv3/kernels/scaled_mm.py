@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 FP8 = torch.float8_e4m3fn
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 ROW_MULTIPLE = 64
 
 
@@ -48,7 +49,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -
     flat = x.reshape(-1, x.shape[-1])                                                 # (M, K)
     rows = flat.shape[0]
     padded = -(-rows // ROW_MULTIPLE) * ROW_MULTIPLE
-    if flat.is_cuda and importlib.util.find_spec("triton") is not None:
+    if flat.is_cuda and HAS_TRITON:
         from dsv3.kernels.fp8_gemm import quantize_rows
         xq, xs = quantize_rows(flat if flat.stride(-1) == 1 else flat.contiguous(), padded)
     else:
