@@ -8,7 +8,10 @@ of latency (launch, first loads, tail) beyond the bytes it moves. A kernel takin
 - calls `gdc_wait()` before it reads anything an earlier kernel wrote, and before it writes anything.
   Since every such kernel waits, the one ahead finished only after its own predecessor had: the
   ordering is transitive, as without the launch attribute.
-Before the wait a kernel reads only weights. A weight a kernel derives (the dequantized FP8 kv_b_proj, a dtype cast) is written by a kernel without
+Before the wait a kernel reads only what no kernel of the step writes: weights, and the step's inputs
+(context lengths, block tables), which the host copied before the step's first kernel ran, and the
+cache rows of earlier steps (the MLA decode reads its first tile early, all but this step's new row).
+A weight a kernel derives (the dequantized FP8 kv_b_proj, a dtype cast) is written by a kernel without
 the attribute, and a taking-part kernel right after one of those starts only once it has finished (no
 trigger means it triggers by finishing).
 Kernels launched without the attribute (cuBLAS, PyTorch's) keep the plain stream order, and a kernel
