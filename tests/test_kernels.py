@@ -494,10 +494,9 @@ def sm90_cases():
         *((gemv._gemv, {**dict.fromkeys(["w", "bias", "out", "extra", "extra_up"], "bf16"), "x": x, "lse": "fp32",
                         "ids": "i64"}, set(),
            {"HAS_BIAS": False, "BLOCK_N": 2 if swiglu else 4, "BLOCK_K": 2048 if splits == 0 else 512,
-            "SPLITS_POW2": splits, "ROUTED": routed, "SWIGLU": swiglu, "LATE_TRIGGER": swiglu, "IDS_EARLY": late})
-          for x, splits, routed, swiglu, late in (("bf16", 0, False, False, False), ("fp32", 8, False, False, False),
-                                                  ("bf16", 0, True, True, False), ("bf16", 0, True, False, True),
-                                                  ("bf16", 0, True, False, False))),
+            "SPLITS_POW2": splits, "ROUTED": routed, "SWIGLU": swiglu})
+          for x, splits, routed, swiglu in (("bf16", 0, False, False), ("fp32", 8, False, False),
+                                            ("bf16", 0, True, True), ("bf16", 0, True, False))),
         (fp8_gemm._quantize_rows, {"x": "bf16", "q": "fp8e4nv", "scale": "fp32"}, set(), {}),
         *((mla_decode._mla_decode_split, {**dict.fromkeys(["q_latent", "q_rope", "cache"], "bf16"), "out": "fp32",
                                           "lse": "fp32", "block_tables": "i32", "context_lens": "i32"},

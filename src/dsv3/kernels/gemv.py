@@ -47,8 +47,7 @@ def _merged_row(partial, lse, num_splits, k, K, stride_ps, SPLITS_POW2: tl.const
 def _gemv(x, w, bias, out, ids, M, N, K, stride_xm, stride_xg, stride_wg, stride_wn, stride_wk, stride_om, stride_og,
           lse, num_splits, stride_xs, stride_lm, stride_lg, extra, extra_up, routed_groups, extra_groups, stride_ej,
           stride_en, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS_POW2: tl.constexpr,
-          ROUTED: tl.constexpr, SWIGLU: tl.constexpr, LATE_TRIGGER: tl.constexpr, IDS_EARLY: tl.constexpr,
-          USE_GDC: tl.constexpr):
+          ROUTED: tl.constexpr, SWIGLU: tl.constexpr, USE_GDC: tl.constexpr):
     """out[m, g, n] = sum_k x[m, g, k] w[g, n, k] (+ bias[n]); program (i, g) makes columns i*BLOCK_N... of group g.
     SPLITS_POW2 > 0: x[m, g] is the merge of num_splits partial rows x[m, g, s] by their log-sum-exps
     lse[m, g, s], rounded to out's dtype as the merge kernel would store it.
@@ -57,12 +56,8 @@ def _gemv(x, w, bias, out, ids, M, N, K, stride_xm, stride_xg, stride_wg, stride
     rows from extra_up): the shared experts, as more experts of the same launch. Their programs come first
     in the grid and load their weights before the wait, while the kernels ahead finish.
     SWIGLU: w[.] holds gate rows then up rows (2N of them) and out = silu(gate) * up, each rounded to out's
-    dtype first, as fp8_gemm's SWIGLU epilogue and reference.silu_mul round them.
-    LATE_TRIGGER: the next kernel is scheduled only once every program has waited, so it starts after the
-    kernel ahead of this one finished. IDS_EARLY: the ids and the routed groups' weights load before the
-    wait; only right after a ROUTED launch with LATE_TRIGGER on the same ids (the ids' writer then finished
-    two kernels back)."""
-    if USE_GDC and not LATE_TRIGGER:
+    dtype first, as fp8_gemm's SWIGLU epilogue and reference.silu_mul round them."""
+    if USE_GDC:
         tl.extra.cuda.gdc_launch_dependents()
     one = tl.full([], 1, tl.int64)
     g = tl.program_id(1).to(tl.int64)
@@ -74,7 +69,7 @@ def _gemv(x, w, bias, out, ids, M, N, K, stride_xm, stride_xg, stride_wg, stride
             g = routed_groups + g                               # their rows come after the routed ones
         else:
             g = g - extra_groups
-            if USE_GDC and not IDS_EARLY:
+            if USE_GDC:
                 tl.extra.cuda.gdc_wait()                        # ids are the router's output
             base = w + tl.load(ids + g).to(tl.int64) * stride_wg
             up_base = base + N * stride_wn
@@ -88,15 +83,13 @@ def _gemv(x, w, bias, out, ids, M, N, K, stride_xm, stride_xg, stride_wg, stride
     n_ok = n < N
     offsets = n.to(tl.int64)[:, None] * row + k[None, :] * stride_wk
     w_ok = n_ok[:, None] & (k < K)[None, :]
-    wt = tl.load(base + offsets, mask=w_ok, other=0.0).to(tl.float32)  # before the wait (routed: IDS_EARLY)
+    wt = tl.load(base + offsets, mask=w_ok, other=0.0).to(tl.float32)  # before the wait (a routed group's: after)
     if SWIGLU:
         wu = tl.load(up_base + offsets, mask=w_ok, other=0.0).to(tl.float32)
     if HAS_BIAS:
         b = tl.load(bias + n, mask=n_ok, other=0.0).to(tl.float32)
     if USE_GDC:
         tl.extra.cuda.gdc_wait()                                                  # x is an earlier kernel's output
-        if LATE_TRIGGER:
-            tl.extra.cuda.gdc_launch_dependents()
     for m in range(M):
         if SPLITS_POW2 > 0:
             xv = _merged_row(x + m * stride_xm + g * stride_xg, lse + m * stride_lm + g * stride_lg, num_splits,
@@ -122,10 +115,10 @@ def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
             lse: torch.Tensor | None = None, ids: torch.Tensor | None = None, swiglu: bool = False,
-            extra: Extra | None = None, late_trigger: bool = False, ids_early: bool = False) -> None:
+            extra: Extra | None = None) -> None:
     """x (M, G, K), weight (G, N, K) any strides, out (M, G, N); with lse (M, G, S), x is (M, G, S, K) partials;
     with ids (G,), group g takes weight[ids[g]] (weight (E, N, K)), then come extra's groups; swiglu: weight
-    rows are gate then up. late_trigger, ids_early: see _gemv's LATE_TRIGGER and IDS_EARLY."""
+    rows are gate then up."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     _, n, k = weight.shape
@@ -144,7 +137,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), weight.stride(2), out.stride(0), out.stride(1),
         lse if lse is not None else x, *splits, *extra_args, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
         SPLITS_POW2=triton.next_power_of_2(splits[0]) if lse is not None else 0, ROUTED=ids is not None,
-        SWIGLU=swiglu, LATE_TRIGGER=late_trigger, IDS_EARLY=ids_early, num_warps=NUM_WARPS, **pdl.launch(x))
+        SWIGLU=swiglu, num_warps=NUM_WARPS, **pdl.launch(x))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -202,22 +195,18 @@ class Extra:
 
 
 def routed(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, swiglu: bool = False,
-           extra: Extra | None = None, first_of_two: bool = False, second_of_two: bool = False) -> torch.Tensor:
+           extra: Extra | None = None) -> torch.Tensor:
     """One token's routed experts, a row each: out[j] = x[j] weight[ids[j]]^T, x (1, K) for every j or (k, K)
     a row each, ids (k,) -> (k, N); swiglu: weight (E, 2N, K) gate rows then up, out silu(gate) * up.
     extra: more groups after the k routed ones (Extra), with rows k... of out (and of x when one a row).
     Batch 1 decode: every program loads its whole weight slice at once, where the tiled grouped GEMM
     streams it in K steps (moonlight-16b's two expert GEMMs, 104 MB: 31 + 15.5 us at ~2.2 TB/s that way,
-    25 + 13 us this way, bench/NOTES.md).
-    first_of_two, second_of_two: two launches in a row on the same ids (the experts' gate and up, then their
-    down): the first lets the second be scheduled only after the router finished, so the second loads its
-    experts' weights before it waits, while the first one's last programs run."""
+    25 + 13 us this way, bench/NOTES.md)."""
     rows_out = ids.numel() + (extra.groups if extra is not None else 0)
     n = weight.shape[1] // 2 if swiglu else weight.shape[1]
     out = torch.empty(1, rows_out, n, dtype=x.dtype, device=x.device)
     rows = x.view(1, -1, x.shape[-1])
     if rows.shape[1] == 1:
         rows = rows.expand(1, rows_out, x.shape[-1])                              # stride 0: the same row
-    _launch(rows, weight, None, out, ids=ids.view(-1), swiglu=swiglu, extra=extra, late_trigger=first_of_two,
-            ids_early=second_of_two)
+    _launch(rows, weight, None, out, ids=ids.view(-1), swiglu=swiglu, extra=extra)
     return out.view(rows_out, n)

@@ -162,9 +162,8 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tenso
         # Each expert's rows as a GEMV (gemv.routed), pair j's output in row j, the shared experts' after them.
         extra_up, extra_down = (gemv.Extra.shared_experts(*shared_mlp, inter=down.shape[2]) if shared_mlp is not None
                                 else (None, None))
-        ids = local_ids.view(-1)
-        act = gemv.routed(x, ids, gate_up, swiglu=True, extra=extra_up, first_of_two=True)  # (k [+ s], I): SwiGLU'd
-        y = gemv.routed(act, ids, down, extra=extra_down, second_of_two=True)                # (k [+ s], D)
+        act = gemv.routed(x, local_ids.view(-1), gate_up, swiglu=True, extra=extra_up)  # (k [+ s], I): SwiGLU'd
+        y = gemv.routed(act, local_ids.view(-1), down, extra=extra_down)                # (k [+ s], D)
         return _sum(y, None, weights, k, x, shared, join, extra_down.groups if extra_down is not None else 0)
     block_m = block_m or (16 if pairs <= 4 * n_experts else 64)                        # 16 or 64: gemm_config's
     if tokens == 1 and all_local:

@@ -11,8 +11,6 @@ of latency (launch, first loads, tail) beyond the bytes it moves. A kernel takin
 Before the wait a kernel reads only what no kernel of the step writes: weights, and the step's inputs
 (context lengths, block tables), which the host copied before the step's first kernel ran, and the
 cache rows of earlier steps (the MLA decode reads its first tile early, all but this step's new row).
-A kernel that triggers only after its wait (gemv's LATE_TRIGGER) lets the one after it read, before its
-own wait, what the kernel two back wrote (the routed experts' down GEMV reads the router's ids early).
 A weight a kernel derives (the dequantized FP8 kv_b_proj, a dtype cast) is written by a kernel without
 the attribute, and a taking-part kernel right after one of those starts only once it has finished (no
 trigger means it triggers by finishing).
