@@ -174,26 +174,6 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int,
     return reference.route(x, weight, bias, top_k, n_group, topk_group, norm_topk_prob, scaling)
 
 
-def norm_route_fused(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether norm_and_route runs as one kernel: one token on the GPU (the logits' programs each norm the row)."""
-    return (all(use_triton(t) for t in (x, residual, norm_weight, weight))
-            and glue.norm_route_applies(x, residual, norm_weight, weight))
-
-
-def norm_and_route(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                   weight: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
-                   norm_topk_prob: bool, scaling: float) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]:
-    """rms_norm(x, norm_weight, eps, residual), then route on its output: -> (normed, summed), (weights, ids,
-    scores). Where norm_route_fused, the norm runs inside the router's logits kernel: a link fewer in the
-    chain of a one-token decode step."""
-    if norm_route_fused(x, residual, norm_weight, weight):
-        weights, ids, scores, normed, summed = glue.route(x, weight, bias, top_k, n_group, topk_group, norm_topk_prob,
-                                                         scaling, norm=(residual, norm_weight, eps))
-        return (normed, summed), (weights, ids, scores)
-    normed, summed = rms_norm(x, norm_weight, eps, residual)
-    return (normed, summed), route(normed, weight, bias, top_k, n_group, topk_group, norm_topk_prob, scaling)
-
-
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if use_triton(gate) and use_triton(up):
         return glue.silu_mul(gate, up)

@@ -138,25 +138,13 @@ def mla_rope_and_cache(q_pe: torch.Tensor, kv: torch.Tensor, rope: torch.Tensor,
 
 
 @triton.jit
-def _summed(x, residual, cols, ok, summed):
-    """residual + x at cols of one row, rounded to summed's dtype, as _rms_norm stores it."""
-    return (tl.load(residual + cols, mask=ok, other=0.0).to(tl.float32)
-            + tl.load(x + cols, mask=ok, other=0.0).to(tl.float32)).to(summed.dtype.element_ty)
-
-
-@triton.jit
 def _router_logits(x, weight, logits, rows, n_experts, dim, split_len, stride_x, stride_w, stride_ls, stride_l,
-                   residual, norm_weight, normed, summed, eps,
                    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-                   ONE_TILE: tl.constexpr, NORM: tl.constexpr, BLOCK_D: tl.constexpr, USE_GDC: tl.constexpr):
+                   ONE_TILE: tl.constexpr, USE_GDC: tl.constexpr):
     """x W^T in float32 straight from 16-bit x and W: their products are exact in float32 and the sums run
     in float32, which is the reference's x.float() @ W.float()^T without a float32 copy of W each step.
     Program (m, e, s) sums the s-th split_len columns into partial s (decode: more programs read W).
-    ONE_TILE (split_len == BLOCK_K): the program's weights load before it waits for the kernel ahead.
-    NORM (ONE_TILE, one row): x is the post-attention norm's input, as _rms_norm with a residual takes it.
-    Each program computes the row's norm itself and takes its columns of the normed row (the result of
-    _rms_norm to the bit); the programs of the first expert block store those columns of both outputs,
-    normed and summed, so one kernel stands for the norm and the logits."""
+    ONE_TILE (split_len == BLOCK_K): the program's weights load before it waits for the kernel ahead."""
     pid_m, pid_e, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -169,24 +157,10 @@ def _router_logits(x, weight, logits, rows, n_experts, dim, split_len, stride_x,
         k_ok = (k < split_len) & (k < dim - first)
         b = tl.load(weight + e[:, None] * stride_w + first + k[None, :], mask=(e < n_experts)[:, None] & k_ok[None, :],
                     other=0.0)
-        if NORM:
-            w_norm = tl.load(norm_weight + first + k, mask=k_ok, other=0.0).to(tl.float32)
         if USE_GDC:
             tl.extra.cuda.gdc_wait()
-        if NORM:
-            cols = tl.arange(0, BLOCK_D)
-            row = _summed(x, residual, cols, cols < dim, summed).to(tl.float32)
-            inv = tl.rsqrt(tl.sum(row * row, 0) / dim + eps)                   # as _scaled_norm
-            mine = first + k
-            v = _summed(x, residual, mine, k_ok, summed)
-            h = ((v.to(tl.float32) * inv).to(v.dtype).to(tl.float32) * w_norm).to(normed.dtype.element_ty)
-            if pid_e == 0:
-                tl.store(summed + mine, v, mask=k_ok)
-                tl.store(normed + mine, h, mask=k_ok)
-            a = tl.where((m < rows)[:, None] & k_ok[None, :], h[None, :], 0.0).to(normed.dtype.element_ty)
-        else:
-            a = tl.load(x + m.to(tl.int64)[:, None] * stride_x + first + k[None, :],
-                        mask=(m < rows)[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(x + m.to(tl.int64)[:, None] * stride_x + first + k[None, :],
+                    mask=(m < rows)[:, None] & k_ok[None, :], other=0.0)
         if UPCAST:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
@@ -252,41 +226,25 @@ def _route(logits, bias, scores, weights, ids, stride_ls, stride_l, stride_s, sc
     tl.store(ids + row * TOP_K + slot, chosen, mask=slot < TOP_K)
 
 
-def _logits_launch(x: torch.Tensor, weight: torch.Tensor, rows: int, dim: int) -> tuple[int, int, int, int, bool]:
-    """(block_m, block_e, block_k, split_len, one_tile) of the router's logits for rows x dim.
-    Decode: W spread over programs, also along K (moonlight: 4 programs took 7.4 us of a 2.4 us read), one
-    tile of K a program, loaded before the wait."""
-    block_m, block_e, block_k = (16, 16, 128) if rows <= 16 else (64, 16 if rows <= 1024 else 64, 64)
-    splits = max(1, min(8, dim // 256)) if rows <= 1024 else 1
-    split_len = triton.cdiv(triton.cdiv(dim, splits), block_k) * block_k
-    one_tile = rows <= 16 and split_len <= 512
-    return block_m, block_e, triton.next_power_of_2(split_len) if one_tile else block_k, split_len, one_tile
-
-
 def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
-          norm_topk_prob: bool, scaling: float, norm: tuple[torch.Tensor, torch.Tensor, float] | None = None
-          ) -> tuple[torch.Tensor, ...]:
-    """Same arguments and result as reference.route: the logits GEMM, then one program a token.
-    norm (residual, norm_weight, eps), where norm_route_applies: x is the input of rms_norm(x, norm_weight, eps,
-    residual), normed inside the logits kernel; the result then ends with that norm's two outputs."""
-    shape = x.shape
+          norm_topk_prob: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same arguments and result as reference.route: the logits GEMM, then one program a token."""
     x, weight = _rows(x), _rows(weight)
     rows, dim = x.shape
     n_experts = weight.shape[0]
-    block_m, block_e, block_k, split_len, one_tile = _logits_launch(x, weight, rows, dim)
+    # Decode: W spread over programs, also along K (moonlight: 4 programs took 7.4 us of a 2.4 us read), one
+    # tile of K a program, loaded before the wait.
+    block_m, block_e, block_k = (16, 16, 128) if rows <= 16 else (64, 16 if rows <= 1024 else 64, 64)
+    splits = max(1, min(8, dim // 256)) if rows <= 1024 else 1
+    split_len = triton.cdiv(triton.cdiv(dim, splits), block_k) * block_k
     splits = triton.cdiv(dim, split_len)
+    one_tile = rows <= 16 and split_len <= 512
+    block_k = triton.next_power_of_2(split_len) if one_tile else block_k
     logits = torch.empty(splits, rows, n_experts, dtype=torch.float32, device=x.device)
-    if norm is not None:
-        residual, norm_weight, eps = norm
-        normed, summed = torch.empty_like(x), torch.empty_like(x)
-        norm_args = (_rows(residual), norm_weight, normed, summed, eps)
-    else:
-        norm_args = (x, x, x, x, 0.0)                                           # never read or written
     _router_logits[(triton.cdiv(rows, block_m), triton.cdiv(n_experts, block_e), splits)](
         x, weight, logits, rows, n_experts, dim, split_len, x.stride(0), weight.stride(0), logits.stride(0),
-        logits.stride(1), *norm_args, UPCAST=x.dtype != weight.dtype, BLOCK_M=block_m, BLOCK_E=block_e,
-        BLOCK_K=block_k, ONE_TILE=one_tile, NORM=norm is not None, BLOCK_D=triton.next_power_of_2(dim),
-        num_warps=4, **pdl.launch(x))
+        logits.stride(1), UPCAST=x.dtype != weight.dtype, BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_K=block_k,
+        ONE_TILE=one_tile, num_warps=4, **pdl.launch(x))
     scores = torch.empty(rows, n_experts, dtype=torch.float32, device=x.device)
     weights = torch.empty(rows, top_k, dtype=torch.float32, device=x.device)
     ids = torch.empty(rows, top_k, dtype=torch.int64, device=x.device)
@@ -297,17 +255,7 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int,
                     TOP_K=top_k, NORM=norm_topk_prob, G_POW2=triton.next_power_of_2(n_group), PER_POW2=triton.next_power_of_2(per_group),
                     K_POW2=triton.next_power_of_2(top_k), num_warps=1 if experts_pow2 <= 512 else 4,
                     **pdl.launch(x))
-    if norm is None:
-        return weights, ids, scores
-    return weights, ids, scores, normed.view(shape), summed.view(shape)
-
-
-def norm_route_applies(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor) -> bool:
-    """One row, one 16-bit dtype throughout, and the logits' one-tile launch (a few thousand columns)."""
-    rows, dim = x.numel() // x.shape[-1], x.shape[-1]
-    return (rows == 1 and x.dtype in (torch.bfloat16, torch.float16)
-            and residual.dtype == norm_weight.dtype == weight.dtype == x.dtype and residual.shape == x.shape
-            and _logits_launch(x, weight, rows, dim)[4] and triton.next_power_of_2(dim) <= 8192)
+    return weights, ids, scores
 
 
 @triton.jit

@@ -9,7 +9,7 @@ from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.kernels import dispatch
-from dsv3.model.layers import FP8, ColumnParallelLinear, RMSNorm, RowParallelLinear, make_weight
+from dsv3.model.layers import FP8, ColumnParallelLinear, RowParallelLinear, make_weight
 from dsv3.parallel import SINGLE, Parallel, Shard
 
 
@@ -51,16 +51,6 @@ class Gate(nn.Module):
         """x: (N, D) -> gating weights (N, k) float32, expert ids (N, k), scores (N, E) float32 (reference.route)."""
         return dispatch.route(x, self.weight, self.e_score_correction_bias, self.top_k, self.n_group,
                               self.topk_group, self.norm_topk_prob, self.scaling)
-
-    def fuses_norm(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> bool:
-        """Whether after_norm runs the norm and this gate as one kernel (one token on the GPU)."""
-        return dispatch.norm_route_fused(x, residual, norm.weight, self.weight)
-
-    def after_norm(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm
-                   ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """norm(x, residual) and this gate on its output: -> (normed, residual + x), forward's result."""
-        return dispatch.norm_and_route(x, residual, norm.weight, norm.eps, self.weight, self.e_score_correction_bias,
-                                       self.top_k, self.n_group, self.topk_group, self.norm_topk_prob, self.scaling)
 
 
 class Experts(nn.Module):
@@ -163,18 +153,16 @@ class MoE(nn.Module):
         self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.balance_loss: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, routing: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-                ) -> torch.Tensor:
-        """routing: the gate's result for x when the caller has it (Gate.after_norm)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])                                          # (N, D)
         if not self.training and self.experts.takes_shared(flat, self.shared_experts):  # one token: in the same kernels
-            weights, indices, _ = routing if routing is not None else self.gate(flat)
+            weights, indices, _ = self.gate(flat)
             out = self.experts(flat, indices, weights, shared_mlp=self.shared_experts)
             return self.par.all_reduce(out).view(shape)
         with (fork := dispatch.Fork(flat)):            # decode sizes: the shared experts beside the routed ones
             shared = self.shared_experts(flat)
-        weights, indices, scores = routing if routing is not None else self.gate(flat)
+        weights, indices, scores = self.gate(flat)
         if self.training:
             # Loads feed the bias update after the optimizer step; the balance loss is added by the trainer.
             self.expert_load.scatter_add_(0, indices.flatten(), torch.ones(indices.numel(), device=x.device))

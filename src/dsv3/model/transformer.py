@@ -34,12 +34,7 @@ class Block(nn.Module):
         output and the residual stream. Each residual add is left to the next norm, as in vLLM: add and norm
         are one kernel on the GPU."""
         h, residual = (self.input_layernorm(x), x) if residual is None else self.input_layernorm(x, residual)
-        attn = self.self_attn(h, rope, batch, attention_mask)
-        if isinstance(self.mlp, MoE) and self.mlp.gate.fuses_norm(attn, residual, self.post_attention_layernorm):
-            # One token on the GPU: the norm inside the router's kernel, a link fewer in the step's chain.
-            (h, residual), routing = self.mlp.gate.after_norm(attn, residual, self.post_attention_layernorm)
-            return self.mlp(h, routing), residual
-        h, residual = self.post_attention_layernorm(attn, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, rope, batch, attention_mask), residual)
         return self.mlp(h), residual
 
 
