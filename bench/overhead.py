@@ -148,16 +148,12 @@ def set_gemv_tile(setting: str) -> None:
 
 
 def set_l2_prefetch(setting: str) -> None:
-    """'MB/programs/sleep_ns/evict_last/set_aside_MB' (dispatch.L2Prefetch, kernels/prefetch.py); '0' turns it off."""
-    from dsv3.kernels import prefetch
+    """'MB/programs/sleep_ns/evict_last' (dispatch.L2Prefetch, kernels/prefetch.py); '0' turns it off."""
     mb, *rest = setting.split("/")
     dispatch.L2_PREFETCH_MB = float(mb)
     if rest:
-        programs, sleep_ns, evict_last, set_aside = (int(v) for v in rest)
+        programs, sleep_ns, evict_last = (int(v) for v in rest)
         dispatch.L2_PREFETCH_OPTIONS.update(programs=programs, sleep_ns=sleep_ns, evict_last=bool(evict_last))
-        got = prefetch.set_aside(torch.device("cuda", torch.cuda.current_device()), set_aside * 2**20)
-        dispatch._set_aside[torch.device("cuda", torch.cuda.current_device())] = got
-        print(f"L2 set aside: {got / 2**20:.2f} MB", flush=True)
 
 
 def decode(model, cfg, batch: int, show_timeline: bool = False) -> None:

@@ -39,8 +39,6 @@ SHARED_INLINE = os.environ.get("DSV3_SHARED_INLINE", "1") != "0"
 # (L2Prefetch). DSV3_L2_PREFETCH_MB caps the bytes a layer; 0 turns it off, for A/B runs.
 L2_PREFETCH_MB = float(os.environ.get("DSV3_L2_PREFETCH_MB", "24"))
 L2_PREFETCH_MAX_TOKENS = int(os.environ.get("DSV3_L2_PREFETCH_TOKENS", "8"))
-L2_SET_ASIDE_MB = float(os.environ.get("DSV3_L2_SET_ASIDE_MB", "32"))
-_set_aside: dict[torch.device, int] = {}
 L2_PREFETCH_OPTIONS = dict(programs=int(os.environ.get("DSV3_L2_PROGRAMS", "8")),
                            sleep_ns=int(os.environ.get("DSV3_L2_SLEEP_NS", "0")),
                            evict_last=os.environ.get("DSV3_L2_EVICT_LAST", "1") != "0")
@@ -248,8 +246,6 @@ class L2Prefetch:
         on = (L2_PREFETCH_MB > 0 and x.is_cuda and use_triton(x) and x.numel() <= L2_PREFETCH_MAX_TOKENS * x.shape[-1]
               and prefetch.supported(x.device))
         self.stream = _side_stream(x.device, "prefetch") if on else None
-        if self.stream is not None and x.device not in _set_aside:
-            _set_aside[x.device] = prefetch.set_aside(x.device, int(L2_SET_ASIDE_MB * 2**20))
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(x.device))
             with torch.cuda.stream(self.stream):

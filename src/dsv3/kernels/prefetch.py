@@ -12,11 +12,7 @@ megabytes; SLEEP_NS between rounds spreads them out, so they leave bandwidth to 
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import glob
-import os
-import site
 
 import torch
 import triton
@@ -62,38 +58,6 @@ def _prefetch_l2(base0, bytes0, base1, bytes1, base2, bytes2, CHUNK: tl.constexp
 def supported(device: torch.device) -> bool:
     """Hopper or later (the bulk prefetch is sm_90's)."""
     return torch.cuda.get_device_capability(device)[0] >= 9
-
-
-@functools.lru_cache(maxsize=None)
-def _cudart() -> ctypes.CDLL | None:
-    """The CUDA runtime library torch runs on (cudaDeviceSetLimit is not among torch's bindings)."""
-    names = ["libcudart.so", "libcudart.so.13", "libcudart.so.12"]
-    for folder in [os.path.dirname(torch.__file__), *site.getsitepackages()]:
-        names += sorted(glob.glob(os.path.join(folder, "**", "libcudart.so*"), recursive=True))
-    for name in names:
-        try:
-            return ctypes.CDLL(name)
-        except OSError:
-            continue
-    return None
-
-
-def set_aside(device: torch.device, nbytes: int) -> int:
-    """Reserve up to nbytes of the L2 cache for lines asked to stay (EVICT_LAST) -> the bytes reserved.
-    Without a reserve, the weights streaming past evict the prefetched lines before their reader comes
-    (H100: 20 MB read in between undid a 23 MB prefetch; with 25 MB reserved it stayed, bench/NOTES.md).
-    The rest of the L2 shrinks by as much, for every kernel of the process."""
-    lib = _cudart()
-    if lib is None:
-        return 0
-    with torch.cuda.device(device):
-        top = ctypes.c_int()
-        lib.cudaDeviceGetAttribute(ctypes.byref(top), 108, device.index or 0)  # cudaDevAttrMaxPersistingL2CacheSize
-        if lib.cudaDeviceSetLimit(6, ctypes.c_size_t(min(nbytes, top.value))) != 0:  # cudaLimitPersistingL2CacheSize
-            return 0
-        got = ctypes.c_size_t()
-        lib.cudaDeviceGetLimit(ctypes.byref(got), 6)
-    return got.value
 
 
 def prefetch_l2(tensors: list[torch.Tensor], max_bytes: int, programs: int = 8, sleep_ns: int = 0,
