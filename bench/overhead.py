@@ -129,31 +129,15 @@ def decoding_engine(model, cfg, batch: int) -> tuple[LLMEngine, list]:
     return engine, seqs
 
 
-def sweep(model, cfg, name: str, settings: str, apply, batches: list[int]) -> None:
-    """Graph replay at each batch for each setting (comma-separated), after apply(setting)."""
-    for setting in settings.split(","):
-        apply(setting)
-        for batch in batches:
-            engine, _ = decoding_engine(model, cfg, batch)
-            graph = engine.runner.graphs[next(b for b in engine.runner.graphs if b >= batch)]
-            print(f"{name} {setting}: batch {batch} graph replay {replay_ms(graph):.3f} ms", flush=True)
-            del engine, graph
-            torch.cuda.empty_cache()
-
-
-def set_gemv_tile(setting: str) -> None:
-    """'elements x warps' (kernels/gemv.py)."""
+def gemv_sweep(model, cfg, settings: str) -> None:
+    """Batch-1 graph replay for each GEMV tile setting, 'elements x warps' (kernels/gemv.py)."""
     from dsv3.kernels import gemv
-    gemv.TILE_ELEMENTS, gemv.NUM_WARPS = (int(v) for v in setting.split("x"))
-
-
-def set_l2_prefetch(setting: str) -> None:
-    """'MB/programs/sleep_ns/evict_last' (dispatch.L2Prefetch, kernels/prefetch.py); '0' turns it off."""
-    mb, *rest = setting.split("/")
-    dispatch.L2_PREFETCH_MB = float(mb)
-    if rest:
-        programs, sleep_ns, evict_last = (int(v) for v in rest)
-        dispatch.L2_PREFETCH_OPTIONS.update(programs=programs, sleep_ns=sleep_ns, evict_last=bool(evict_last))
+    for setting in settings.split(","):
+        gemv.TILE_ELEMENTS, gemv.NUM_WARPS = (int(v) for v in setting.split("x"))
+        engine, _ = decoding_engine(model, cfg, 1)
+        print(f"gemv {setting}: batch 1 graph replay {replay_ms(engine.runner.graphs[1]):.3f} ms", flush=True)
+        del engine
+        torch.cuda.empty_cache()
 
 
 def decode(model, cfg, batch: int, show_timeline: bool = False) -> None:
@@ -256,7 +240,6 @@ def main() -> None:
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--prefill", default="8x2048")
     ap.add_argument("--gemv-sweep", default="", help="tile settings 'elements x warps', comma-separated")
-    ap.add_argument("--l2-sweep", default="", help="L2 prefetch settings 'MB/programs/sleep_ns/evict_last', comma-separated")
     ap.add_argument("--timeline", action="store_true", help="per-kernel timeline of a replayed decode step only")
     ap.add_argument("--gemv-rows", type=int, default=None, help="rows up to which linears take the GEMV kernel")
     args = ap.parse_args()
@@ -270,14 +253,9 @@ def main() -> None:
     init_weights(model, cfg.initializer_range)
     if cfg.quant is not None:
         random_fp8_weights(model, cfg.initializer_range)
-    batches = [int(x) for x in args.batches.split(",") if x]
     if args.gemv_sweep:
-        sweep(model, cfg, "gemv", args.gemv_sweep, set_gemv_tile, batches)
-    if args.l2_sweep:
-        sweep(model, cfg, "l2 prefetch", args.l2_sweep, set_l2_prefetch, batches)
-    if args.gemv_sweep or args.l2_sweep:
-        return
-    for b in batches:
+        gemv_sweep(model, cfg, args.gemv_sweep)
+    for b in [int(x) for x in args.batches.split(",") if x]:
         decode(model, cfg, b, args.timeline)
     for shape in [s for s in args.prefill.split(",") if s]:
         prefill(model, cfg, *(int(v) for v in shape.split("x")))

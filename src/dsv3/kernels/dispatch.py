@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from dsv3.kernels import reference, scaled_mm
 
 if importlib.util.find_spec("triton") is not None:
-    from dsv3.kernels import fp8_gemm, gemv, glue, mla_decode as mla_decode_kernel, moe as moe_kernel, prefetch
+    from dsv3.kernels import fp8_gemm, gemv, glue, mla_decode as mla_decode_kernel, moe as moe_kernel
 else:
-    fp8_gemm = gemv = glue = mla_decode_kernel = moe_kernel = prefetch = None
+    fp8_gemm = gemv = glue = mla_decode_kernel = moe_kernel = None
 
 # DeepSeek's scheme (activations to e4m3 per 128 columns) runs on the FP8 tensor cores; False keeps
 # bf16 activations and computes the reference's function. Both measured alike on an H100 in decode
@@ -35,20 +35,7 @@ OVERLAP_MAX_TOKENS = 256
 # One token: the shared experts inside the routed experts' launches (shared_experts_inline). DSV3_SHARED_INLINE=0
 # turns it off, for A/B runs.
 SHARED_INLINE = os.environ.get("DSV3_SHARED_INLINE", "1") != "0"
-# A MoE layer of a few tokens on Hopper: its shared experts' weights read into L2 beside its attention
-# (L2Prefetch). DSV3_L2_PREFETCH_MB caps the bytes a layer; 0 turns it off, for A/B runs.
-L2_PREFETCH_MB = float(os.environ.get("DSV3_L2_PREFETCH_MB", "24"))
-L2_PREFETCH_MAX_TOKENS = int(os.environ.get("DSV3_L2_PREFETCH_TOKENS", "8"))
-L2_PREFETCH_OPTIONS = dict(programs=int(os.environ.get("DSV3_L2_PROGRAMS", "8")),
-                           sleep_ns=int(os.environ.get("DSV3_L2_SLEEP_NS", "0")),
-                           evict_last=os.environ.get("DSV3_L2_EVICT_LAST", "1") != "0")
-_side_streams: dict[tuple[torch.device, str], torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device, name: str) -> torch.cuda.Stream:
-    if (device, name) not in _side_streams:
-        _side_streams[device, name] = torch.cuda.Stream(device)
-    return _side_streams[device, name]
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
 def use_fast(t: torch.Tensor) -> bool:
@@ -219,7 +206,9 @@ class Fork:
 
     def __init__(self, x: torch.Tensor):
         on = OVERLAP and x.is_cuda and use_fast(x) and x.numel() <= OVERLAP_MAX_TOKENS * x.shape[-1]
-        self.stream = _side_stream(x.device, "overlap") if on else None
+        if on and x.device not in _side_streams:
+            _side_streams[x.device] = torch.cuda.Stream(x.device)
+        self.stream = _side_streams[x.device] if on else None
         self.context = torch.cuda.stream(self.stream) if on else nullcontext()
 
     def __enter__(self) -> Fork:
@@ -230,26 +219,6 @@ class Fork:
 
     def __exit__(self, *exc) -> None:
         self.context.__exit__(*exc)
-
-    def join(self) -> None:
-        if self.stream is not None:
-            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
-
-
-class L2Prefetch:
-    """Weights that a later kernel reads (the shared experts') asked into the L2 cache on a stream of their own,
-    beside what the main stream queues next (kernels/prefetch.py); `join()` makes the main stream wait for the
-    requests to be issued, not for the bytes. A no-op off Hopper, in the reference path, above
-    L2_PREFETCH_MAX_TOKENS tokens, or with L2_PREFETCH_MB 0."""
-
-    def __init__(self, x: torch.Tensor, tensors: list[torch.Tensor]):
-        on = (L2_PREFETCH_MB > 0 and x.is_cuda and use_triton(x) and x.numel() <= L2_PREFETCH_MAX_TOKENS * x.shape[-1]
-              and prefetch.supported(x.device))
-        self.stream = _side_stream(x.device, "prefetch") if on else None
-        if self.stream is not None:
-            self.stream.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(self.stream):
-                prefetch.prefetch_l2(tensors, int(L2_PREFETCH_MB * 2**20), **L2_PREFETCH_OPTIONS)
 
     def join(self) -> None:
         if self.stream is not None:

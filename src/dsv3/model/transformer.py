@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from dsv3.config import ModelConfig
-from dsv3.kernels import dispatch
 from dsv3.model.layers import Linear, ParallelLMHead, RMSNorm, Rotary, VocabParallelEmbedding
 from dsv3.model.mla import MLA, PagedBatch
 from dsv3.model.moe import MLP, MoE
@@ -34,13 +33,9 @@ class Block(nn.Module):
         """The hidden state x, or the last block's two parts x + residual -> this block's two parts: its MLP's
         output and the residual stream. Each residual add is left to the next norm, as in vLLM: add and norm
         are one kernel on the GPU."""
-        # A MoE layer's shared experts are known before its router runs: into L2 while the attention runs.
-        prefetch = dispatch.L2Prefetch(x, list(self.mlp.shared_experts.weights()) if isinstance(self.mlp, MoE) else [])
         h, residual = (self.input_layernorm(x), x) if residual is None else self.input_layernorm(x, residual)
         h, residual = self.post_attention_layernorm(self.self_attn(h, rope, batch, attention_mask), residual)
-        out = self.mlp(h)
-        prefetch.join()
-        return out, residual
+        return self.mlp(h), residual
 
 
 class SharedHead(nn.Module):
