@@ -117,6 +117,9 @@ def grouped_mm(x: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -> 
     return reference.grouped_mm(x, weights, counts)
 
 
+FUSED_MAX_PAIRS_PER_EXPERT = 16  # bf16: (token, expert) pairs per expert up to which the fused MoE runs
+
+
 def fused_experts_available(x: torch.Tensor, gate_up: torch.Tensor, pairs: int) -> bool:
     """The fused Triton MoE takes FP8 experts on a GPU: it reads only the experts that got tokens and never
     dequantizes them. bf16 experts take it too for decode-sized batches: torch._grouped_mm reads every
@@ -124,7 +127,7 @@ def fused_experts_available(x: torch.Tensor, gate_up: torch.Tensor, pairs: int) 
     time to read all experts). Prefill-sized bf16 batches stay on the grouped GEMM, 10-20% faster there."""
     if not use_triton(x) or x.dtype not in (torch.bfloat16, torch.float16):  # the kernels are checked in 16 bits
         return False
-    return gate_up.dtype == torch.float8_e4m3fn or pairs <= 16 * gate_up.shape[0]
+    return gate_up.dtype == torch.float8_e4m3fn or pairs <= FUSED_MAX_PAIRS_PER_EXPERT * gate_up.shape[0]
 
 
 def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,

@@ -110,7 +110,10 @@ class Experts(nn.Module):
         local = (indices - self.first).flatten()                                # (N*k,)
         mine = (local >= 0) & (local < self.n_local)
         local = torch.where(mine, local, self.n_local)                            # others sort last
-        order = torch.argsort(local, stable=True)
+        # The narrowest key that holds an expert id: the GPU's radix sort makes one pass per key byte (moonlight
+        # batch 256 on an H100: 29 us a layer with int64 keys).
+        key = torch.uint8 if self.n_local < 256 else torch.int16 if self.n_local < 2**15 else torch.int32
+        order = torch.argsort(local.to(key), stable=True)
         # scatter_add, not bincount: bincount reads the max back to the host, which a CUDA graph forbids.
         counts = torch.zeros(self.n_local + 1, dtype=torch.int64, device=x.device).scatter_add_(
             0, local, torch.ones_like(local))[: self.n_local]
