@@ -178,23 +178,3 @@ def test_sampling_params_are_checked():
     for bad in (dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-5), dict(stop=[""])):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
-
-
-def test_step_inputs_fill_a_graphs_inputs_in_one_copy():
-    """pack's one-buffer layout lands on the tensors a graph was captured with (capture makes them in
-    inference mode; pack writes them outside it), and a shorter rows part leaves the rest alone."""
-    from dsv3.engine.runner import device_inputs, graph_inputs
-
-    size, max_blocks = 4, 3
-    with torch.inference_mode():
-        raw, static = graph_inputs(size, max_blocks, scratch_block=9, block_size=16, device=torch.device("cpu"))
-    assert static[3].tolist() == [1] * size and static[4].tolist() == [[9] * max_blocks] * size
-    parts = [[5, 6, 7, 0], [10, 11, 12, 0], [160, 161, 162, 144], [11, 12, 13, 1],
-             [1, 2, 9, 3, 4, 9, 5, 9, 9, 9, 9, 9], [0, 2]]
-    got = device_inputs(parts, torch.device("cpu"), into=raw)
-    for tensor, values, view in zip(got, parts, static):
-        assert tensor.data_ptr() == view.data_ptr() and tensor.tolist() == values
-    assert static[4].tolist() == [[1, 2, 9], [3, 4, 9], [5, 9, 9], [9, 9, 9]]
-    assert static[5].tolist() == [0, 2, 2, 3]                 # rows past the step's two: as captured
-    alone = device_inputs(parts, torch.device("cpu"))         # an eager step: its own buffer
-    assert [t.tolist() for t in alone] == parts and [t.dtype for t in alone] == [v.dtype for v in static]

@@ -67,25 +67,6 @@ def device_inputs(parts: list[list], device: torch.device, into: torch.Tensor | 
     return [target[start:start + t.numel() * t.element_size()].view(t.dtype) for t, start in zip(host, offsets)]
 
 
-def graph_inputs(size: int, max_blocks: int, scratch_block: int, block_size: int, device: torch.device
-                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """A graph's input bytes, laid out as device_inputs lays out a step of `size` rows padded to max_blocks,
-    and the tensors over them (ids, positions, slots, context lengths, tables (size, max_blocks), rows),
-    filled as padding rows: every row on the scratch block. Normal tensors even when made in inference
-    mode, since pack writes them outside it."""
-    nbytes = [size * 8, size * 8, size * 8, size * 4, size * max_blocks * 4, size * 8]
-    offsets = _offsets(nbytes)
-    with torch.inference_mode(False):
-        raw = torch.zeros(offsets[-1], dtype=torch.uint8, device=device)
-        ids, positions, slots, context_lens, tables, rows = (
-            raw[start:start + n].view(dtype) for start, n, dtype in zip(offsets, nbytes, INPUT_DTYPES))
-        slots.fill_(scratch_block * block_size)
-        context_lens.fill_(1)
-        tables.fill_(scratch_block)
-        rows.copy_(torch.arange(size))
-    return raw, [ids, positions, slots, context_lens, tables.view(size, max_blocks), rows]
-
-
 class ModelRunner:
     def __init__(self, model: DeepseekV3ForCausalLM, latent_caches: list[torch.Tensor], block_size: int,
                  max_model_len: int, max_graph_rows: int, cuda_graphs: bool = True, par: Parallel = SINGLE,
@@ -215,10 +196,18 @@ class ModelRunner:
         in draft_sizes, a second graph that also drafts (greedy_draft)."""
         pool = None
         for size in sorted(set(sizes) | set(draft_sizes), reverse=True):
-            self.graph_input_bytes[size], (ids, positions, slots, context_lens, tables, rows) = graph_inputs(
-                size, self.max_blocks, self.scratch_block, self.block_size, self.device)
+            # The inputs as device_inputs lays them out, so that pack can fill them with one copy.
+            nbytes = [size * 8, size * 8, size * 8, size * 4, size * self.max_blocks * 4, size * 8]
+            offsets = _offsets(nbytes)
+            self.graph_input_bytes[size] = raw = torch.zeros(offsets[-1], dtype=torch.uint8, device=self.device)
+            ids, positions, slots, context_lens, tables, rows = (
+                raw[start:start + n].view(dtype) for start, n, dtype in zip(offsets, nbytes, INPUT_DTYPES))
+            slots.fill_(self.scratch_block * self.block_size)
+            context_lens.fill_(1)
+            tables.fill_(self.scratch_block)
+            rows.copy_(torch.arange(size))
             batch = PagedBatch(query_starts=list(range(size + 1)), context_lens=context_lens,
-                               block_tables=tables, slot_mapping=slots,
+                               block_tables=tables.view(size, self.max_blocks), slot_mapping=slots,
                                latent_caches=self.latent_caches, decode_only=True)
             static = StepInputs(ids, positions, batch, rows, size)
             for _ in range(2):  # warm up outside the graph (Triton autotuning, cuBLAS handles)
