@@ -35,36 +35,6 @@ class StepInputs:
     mtp_depth: int = -1          # -1: the main model; d >= 0: MTP module d, fed by hidden_rows
     hidden_rows: torch.Tensor | None = None  # rows of the previous forward's output that MTP continues
     greedy_draft: bool = False   # the step also drafts in the same forward (ModelRunner.greedy_draft)
-    in_graph_inputs: bool = False  # the tensors are views of the graph's own inputs (nothing to copy)
-
-
-# A step's six input tensors, in the order they lie in one buffer (`device_inputs`): ids, positions, slots,
-# context lengths, block tables, rows.
-INPUT_DTYPES = (torch.int64, torch.int64, torch.int64, torch.int32, torch.int32, torch.int64)
-
-
-def _offsets(nbytes: list[int]) -> list[int]:
-    """Byte offsets of consecutive parts, each 8-byte aligned, and the total at the end."""
-    out = [0]
-    for n in nbytes:
-        out.append(out[-1] + -(-n // 8) * 8)
-    return out
-
-
-def device_inputs(parts: list[list], device: torch.device, into: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """Host lists of INPUT_DTYPES -> 1-D device tensors, through one pinned buffer and one copy: a decode
-    step's inputs took six copies, each a few microseconds of the GPU's time between two graph replays.
-    into: the device bytes to fill (a graph's inputs, laid out alike; the copy is ordered after the last
-    replay that read them, on the same stream)."""
-    host = [torch.tensor(values, dtype=dtype) for values, dtype in zip(parts, INPUT_DTYPES)]
-    offsets = _offsets([t.numel() * t.element_size() for t in host])
-    pinned = device.type == "cuda"
-    staging = torch.empty(offsets[-1], dtype=torch.uint8, pin_memory=pinned)
-    for t, start in zip(host, offsets):
-        staging[start:start + t.numel() * t.element_size()] = t.view(torch.uint8)
-    target = into if into is not None else torch.empty(offsets[-1], dtype=torch.uint8, device=device)
-    target[:offsets[-1]].copy_(staging, non_blocking=pinned)
-    return [target[start:start + t.numel() * t.element_size()].view(t.dtype) for t, start in zip(host, offsets)]
 
 
 class ModelRunner:
@@ -79,7 +49,6 @@ class ModelRunner:
         self.draft_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.static: dict[int, tuple[StepInputs, torch.Tensor, torch.Tensor]] = {}
         self.static_drafts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.graph_input_bytes: dict[int, torch.Tensor] = {}  # the bytes under each graph's input tensors
         if cuda_graphs and self.device.type == "cuda":
             self.capture([b for b in GRAPH_BATCH_SIZES if b <= max_graph_rows],
                          [b for b in GRAPH_BATCH_SIZES if b <= max_draft_rows])
@@ -122,14 +91,15 @@ class ModelRunner:
             context_lens += [1] * pad
             tables += [[self.scratch_block] * self.max_blocks] * pad
 
-        into = self.graph_input_bytes.get(graph_size)
-        ids_t, positions_t, slots_t, context_t, tables_t, rows_t = device_inputs(
-            [ids, positions, slots, context_lens, [b for t in tables for b in t], rows], self.device, into)
-        batch = PagedBatch(query_starts=starts, context_lens=context_t, block_tables=tables_t.view(len(tables), -1),
-                           slot_mapping=slots_t, latent_caches=self.latent_caches, decode_only=rows_mode,
+        def tensor(x, dtype):
+            return torch.tensor(x, dtype=dtype, pin_memory=self.device.type == "cuda").to(self.device, non_blocking=True)
+
+        batch = PagedBatch(query_starts=starts, context_lens=tensor(context_lens, torch.int32),
+                           block_tables=tensor(tables, torch.int32), slot_mapping=tensor(slots, torch.int64),
+                           latent_caches=self.latent_caches, decode_only=rows_mode,
                            context_lens_host=None if rows_mode else context_lens)
-        return StepInputs(ids_t, positions_t, batch, rows_t, graph_size, greedy_draft=greedy_draft,
-                          in_graph_inputs=into is not None)
+        return StepInputs(tensor(ids, torch.int64), tensor(positions, torch.int64), batch, tensor(rows, torch.int64),
+                          graph_size, greedy_draft=greedy_draft)
 
     def slots(self, table: list[int], first: int, n: int) -> list[int]:
         """The flat cache slots of positions first..first+n-1, a range per block (long prompts pack fast)."""
@@ -159,12 +129,11 @@ class ModelRunner:
                                            step.mtp_depth, step.batch)
         elif step.graph_size:
             static, hidden, logits = self.static[step.graph_size]
-            if not step.in_graph_inputs:  # a follower rank's broadcast step
-                static.ids.copy_(step.ids)
-                static.positions.copy_(step.positions)
-                static.batch.context_lens.copy_(step.batch.context_lens)
-                static.batch.block_tables.copy_(step.batch.block_tables)
-                static.batch.slot_mapping.copy_(step.batch.slot_mapping)
+            static.ids.copy_(step.ids)
+            static.positions.copy_(step.positions)
+            static.batch.context_lens.copy_(step.batch.context_lens)
+            static.batch.block_tables.copy_(step.batch.block_tables)
+            static.batch.slot_mapping.copy_(step.batch.slot_mapping)
             if step.greedy_draft:
                 hidden, tokens = self.static_drafts[step.graph_size]
                 self.draft_graphs[step.graph_size].replay()
@@ -196,20 +165,14 @@ class ModelRunner:
         in draft_sizes, a second graph that also drafts (greedy_draft)."""
         pool = None
         for size in sorted(set(sizes) | set(draft_sizes), reverse=True):
-            # The inputs as device_inputs lays them out, so that pack can fill them with one copy.
-            nbytes = [size * 8, size * 8, size * 8, size * 4, size * self.max_blocks * 4, size * 8]
-            offsets = _offsets(nbytes)
-            self.graph_input_bytes[size] = raw = torch.zeros(offsets[-1], dtype=torch.uint8, device=self.device)
-            ids, positions, slots, context_lens, tables, rows = (
-                raw[start:start + n].view(dtype) for start, n, dtype in zip(offsets, nbytes, INPUT_DTYPES))
-            slots.fill_(self.scratch_block * self.block_size)
-            context_lens.fill_(1)
-            tables.fill_(self.scratch_block)
-            rows.copy_(torch.arange(size))
-            batch = PagedBatch(query_starts=list(range(size + 1)), context_lens=context_lens,
-                               block_tables=tables.view(size, self.max_blocks), slot_mapping=slots,
+            def full(value, *shape, dtype=torch.int64):
+                return torch.full(shape, value, dtype=dtype, device=self.device)
+
+            batch = PagedBatch(query_starts=list(range(size + 1)), context_lens=full(1, size, dtype=torch.int32),
+                               block_tables=full(self.scratch_block, size, self.max_blocks, dtype=torch.int32),
+                               slot_mapping=full(self.scratch_block * self.block_size, size),
                                latent_caches=self.latent_caches, decode_only=True)
-            static = StepInputs(ids, positions, batch, rows, size)
+            static = StepInputs(full(0, size), full(0, size), batch, torch.arange(size, device=self.device), size)
             for _ in range(2):  # warm up outside the graph (Triton autotuning, cuBLAS handles)
                 hidden = self.model.model(static.ids, static.positions, batch)
                 self.model.logits(hidden)
