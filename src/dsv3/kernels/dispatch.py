@@ -117,7 +117,9 @@ def grouped_mm(x: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -> 
     return reference.grouped_mm(x, weights, counts)
 
 
-FUSED_MAX_PAIRS_PER_EXPERT = 16  # bf16: (token, expert) pairs per expert up to which the fused MoE runs
+# bf16: (token, expert) pairs per expert up to which the fused MoE runs. moonlight-16b batch 256 on an H100 (24 a
+# expert): 15.73 ms a step fused against 16.66 on the grouped GEMM with its sort, gathers and scans.
+FUSED_MAX_PAIRS_PER_EXPERT = 32
 
 
 def fused_experts_available(x: torch.Tensor, gate_up: torch.Tensor, pairs: int) -> bool:
