@@ -209,6 +209,10 @@ def main() -> None:
     if "--pdl" in sys.argv:
         pdl_chain()
         return
+    if "--mla" in sys.argv:                 # --mla 256,128: the MLA decode alone at those batches
+        for batch in sys.argv[sys.argv.index("--mla") + 1].split(","):
+            mla(int(batch), context=200, max_len=1024)
+        return
     if "--dense" in sys.argv:
         for tokens in (1, 8):
             dense(tokens)
