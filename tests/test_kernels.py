@@ -500,9 +500,9 @@ def sm90_cases():
         (fp8_gemm._quantize_rows, {"x": "bf16", "q": "fp8e4nv", "scale": "fp32"}, set(), {}),
         *((mla_decode._mla_decode_split, {**dict.fromkeys(["q_latent", "q_rope", "cache"], "bf16"), "out": "fp32",
                                           "lse": "fp32", "block_tables": "i32", "context_lens": "i32"},
-           {"softmax_scale"}, {"C": 512, "R": 64, "BLOCK_H": block_h, "BLOCK_N": 64 if early else 32, "SPLIT": True,
+           {"softmax_scale"}, {"C": 512, "R": 64, "BLOCK_H": block_h, "BLOCK_N": block_n, "SPLIT": True,
                                "EARLY_TILE": early})
-          for block_h, early in ((16, True), (16, False), (64, False))),
+          for block_h, early, block_n in ((16, True, 64), (16, False, 32), (16, False, 64), (64, False, 32))),
         (mla_decode._mla_decode_merge, {"partial": "fp32", "lse": "fp32", "out": "bf16"}, set(),
          {"C": 512, "SPLITS_POW2": 8}),
     ]

@@ -150,11 +150,12 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def choose_splits(batch: int, head_blocks: int, max_context: int, device: torch.device,
-                  min_tokens_per_split: int = 32, max_splits: int = 64) -> int:
-    """Enough parts to give every multiprocessor about two programs, none shorter than min_tokens_per_split.
-    (bench/tune_decode.py, H100, 16 heads: batch 1 over 256 tokens took 14.6 us in 3 parts of at least
-    128 tokens and 7.6 us in 8.)"""
-    wanted = -(-2 * _multiprocessors(device) // (batch * head_blocks))
+                  min_tokens_per_split: int = 32, max_splits: int = 64, per_sm: int = 2) -> int:
+    """Enough parts to give every multiprocessor about per_sm programs (2: rounded up, 1: down), none shorter
+    than min_tokens_per_split. (bench/tune_decode.py, H100, 16 heads: batch 1 over 256 tokens took 14.6 us
+    in 3 parts of at least 128 tokens and 7.6 us in 8.)"""
+    programs = batch * head_blocks
+    wanted = -(-2 * _multiprocessors(device) // programs) if per_sm == 2 else _multiprocessors(device) // programs
     return max(1, min(wanted, -(-max_context // min_tokens_per_split), max_splits))
 
 
@@ -190,11 +191,19 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch
         # tokens) and 9.7 over 1000 (16 splits), against 7.9 and 12.3 for 32-token tiles, 4 warps, two
         # stages and 32 splits.
         block_n, num_warps, num_stages = 64, num_warps or 8, num_stages or 1
+    per_sm = 2
+    if not few and block_h <= 16:
+        # 16 heads, 200 tokens of a 1024-token graph (tune_decode.py --mla, H100): a split and its merge cost
+        # more than they spread. Batch 64: 13.1 us in 2 splits of 64-token tiles, 8 warps, against 16.2 in 3
+        # of 32; batch 128: 18.0 in one against 30.4; batch 256: 37.4 in one of 32-token tiles, 4 warps
+        # (two programs an SM), against 47.7.
+        one_wave = batch * head_blocks <= _multiprocessors(q_latent.device)
+        block_n, num_warps, per_sm = block_n or (64 if one_wave else 32), num_warps or (8 if one_wave else 4), 1
     block_n = block_n or 32
     num_warps = num_warps or (8 if block_h >= 64 else 4)
     num_stages = num_stages or 2
     splits = num_splits or choose_splits(batch, head_blocks, max_context, q_latent.device,
-                                         max_splits=16 if few else 64)
+                                         max_splits=16 if few else 64, per_sm=per_sm)
 
     out = torch.empty(batch, heads, c, dtype=q_latent.dtype, device=q_latent.device)  # (B, H, C)
     if splits == 1:
