@@ -34,7 +34,7 @@ def moe(tokens: int, experts: int = 64, dim: int = 2048, inter: int = 1408, k: i
     default_m = 16 if tokens * k <= 4 * experts else 64
     results = []
     # The engine's own choice first: results[0] is the default the best is compared with.
-    others = ({16, 64} | ({32} if tokens == 64 else set()) if tokens > 1 else set()) - {default_m}
+    others = ({16, 64} | ({32} if tokens >= 64 else set()) if tokens > 1 else set()) - {default_m}
     for block_m in [default_m, *sorted(others)]:
         token_at, row_at, block_expert, _ = expert_blocks(ids.flatten(), experts, block_m, k)
         cap = token_at.numel()
@@ -208,6 +208,10 @@ def main() -> None:
         return
     if "--pdl" in sys.argv:
         pdl_chain()
+        return
+    if "--moe" in sys.argv:                 # --moe 256,128: the fused MoE's tiles at those batches
+        for tokens in sys.argv[sys.argv.index("--moe") + 1].split(","):
+            moe(int(tokens))
         return
     if "--mla" in sys.argv:                 # --mla 256,128: the MLA decode alone at those batches
         for batch in sys.argv[sys.argv.index("--mla") + 1].split(","):
