@@ -21,6 +21,10 @@ from dsv3.kernels.moe import expert_blocks
 
 
 def us(fn) -> float:
+    # Run once first: the first candidate of a run read high without it (the fused MoE's default 418 us when
+    # timed first, 336 us when the same setting came again later; results/...-tune-moe-b256-b128.txt).
+    fn()
+    torch.cuda.synchronize()
     return do_bench_cudagraph(fn, rep=30) * 1e3
 
 
