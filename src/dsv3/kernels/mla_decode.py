@@ -196,8 +196,9 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch
         # 16 heads, 200 tokens of a 1024-token graph (tune_decode.py --mla, H100): a split and its merge cost
         # more than they spread. Batch 64: 13.1 us in 2 splits of 64-token tiles, 8 warps, against 16.2 in 3
         # of 32; batch 128: 18.0 in one against 30.4; batch 256: 37.4 in one of 32-token tiles, 4 warps
-        # (two programs an SM), against 47.7. Batch 32: within 1% of the best. Below, the older rule (batch
-        # 8: 7.6 us in 8 splits of 32 tokens, against 8.6 in 16 of 64 this way).
+        # (two programs an SM), against 47.3. Batch 32: within 1% of the best. Below, the older rule (batch
+        # 8: 7.6 us in 8 splits of 32 tokens, against 8.6 in 16 of 64 this way). The older settings at 64 and
+        # 128 were timed first in their run, which reads high (bench/NOTES.md): their gains may be smaller.
         one_wave = batch * head_blocks <= _multiprocessors(q_latent.device)
         block_n, num_warps, per_sm = block_n or (64 if one_wave else 32), num_warps or (8 if one_wave else 4), 1
     block_n = block_n or 32
