@@ -47,19 +47,21 @@ def check_mla_decode(gen: torch.Generator) -> dict[str, float]:
     from dsv3.kernels.mla_decode import mla_decode
 
     errors = {}
-    cases = [  # name, heads, C, R, block_size, context lengths, dtype, splits
-        ("auto_splits", 4, 32, 16, 16, [37, 5], torch.float32, None),
-        ("one_split", 4, 32, 16, 16, [37, 5], torch.float32, 1),
-        ("ragged_heads", 20, 32, 16, 4, [1, 70, 33], torch.float32, 3),
-        ("more_splits_than_tiles", 4, 32, 16, 16, [3, 17], torch.float32, 8),
-        ("float16", 4, 32, 16, 16, [100], torch.float16, 4),
+    cases = [  # name, heads, C, R, block_size, context lengths, dtype, splits, tokens a tile
+        ("auto_splits", 4, 32, 16, 16, [37, 5], torch.float32, None, 16),
+        ("one_split", 4, 32, 16, 16, [37, 5], torch.float32, 1, 16),
+        ("ragged_heads", 20, 32, 16, 4, [1, 70, 33], torch.float32, 3, 16),
+        ("more_splits_than_tiles", 4, 32, 16, 16, [3, 17], torch.float32, 8, 16),
+        ("float16", 4, 32, 16, 16, [100], torch.float16, 4, 16),
+        # 32 programs: the launch for many sequences (at most one program a multiprocessor), all its defaults
+        ("many_sequences", 4, 32, 16, 16, [1 + (7 * i) % 45 for i in range(32)], torch.float32, None, None),
     ]
-    for name, heads, c, r, block_size, lens, dtype, splits in cases:
+    for name, heads, c, r, block_size, lens, dtype, splits, block_n in cases:
         cache, tables, ctx = paged_cache(gen, lens, block_size, c + r, dtype)
         q_latent = torch.randn(len(lens), heads, c, generator=gen).to(dtype)
         q_rope = torch.randn(len(lens), heads, r, generator=gen).to(dtype)
         ref = reference.mla_decode(q_latent.double(), q_rope.double(), cache.double(), tables, ctx, c, 0.3)
-        out = mla_decode(q_latent, q_rope, cache, tables, ctx, c, 0.3, num_splits=splits, block_n=16)
+        out = mla_decode(q_latent, q_rope, cache, tables, ctx, c, 0.3, num_splits=splits, block_n=block_n)
         errors[f"mla_decode/{name}"] = rel_err(out, ref)
     # An empty context (a padded slot of a captured batch) gives zeros, never NaN.
     cache, tables, _ = paged_cache(gen, [16], 16, 48, torch.float32)
