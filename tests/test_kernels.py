@@ -256,6 +256,10 @@ def check_gemv(gen: torch.Generator) -> dict[str, float]:
                                                                                                 b.float())),
               "gemv/leading_dims/float16": rel_err(gemv.linear(x[:2].view(1, 2, 300), w),
                                                    (x[:2].float() @ w.float().T).view(1, 2, 70))}
+    second = torch.randn(24, 300, generator=gen).half()                          # two matrices, one launch
+    pair = gemv.linear_pair(x[:2], w, second)
+    errors["gemv/linear_pair/float16"] = rel_err(torch.cat(pair, -1), x[:2].float() @ torch.cat([w, second]).float().T)
+    errors["gemv/linear_pair/shapes"] = float([tuple(t.shape) for t in pair] != [(2, 70), (2, 24)])
     kv_b = torch.randn(4, 32 + 16, 64, generator=gen).half()                       # (H, nope + v, C)
     q_nope = torch.randn(2, 4, 32 + 8, generator=gen).half()[..., :32]            # a strided view, as in the model
     w_uk, w_uv = kv_b[:, :32], kv_b[:, 32:]
@@ -493,12 +497,13 @@ def sm90_cases():
                                            "block_group": "i64"}, set(),
            {"HAS_SCALE": b == "fp8e4nv", "QUANTIZE_A": b == "fp8e4nv", "GATHER": True, "SWIGLU": True, "BLOCK_M": 16,
             "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8}) for b in ("bf16", "fp8e4nv")),
-        *((gemv._gemv, {**dict.fromkeys(["w", "bias", "out", "extra", "extra_up"], "bf16"), "x": x, "lse": "fp32",
+        *((gemv._gemv, {**dict.fromkeys(["w", "bias", "out", "extra", "extra_up", "second"], "bf16"), "x": x, "lse": "fp32",
                         "ids": "i64"}, set(),
            {"HAS_BIAS": False, "BLOCK_N": 2 if swiglu else 4, "BLOCK_K": 2048 if splits == 0 else 512,
-            "SPLITS_POW2": splits, "ROUTED": routed, "SWIGLU": swiglu})
-          for x, splits, routed, swiglu in (("bf16", 0, False, False), ("fp32", 8, False, False),
-                                            ("bf16", 0, True, True), ("bf16", 0, True, False))),
+            "SPLITS_POW2": splits, "ROUTED": routed, "SWIGLU": swiglu, "PAIR": pair})
+          for x, splits, routed, swiglu, pair in (("bf16", 0, False, False, False), ("fp32", 8, False, False, False),
+                                                  ("bf16", 0, True, True, False), ("bf16", 0, True, False, False),
+                                                  ("bf16", 0, False, False, True))),
         (fp8_gemm._quantize_rows, {"x": "bf16", "q": "fp8e4nv", "scale": "fp32"}, set(), {}),
         *((mla_decode._mla_decode_split, {**dict.fromkeys(["q_latent", "q_rope", "cache"], "bf16"), "out": "fp32",
                                           "lse": "fp32", "block_tables": "i32", "context_lens": "i32"},

@@ -66,6 +66,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def linear_pair(x: torch.Tensor, first: torch.Tensor, second: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(x first^T, x second^T) as one GEMV launch (gemv.linear_pair) where the GEMV applies to both, else None:
+    the caller runs the two linears itself."""
+    if use_triton(x) and gemv.applies(x, first) and gemv.applies(x, second) and first.shape[1] == second.shape[1]:
+        return gemv.linear_pair(x, first, second)
+    return None
+
+
 def per_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """See reference.per_head; decode sizes take the GEMV kernel."""
     if use_triton(x) and gemv.applies(x, weight):

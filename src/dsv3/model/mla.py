@@ -95,13 +95,19 @@ class MLA(nn.Module):
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, D) and rope (B, T, rope/2) with no cache, or (N, D) and (N, rope/2) with a PagedBatch;
         rope holds the rotation of each token's position (layers.Rotary)."""
-        with (fork := dispatch.Fork(x)):                                    # decode sizes: beside the query
-            kv = self.kv_a_proj_with_mqa(x)                                 # (..., kv_lora_rank + rope)
-        if hasattr(self, "q_proj"):
-            q = self.q_proj(x)
+        first = self.q_proj if hasattr(self, "q_proj") else self.q_a_proj
+        kv_a = self.kv_a_proj_with_mqa                                      # -> (..., kv_lora_rank + rope)
+        pair = (dispatch.linear_pair(x, first.weight, kv_a.weight)          # decode sizes: one launch for both
+                if first.bias is None and kv_a.bias is None else None)
+        if pair is not None:
+            q, kv = pair
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        fork.join()
+            with (fork := dispatch.Fork(x)):                                # else kv_a beside the query
+                kv = kv_a(x)
+            q = first(x)
+            fork.join()
+        if not hasattr(self, "q_proj"):
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.unflatten(-1, (self.n_heads, self.nope + self.rope_dim))      # (..., H, nope + rope)
         q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
 
