@@ -30,7 +30,7 @@ import torch
 import triton
 
 from dsv3.kernels import dispatch, reference
-from dsv3.kernels import fp8_gemm, glue, mla_decode as mla_kernel, moe as moe_kernel, scaled_mm
+from dsv3.kernels import fp8_gemm, mla_decode as mla_kernel, moe as moe_kernel, scaled_mm
 
 FP8 = torch.float8_e4m3fn
 
@@ -180,21 +180,6 @@ class Bench:
         gb, db = gu.to(self.dtype), dn.to(self.dtype)
         ref = reference.routed_experts(x.double(), ids, wts, gb.double(), None, db.double(), None)
         add("fused_experts bf16", moe_kernel.fused_experts(x, ids, wts, gb, None, db, None), ref)
-        # One token's route in the last program of the router's logits kernel (glue.ROUTE_IN_LOGITS_MAX_ROWS), call
-        # after call against the separate route kernel: equal to the bit, or a count or an early read went wrong.
-        e, d = (16, 320) if s else (256, 7168)
-        wr, bias = (torch.randn(e, d, device=self.device) * 0.05).to(self.dtype), torch.randn(e, device=self.device) * 0.01
-        differ, calls = 0, 20 if s else 1000
-        for _ in range(calls):
-            xr = torch.randn(1, d, device=self.device).to(self.dtype)
-            fused = glue.route(xr, wr, bias, 8, 8, 4, True, 2.5)
-            glue.ROUTE_IN_LOGITS_MAX_ROWS = 0
-            apart = glue.route(xr, wr, bias, 8, 8, 4, True, 2.5)
-            glue.ROUTE_IN_LOGITS_MAX_ROWS = 1
-            differ += any(not torch.equal(a, b) for a, b in zip(fused, apart))
-        rows.append({"check": f"route inside the logits kernel: of {calls} tokens, differ from the route kernel's",
-                     "rel_err": float(differ)})
-        print(f"{rows[-1]['check']}: {differ}", flush=True)
 
     def sync_free(self):
         """Each decode-path op under set_sync_debug_mode('error'): a host synchronisation raises."""

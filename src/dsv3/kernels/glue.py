@@ -139,17 +139,12 @@ def mla_rope_and_cache(q_pe: torch.Tensor, kv: torch.Tensor, rope: torch.Tensor,
 
 @triton.jit
 def _router_logits(x, weight, logits, rows, n_experts, dim, split_len, stride_x, stride_w, stride_ls, stride_l,
-                   bias, scores, weights, ids, stride_s, scaling, counter,
                    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-                   ONE_TILE: tl.constexpr, ROUTE: tl.constexpr, SPLITS: tl.constexpr, GROUPS: tl.constexpr,
-                   PER_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, TOP_K: tl.constexpr, NORM: tl.constexpr,
-                   G_POW2: tl.constexpr, PER_POW2: tl.constexpr, K_POW2: tl.constexpr, USE_GDC: tl.constexpr):
+                   ONE_TILE: tl.constexpr, USE_GDC: tl.constexpr):
     """x W^T in float32 straight from 16-bit x and W: their products are exact in float32 and the sums run
     in float32, which is the reference's x.float() @ W.float()^T without a float32 copy of W each step.
     Program (m, e, s) sums the s-th split_len columns into partial s (decode: more programs read W).
-    ONE_TILE (split_len == BLOCK_K): the program's weights load before it waits for the kernel ahead.
-    ROUTE: the last program to finish (counted on `counter`, which it sets back to 0) routes every row
-    (_route_row; its arguments after SPLITS): no kernel of its own in the chain."""
+    ONE_TILE (split_len == BLOCK_K): the program's weights load before it waits for the kernel ahead."""
     pid_m, pid_e, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -182,30 +177,24 @@ def _router_logits(x, weight, logits, rows, n_experts, dim, split_len, stride_x,
             acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")         # float32 inputs: no TF32
     tl.store(logits + split * stride_ls + m.to(tl.int64)[:, None] * stride_l + e[None, :], acc,
              mask=(m < rows)[:, None] & (e < n_experts)[None, :])
-    if ROUTE:
-        tl.debug_barrier()                       # every thread's partials stored before the release below
-        programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
-        if tl.atomic_add(counter, 1, sem="acq_rel") == programs - 1:
-            for row in range(rows):
-                _route_row(logits, bias, scores, weights, ids, row, stride_ls, stride_l, stride_s,
-                           scaling, SPLITS, GROUPS, PER_GROUP, TOPK_GROUP, TOP_K, NORM, G_POW2, PER_POW2, K_POW2)
-            tl.atomic_xchg(counter, 0)
 
 
 @triton.jit
-def _route_row(logits, bias, scores, weights, ids, row, stride_ls, stride_l, stride_s, scaling, SPLITS: tl.constexpr,
-               GROUPS: tl.constexpr, PER_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, TOP_K: tl.constexpr,
-               NORM: tl.constexpr, G_POW2: tl.constexpr, PER_POW2: tl.constexpr, K_POW2: tl.constexpr):
+def _route(logits, bias, scores, weights, ids, stride_ls, stride_l, stride_s, scaling, SPLITS: tl.constexpr,
+           GROUPS: tl.constexpr, PER_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, TOP_K: tl.constexpr,
+           NORM: tl.constexpr, G_POW2: tl.constexpr, PER_POW2: tl.constexpr, K_POW2: tl.constexpr,
+           USE_GDC: tl.constexpr):
     """One token: its experts laid out (group, expert in group); top-k by repeated arg-max (ties: lowest id).
-    Its logits are the sum of SPLITS partial sums, added in order (read at L2: other programs wrote them)."""
+    Its logits are the sum of SPLITS partial sums, added in order."""
+    pdl.start(USE_GDC)
+    row = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, G_POW2)
     j = tl.arange(0, PER_POW2)
     expert = g[:, None] * PER_GROUP + j[None, :]
     valid = (g < GROUPS)[:, None] & (j < PER_GROUP)[None, :]
-    logit = tl.load(logits + row * stride_l + expert, mask=valid, other=0.0, cache_modifier=".cg")
+    logit = tl.load(logits + row * stride_l + expert, mask=valid, other=0.0)
     for split in tl.static_range(1, SPLITS):
-        logit += tl.load(logits + split * stride_ls + row * stride_l + expert, mask=valid, other=0.0,
-                         cache_modifier=".cg")
+        logit += tl.load(logits + split * stride_ls + row * stride_l + expert, mask=valid, other=0.0)
     # Padding slots (E/G not a power of two) repeat the next group's ids: they must add nothing below.
     s = tl.where(valid, tl.sigmoid(logit), 0.0)
     tl.store(scores + row * stride_s + expert, s, mask=valid)
@@ -237,27 +226,9 @@ def _route_row(logits, bias, scores, weights, ids, row, stride_ls, stride_l, str
     tl.store(ids + row * TOP_K + slot, chosen, mask=slot < TOP_K)
 
 
-@triton.jit
-def _route(logits, bias, scores, weights, ids, stride_ls, stride_l, stride_s, scaling, SPLITS: tl.constexpr,
-           GROUPS: tl.constexpr, PER_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, TOP_K: tl.constexpr,
-           NORM: tl.constexpr, G_POW2: tl.constexpr, PER_POW2: tl.constexpr, K_POW2: tl.constexpr,
-           USE_GDC: tl.constexpr):
-    """One program a token (_route_row)."""
-    pdl.start(USE_GDC)
-    _route_row(logits, bias, scores, weights, ids, tl.program_id(0).to(tl.int64), stride_ls, stride_l, stride_s,
-               scaling, SPLITS, GROUPS, PER_GROUP, TOPK_GROUP, TOP_K, NORM, G_POW2, PER_POW2, K_POW2)
-
-
-# Up to this many tokens the router's logits kernel also routes (its last program; _router_logits ROUTE): one
-# kernel fewer in a decode step's chain (moonlight-16b batch 1 on an H100: the route kernel's link was ~2 us a layer).
-ROUTE_IN_LOGITS_MAX_ROWS = 1
-_counters: dict[torch.device, torch.Tensor] = {}
-
-
 def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
           norm_topk_prob: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Same arguments and result as reference.route: the logits GEMM, then one program a token (or, for
-    ROUTE_IN_LOGITS_MAX_ROWS tokens, the GEMM's last program)."""
+    """Same arguments and result as reference.route: the logits GEMM, then one program a token."""
     x, weight = _rows(x), _rows(weight)
     rows, dim = x.shape
     n_experts = weight.shape[0]
@@ -270,26 +241,20 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int,
     one_tile = rows <= 16 and split_len <= 512
     block_k = triton.next_power_of_2(split_len) if one_tile else block_k
     logits = torch.empty(splits, rows, n_experts, dtype=torch.float32, device=x.device)
+    _router_logits[(triton.cdiv(rows, block_m), triton.cdiv(n_experts, block_e), splits)](
+        x, weight, logits, rows, n_experts, dim, split_len, x.stride(0), weight.stride(0), logits.stride(0),
+        logits.stride(1), UPCAST=x.dtype != weight.dtype, BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_K=block_k,
+        ONE_TILE=one_tile, num_warps=4, **pdl.launch(x))
     scores = torch.empty(rows, n_experts, dtype=torch.float32, device=x.device)
     weights = torch.empty(rows, top_k, dtype=torch.float32, device=x.device)
     ids = torch.empty(rows, top_k, dtype=torch.int64, device=x.device)
-    fused = rows <= ROUTE_IN_LOGITS_MAX_ROWS
-    if fused and x.device not in _counters:
-        _counters[x.device] = torch.zeros(1, dtype=torch.int32, device=x.device)
     per_group = n_experts // n_group
     experts_pow2 = triton.next_power_of_2(n_group) * triton.next_power_of_2(per_group)
-    route_args = (logits.stride(0), logits.stride(1), scores.stride(0), scaling)
-    route_constexprs = dict(SPLITS=splits, GROUPS=n_group, PER_GROUP=per_group, TOPK_GROUP=topk_group, TOP_K=top_k,
-                            NORM=norm_topk_prob, G_POW2=triton.next_power_of_2(n_group),
-                            PER_POW2=triton.next_power_of_2(per_group), K_POW2=triton.next_power_of_2(top_k))
-    _router_logits[(triton.cdiv(rows, block_m), triton.cdiv(n_experts, block_e), splits)](
-        x, weight, logits, rows, n_experts, dim, split_len, x.stride(0), weight.stride(0), logits.stride(0),
-        logits.stride(1), bias, scores, weights, ids, scores.stride(0), scaling,
-        _counters[x.device] if fused else ids, UPCAST=x.dtype != weight.dtype, BLOCK_M=block_m, BLOCK_E=block_e,
-        BLOCK_K=block_k, ONE_TILE=one_tile, ROUTE=fused, **route_constexprs, num_warps=4, **pdl.launch(x))
-    if not fused:
-        _route[(rows,)](logits, bias, scores, weights, ids, *route_args, **route_constexprs,
-                        num_warps=1 if experts_pow2 <= 512 else 4, **pdl.launch(x))
+    _route[(rows,)](logits, bias, scores, weights, ids, logits.stride(0), logits.stride(1), scores.stride(0),
+                    scaling, SPLITS=splits, GROUPS=n_group, PER_GROUP=per_group, TOPK_GROUP=topk_group,
+                    TOP_K=top_k, NORM=norm_topk_prob, G_POW2=triton.next_power_of_2(n_group), PER_POW2=triton.next_power_of_2(per_group),
+                    K_POW2=triton.next_power_of_2(top_k), num_warps=1 if experts_pow2 <= 512 else 4,
+                    **pdl.launch(x))
     return weights, ids, scores
 
 
