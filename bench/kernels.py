@@ -160,6 +160,7 @@ class Bench:
         ref = reference.fp8_linear(x.double(), w, ws)
         add(f"fp8_linear w8a16 {m}x{n}x{k} vs dequantized", fp8_gemm.fp8_linear(x, w, ws, quantize_activations=False), ref)
         add(f"fp8_linear fp8 {m}x{n}x{k} vs dequantized", fp8_gemm.fp8_linear(x, w, ws), ref)
+        add(f"fp8_linear one row 1x{n}x{k} (the GEMV) vs dequantized", dispatch.fp8_linear(x[:1], w, ws), ref[:1])
         xq, xs = reference.fp8_quantize(x.float(), block=(1, 128))
         ref_q = reference.fp8_dequantize(xq, xs, torch.float64) @ reference.fp8_dequantize(w, ws, torch.float64).T
         add(f"fp8_linear fp8 {m}x{n}x{k} vs act-quantized reference", fp8_gemm.fp8_linear(x, w, ws), ref_q)
@@ -177,6 +178,10 @@ class Bench:
         add("fused_experts fp8 w8a16", moe_kernel.fused_experts(x, ids, wts, gq, gs, dq, ds, quantize_activations=False),
             ref)
         add("fused_experts fp8 (activations quantized)", moe_kernel.fused_experts(x, ids, wts, gq, gs, dq, ds), ref)
+        one = torch.randperm(e, device=self.device)[:kk].view(1, kk)                     # one token, all here
+        add("fused_experts fp8 one token (the GEMVs)", moe_kernel.fused_experts(x[:1], one, wts[:1], gq, gs, dq, ds,
+                                                                                False, all_local=True),
+            reference.routed_experts(x[:1].double(), one, wts[:1], gq, gs, dq, ds))
         gb, db = gu.to(self.dtype), dn.to(self.dtype)
         ref = reference.routed_experts(x.double(), ids, wts, gb.double(), None, db.double(), None)
         add("fused_experts bf16", moe_kernel.fused_experts(x, ids, wts, gb, None, db, None), ref)

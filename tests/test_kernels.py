@@ -260,6 +260,9 @@ def check_gemv(gen: torch.Generator) -> dict[str, float]:
     pair = gemv.linear_pair(x[:2], w, second)
     errors["gemv/linear_pair/float16"] = rel_err(torch.cat(pair, -1), x[:2].float() @ torch.cat([w, second]).float().T)
     errors["gemv/linear_pair/shapes"] = float([tuple(t.shape) for t in pair] != [(2, 70), (2, 24)])
+    # FP8 weights with 128 x 128 block scales: K (300) and N (200) end in partial blocks.
+    w8, s8 = reference.fp8_quantize(torch.randn(200, 300, generator=gen))
+    errors["gemv/linear/fp8/float16"] = rel_err(gemv.linear(x[:2], w8, scale=s8), reference.fp8_linear(x[:2].float(), w8, s8))
     kv_b = torch.randn(4, 32 + 16, 64, generator=gen).half()                       # (H, nope + v, C)
     q_nope = torch.randn(2, 4, 32 + 8, generator=gen).half()[..., :32]            # a strided view, as in the model
     w_uk, w_uv = kv_b[:, :32], kv_b[:, 32:]
@@ -277,6 +280,16 @@ def check_gemv(gen: torch.Generator) -> dict[str, float]:
     down = torch.randn(5, 70, 24, generator=gen).half()
     errors["gemv/routed/rows/float16"] = rel_err(gemv.routed(act, ids, down),
                                                  (act.float()[:, None] @ down[ids].float().transpose(1, 2))[:, 0])
+    # FP8 experts (gate and up rows 2 x 136: the up rows start inside a scale block), then their down rows.
+    e8, es8 = reference.fp8_quantize(torch.randn(5, 2 * 136, 300, generator=gen))
+    act8 = gemv.routed(x[:1], ids, e8, swiglu=True, scale=es8)
+    gate, up = (x[:1].float() @ reference.fp8_dequantize(e8[ids], es8[ids], torch.float32).transpose(1, 2)
+                ).half().chunk(2, dim=-1)
+    errors["gemv/routed/swiglu/fp8/float16"] = rel_err(act8, reference.silu_mul(gate, up).view(3, 136))
+    d8, ds8 = reference.fp8_quantize(torch.randn(5, 70, 136, generator=gen))
+    errors["gemv/routed/rows/fp8/float16"] = rel_err(gemv.routed(act8, ids, d8, scale=ds8),
+                                             (act8.float()[:, None] @ reference.fp8_dequantize(
+                                                 d8[ids], ds8[ids], torch.float32).transpose(1, 2))[:, 0])
     return errors
 
 
@@ -497,13 +510,18 @@ def sm90_cases():
                                            "block_group": "i64"}, set(),
            {"HAS_SCALE": b == "fp8e4nv", "QUANTIZE_A": b == "fp8e4nv", "GATHER": True, "SWIGLU": True, "BLOCK_M": 16,
             "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8}) for b in ("bf16", "fp8e4nv")),
-        *((gemv._gemv, {**dict.fromkeys(["w", "bias", "out", "extra", "extra_up", "second"], "bf16"), "x": x, "lse": "fp32",
-                        "ids": "i64"}, set(),
-           {"HAS_BIAS": False, "BLOCK_N": 2 if swiglu else 4, "BLOCK_K": 2048 if splits == 0 else 512,
-            "SPLITS_POW2": splits, "ROUTED": routed, "SWIGLU": swiglu, "PAIR": pair})
-          for x, splits, routed, swiglu, pair in (("bf16", 0, False, False, False), ("fp32", 8, False, False, False),
-                                                  ("bf16", 0, True, True, False), ("bf16", 0, True, False, False),
-                                                  ("bf16", 0, False, False, True))),
+        *((gemv._gemv, {**dict.fromkeys(["bias", "out"], "bf16"), "x": x, "lse": "fp32", "ids": "i64",
+                        **dict.fromkeys(["w", "extra", "extra_up", "second"], "bf16" if scaled == 0 else "fp8e4nv"),
+                        "scale": "fp32"}, set(),
+           {"HAS_BIAS": False, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLITS_POW2": splits, "ROUTED": routed,
+            "SWIGLU": swiglu, "PAIR": pair, "SCALE_N": scaled, "SCALE_K": 128})
+          for x, splits, routed, swiglu, pair, scaled, block_n, block_k in (
+              ("bf16", 0, False, False, False, 0, 4, 2048), ("fp32", 8, False, False, False, 0, 4, 512),
+              ("bf16", 0, True, True, False, 0, 2, 2048), ("bf16", 0, True, False, False, 0, 4, 2048),
+              ("bf16", 0, False, False, True, 0, 4, 2048),
+              # FP8 at DeepSeek-V3's shapes: o_proj (16384 columns), the experts' gate and up, and down.
+              ("bf16", 0, False, False, False, 128, 1, 16384), ("bf16", 0, True, True, False, 128, 1, 8192),
+              ("bf16", 0, True, False, False, 128, 8, 2048))),
         (fp8_gemm._quantize_rows, {"x": "bf16", "q": "fp8e4nv", "scale": "fp32"}, set(), {}),
         *((mla_decode._mla_decode_split, {**dict.fromkeys(["q_latent", "q_rope", "cache"], "bf16"), "out": "fp32",
                                           "lse": "fp32", "block_tables": "i32", "context_lens": "i32"},

@@ -158,12 +158,13 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tenso
     tokens, k = local_ids.shape
     n_experts = gate_up.shape[0]
     pairs = tokens * k
-    if one_token_gemv(x, gate_up, gate_up_scale, down, all_local, shared_mlp):
+    if one_token_gemv(x, gate_up, gate_up_scale, down, all_local, shared_mlp, down_scale):
         # Each expert's rows as a GEMV (gemv.routed), pair j's output in row j, the shared experts' after them.
         extra_up, extra_down = (gemv.Extra.shared_experts(*shared_mlp, inter=down.shape[2]) if shared_mlp is not None
                                 else (None, None))
-        act = gemv.routed(x, local_ids.view(-1), gate_up, swiglu=True, extra=extra_up)  # (k [+ s], I): SwiGLU'd
-        y = gemv.routed(act, local_ids.view(-1), down, extra=extra_down)                # (k [+ s], D)
+        act = gemv.routed(x, local_ids.view(-1), gate_up, swiglu=True, extra=extra_up,
+                          scale=gate_up_scale)                                          # (k [+ s], I): SwiGLU'd
+        y = gemv.routed(act, local_ids.view(-1), down, extra=extra_down, scale=down_scale)  # (k [+ s], D)
         return _sum(y, None, weights, k, x, shared, join, extra_down.groups if extra_down is not None else 0)
     block_m = block_m or (16 if pairs <= 4 * n_experts else 64)                        # 16 or 64: gemm_config's
     if tokens == 1 and all_local:
@@ -183,14 +184,18 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tenso
 
 
 def one_token_gemv(x: torch.Tensor, gate_up: torch.Tensor, gate_up_scale: torch.Tensor | None, down: torch.Tensor,
-                   all_local: bool, shared_mlp: tuple[torch.Tensor, ...] | None = None) -> bool:
-    """One token, every expert here, 16-bit experts (and shared experts, if given, of a whole number of
-    routed experts' size) whose rows fit the GEMV's tile: fused_experts takes gemv.routed."""
-    if not (x.numel() == x.shape[-1] and all_local and gate_up_scale is None
-            and gemv.routed_applies(x, gate_up, swiglu=True) and gemv.routed_applies(x, down)):
+                   all_local: bool, shared_mlp: tuple[torch.Tensor, ...] | None = None,
+                   down_scale: torch.Tensor | None = None) -> bool:
+    """One token, every expert here, 16-bit or FP8 experts (and, 16-bit only, shared experts, if given, of a whole
+    number of routed experts' size) whose rows fit the GEMV's tile: fused_experts takes gemv.routed."""
+    if not (x.numel() == x.shape[-1] and all_local and (gate_up_scale is None) == (down_scale is None)
+            and gemv.routed_applies(x, gate_up, swiglu=True, scale=gate_up_scale)
+            and gemv.routed_applies(x, down, scale=down_scale)):
         return False
     if shared_mlp is None:
         return True
+    if gate_up_scale is not None:
+        return False
     gate, up, shared_down = shared_mlp
     inter = down.shape[2]
     return (all(w.dtype == gate_up.dtype and w.stride(-1) == 1 for w in shared_mlp) and gate.shape == up.shape
