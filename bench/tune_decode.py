@@ -204,8 +204,40 @@ def mla_chain(context: int, layers: int = 27, heads: int = 16, max_len: int = 10
     report(f"mla + W_UV chain, batch 1, context {context}, max_len {max_len}", results, "us a link", 6)
 
 
+def fp8_gemv(settings=((16384, 8192, 4), (8192, 8192, 4), (32768, 8192, 4), (32768, 65536, 8))) -> None:
+    """The FP8 GEMV (kernels/gemv.py) at DeepSeek-V3's shapes, one token: 8 routed experts' gate and up (SwiGLU,
+    and as plain rows), their down, and o_proj, for each (FP8_TILE_ELEMENTS, TILE_ELEMENTS, NUM_WARPS)."""
+    from dsv3.kernels import gemv
+    e, d, inter, dev = 256, 7168, 2048, "cuda"
+
+    def fp8(*shape):
+        return torch.randn(*shape, device=dev).clamp(-8, 8).to(torch.float8_e4m3fn)
+
+    gate_up, gate_up_scale = fp8(e, 2 * inter, d), torch.rand(e, 2 * inter // 128, d // 128, device=dev)
+    down, down_scale = fp8(e, d, inter), torch.rand(e, d // 128, inter // 128, device=dev)
+    o_proj, o_scale = fp8(d, 16384), torch.rand(d // 128, 128, device=dev)
+    x, xo = (torch.randn(1, k, device=dev, dtype=torch.bfloat16) for k in (d, 16384))
+    act = torch.randn(8, inter, device=dev, dtype=torch.bfloat16)
+    ids = torch.randperm(e, device=dev)[:8]
+    cases = (("gate_up swiglu", lambda: gemv.routed(x, ids, gate_up, swiglu=True, scale=gate_up_scale), 8 * 2 * inter * d),
+             ("gate_up plain", lambda: gemv.routed(x, ids, gate_up, scale=gate_up_scale), 8 * 2 * inter * d),
+             ("down", lambda: gemv.routed(act, ids, down, scale=down_scale), 8 * inter * d),
+             ("o_proj", lambda: gemv.linear(xo, o_proj, scale=o_scale), d * 16384))
+    saved = gemv.FP8_TILE_ELEMENTS, gemv.TILE_ELEMENTS, gemv.NUM_WARPS
+    for setting in settings:
+        gemv.FP8_TILE_ELEMENTS, gemv.TILE_ELEMENTS, gemv.NUM_WARPS = setting
+        for name, fn, nbytes in cases:
+            t = us(fn)
+            print(f"fp8 tile {setting[0]} tile {setting[1]} warps {setting[2]}: {name:15s} {t:7.1f} us "
+                  f"{nbytes / t / 1e6:5.2f} TB/s", flush=True)
+    gemv.FP8_TILE_ELEMENTS, gemv.TILE_ELEMENTS, gemv.NUM_WARPS = saved
+
+
 def main() -> None:
     import sys
+    if "--fp8-gemv" in sys.argv:
+        fp8_gemv()
+        return
     if "--mla-chain" in sys.argv:
         for context in (170, 1000):
             mla_chain(context)

@@ -520,8 +520,8 @@ def sm90_cases():
               ("bf16", 0, True, True, False, 0, 2, 2048), ("bf16", 0, True, False, False, 0, 4, 2048),
               ("bf16", 0, False, False, True, 0, 4, 2048),
               # FP8 at DeepSeek-V3's shapes: o_proj (16384 columns), the experts' gate and up, and down.
-              ("bf16", 0, False, False, False, 128, 1, 16384), ("bf16", 0, True, True, False, 128, 1, 8192),
-              ("bf16", 0, True, False, False, 128, 8, 2048))),
+              ("bf16", 0, False, False, False, 128, 2, 16384), ("bf16", 0, True, True, False, 128, 2, 8192),
+              ("bf16", 0, True, False, False, 128, 16, 2048))),
         (fp8_gemm._quantize_rows, {"x": "bf16", "q": "fp8e4nv", "scale": "fp32"}, set(), {}),
         *((mla_decode._mla_decode_split, {**dict.fromkeys(["q_latent", "q_rope", "cache"], "bf16"), "out": "fp32",
                                           "lse": "fp32", "block_tables": "i32", "context_lens": "i32"},

@@ -27,7 +27,10 @@ MAX_ROWS = 2
 TILE_ELEMENTS = 8192     # weight elements a program holds: 16 KB of bf16 over NUM_WARPS warps
 NUM_WARPS = 4
 FP8 = torch.float8_e4m3fn
-FP8_TILE_ELEMENTS = 16384  # FP8: 16 KB too (DeepSeek-V3's o_proj rows have 16384 columns), over 8 warps past 8192
+# FP8: 32 KB held as loaded, over 8 warps, so that every DeepSeek-V3 shape gets 2 rows a program or more. One row a
+# program ran the experts' gate and up at 0.47 TB/s (497 us for 8 experts, 2 rows each of 7168 columns) against 3.04
+# with two (H100, bench/results/*-fp8-gemv-tiles-26b817c.txt); o_proj (16384 columns) 2.70 against 2.95.
+FP8_TILE_ELEMENTS = 32768
 
 
 @triton.jit
