@@ -41,10 +41,17 @@ def _merged_row(partial, lse, num_splits, k, K, stride_ps, SPLITS_POW2: tl.const
     lses = tl.load(lse + splits, mask=splits < num_splits, other=float("-inf"))
     top = tl.max(lses, 0)
     top = tl.where(top == float("-inf"), 0.0, top)
+    weights = tl.exp2(lses - top)
     acc = tl.zeros([k.shape[0]], tl.float32)
-    for s in range(tl.sum((lses > float("-inf")).to(tl.int32), 0)):   # the splits with tokens come first
-        acc += tl.exp2(tl.load(lse + s) - top) * tl.load(partial + s * stride_ps + k, mask=k < K, other=0.0)
-    total = tl.sum(tl.exp2(lses - top), 0)
+    used = tl.sum((lses > float("-inf")).to(tl.int32), 0)             # the splits with tokens come first
+    # Four partial rows a turn, their loads issued together (one at a time, each waited for its load: ~0.4 us a
+    # split). In split order, as before: a split past the last adds exactly 0.
+    for s0 in range(0, used, 4):
+        for j in tl.static_range(4):
+            s = s0 + j
+            w = tl.sum(tl.where(splits == s, weights, 0.0), 0)
+            acc += w * tl.load(partial + s * stride_ps + k, mask=tl.where(s < used, k < K, False), other=0.0)
+    total = tl.sum(weights, 0)
     return acc / tl.where(total > 0, total, 1.0)
 
 
