@@ -104,6 +104,38 @@ def timeline(graph, norms_a_layer: int = 2, steps: int = 3) -> str:
     return "\n".join(out)
 
 
+def step_gaps(engine, steps: int = 6) -> str:
+    """What the GPU runs between two decode graphs of engine steps (the host's share of a step, seen from the
+    GPU): every kernel and copy from the end of one step's LM head (its longest kernel) to the end of the next,
+    except the graph's own Triton kernels (names starting with '_'), with offsets from that end."""
+    import json
+    import os
+    import tempfile
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        sync()
+    path = os.path.join(tempfile.mkdtemp(), "trace.json")
+    prof.export_chrome_trace(path)
+    events = sorted((e for e in json.load(open(path))["traceEvents"]
+                     if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    if not events:
+        return "step gaps: the profiler saw no GPU work"
+    longest = max(e["dur"] for e in events)
+    heads = [i for i, e in enumerate(events) if e["dur"] > 0.5 * longest]
+    if len(heads) < 3:
+        return "step gaps: fewer than three LM heads seen"
+    a, b = heads[-3], heads[-2]
+    t0 = events[a]["ts"] + events[a]["dur"]
+    graph_first = next(e for e in events[a + 1:b] if e["name"].startswith("_"))
+    lines = [f"step gaps: one step {events[b]['ts'] + events[b]['dur'] - t0:.1f} us from LM head end to LM head end; "
+             f"the next graph's first Triton kernel starts at +{graph_first['ts'] - t0:.1f} us"]
+    for e in events[a + 1:b + 1]:
+        if not e["name"].startswith("_"):
+            lines.append(f"  +{e['ts'] - t0:8.1f} us  {e['dur']:6.1f} us  {e.get('cat'):10s} {e['name'][:70]}")
+    return "\n".join(lines)
+
+
 def replay_ms(graph: torch.cuda.CUDAGraph, reps: int = 50) -> float:
     """Milliseconds a replay of a captured step, the mean of reps back to back."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -159,6 +191,7 @@ def decode(model, cfg, batch: int, show_timeline: bool = False) -> None:
           f"host share {step_ms - replay:.2f} ms (pack alone {pack_ms:.3f} ms)", flush=True)
     if show_timeline:
         print(timeline(graph, 2 if cfg.q_lora_rank is None else 3), flush=True)
+        print(step_gaps(engine), flush=True)
         return
     print(host_profile(engine.step, 30), flush=True)
     step = engine.runner.pack(items, rows_mode=True)
