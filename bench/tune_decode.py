@@ -28,11 +28,19 @@ def us(fn) -> float:
     return do_bench_cudagraph(fn, rep=30) * 1e3
 
 
-def moe(tokens: int, experts: int = 64, dim: int = 2048, inter: int = 1408, k: int = 6) -> None:
+def moe(tokens: int, experts: int = 64, dim: int = 2048, inter: int = 1408, k: int = 6, fp8: bool = False) -> None:
+    """The fused MoE's two GEMMs at moonlight-16b's shapes in bf16, or (fp8) as the engine runs DeepSeek-V3's FP8
+    experts: 128 x 128 block scales, activations quantized, SwiGLU in the first GEMM."""
     gen = torch.Generator(device="cuda").manual_seed(tokens)
     x = torch.randn(tokens, dim, device="cuda", dtype=torch.bfloat16)
     gate_up = torch.randn(experts, 2 * inter, dim, device="cuda", dtype=torch.bfloat16) * 0.02
     down = torch.randn(experts, dim, inter, device="cuda", dtype=torch.bfloat16) * 0.02
+    gate_up_scale = down_scale = None
+    if fp8:
+        gate_up = gate_up.clamp(-8, 8).to(torch.float8_e4m3fn)
+        down = down.clamp(-8, 8).to(torch.float8_e4m3fn)
+        gate_up_scale = torch.rand(experts, 2 * inter // 128, dim // 128, device="cuda")
+        down_scale = torch.rand(experts, dim // 128, inter // 128, device="cuda")
     ids = torch.stack([torch.randperm(experts, device="cuda", generator=gen)[:k] for _ in range(tokens)])
     act = torch.randn(tokens * k * 64 + experts * 64, inter, device="cuda", dtype=torch.bfloat16)
     default_m = 16 if tokens * k <= 4 * experts else 64
@@ -43,13 +51,15 @@ def moe(tokens: int, experts: int = 64, dim: int = 2048, inter: int = 1408, k: i
         token_at, row_at, block_expert, _ = expert_blocks(ids.flatten(), experts, block_m, k)
         cap = token_at.numel()
         base = gemm_config(block_m, 2 * inter)
-        grid = itertools.product((32, 64, 128), (64, 128), (4, 8), (3, 4))
+        grid = itertools.product((32, 64, 128), (128,) if fp8 else (64, 128), (4, 8), (3, 4))   # FP8: K blocks 128
         configs = [base] + [dict(BLOCK_M=block_m, BLOCK_N=n, BLOCK_K=kk, num_warps=w, num_stages=st)
                             for n, kk, w, st in grid]
         for config in configs:
             try:
-                t1 = us(lambda: block_scaled_matmul(x, gate_up, None, cap, token_at, block_expert, False, config))
-                t2 = us(lambda: block_scaled_matmul(act[:cap], down, None, cap, row_at, block_expert, False, config))
+                t1 = us(lambda: block_scaled_matmul(x, gate_up, gate_up_scale, cap, token_at, block_expert, fp8, config,
+                                                    swiglu=fp8))
+                t2 = us(lambda: block_scaled_matmul(act[:cap], down, down_scale, cap, row_at, block_expert, fp8,
+                                                    config))
             except Exception as e:  # out of shared memory, say
                 print(f"  moe tokens={tokens} {config}: {type(e).__name__}")
                 continue
@@ -244,6 +254,10 @@ def main() -> None:
         return
     if "--pdl" in sys.argv:
         pdl_chain()
+        return
+    if "--moe-fp8" in sys.argv:             # --moe-fp8 256,64: the same at DeepSeek-V3's FP8 expert shapes
+        for tokens in sys.argv[sys.argv.index("--moe-fp8") + 1].split(","):
+            moe(int(tokens), experts=256, dim=7168, inter=2048, k=8, fp8=True)
         return
     if "--moe" in sys.argv:                 # --moe 256,128: the fused MoE's tiles at those batches
         for tokens in sys.argv[sys.argv.index("--moe") + 1].split(","):

@@ -166,7 +166,11 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tenso
                           scale=gate_up_scale)                                          # (k [+ s], I): SwiGLU'd
         y = gemv.routed(act, local_ids.view(-1), down, extra=extra_down, scale=down_scale)  # (k [+ s], D)
         return _sum(y, None, weights, k, x, shared, join, extra_down.groups if extra_down is not None else 0)
-    block_m = block_m or (16 if pairs <= 4 * n_experts else 64)                        # 16 or 64: gemm_config's
+    # 16-row blocks (gemm_config's) up to 4 pairs an expert in 16 bits, 8 in FP8, else 64 rows. DeepSeek-V3's FP8
+    # experts at batch 256 (8 pairs an expert), H100: 4.04 ms a layer in 16-row blocks against 7.36 in 64-row ones
+    # (bench/results/*-tune-moe-fp8-b256-2aff41e.txt).
+    small = 8 if gate_up_scale is not None else 4
+    block_m = block_m or (16 if pairs <= small * n_experts else 64)
     if tokens == 1 and all_local:
         token_at, row_at, row_of_pair = _one_token_layout(k, block_m, x.device)
         block_expert = local_ids.view(-1)
