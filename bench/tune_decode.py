@@ -43,7 +43,7 @@ def moe(tokens: int, experts: int = 64, dim: int = 2048, inter: int = 1408, k: i
         down_scale = torch.rand(experts, dim // 128, inter // 128, device="cuda")
     ids = torch.stack([torch.randperm(experts, device="cuda", generator=gen)[:k] for _ in range(tokens)])
     act = torch.randn(tokens * k * 64 + experts * 64, inter, device="cuda", dtype=torch.bfloat16)
-    default_m = 16 if tokens * k <= 4 * experts else 64
+    default_m = 16 if tokens * k <= (8 if fp8 else 4) * experts else 64   # as kernels/moe.py fused_experts
     results = []
     # The engine's own choice first: results[0] is the default the best is compared with.
     others = ({16, 64} | ({32} if tokens >= 64 else set()) if tokens > 1 else set()) - {default_m}
