@@ -42,6 +42,22 @@ def host_profile(fn, n: int, top: int = 12) -> str:
     return "\n".join(line for line in s.getvalue().splitlines() if line.strip())[:4000]
 
 
+def gpu_events(run, times: int, categories: tuple[str, ...]) -> list[dict]:
+    """The GPU's events of the given trace categories while run() runs `times` times (CUPTI sees inside graphs),
+    as the profiler's trace dicts in start order."""
+    import json
+    import os
+    import tempfile
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(times):
+            run()
+        sync()
+    path = os.path.join(tempfile.mkdtemp(), "trace.json")
+    prof.export_chrome_trace(path)
+    return sorted((e for e in json.load(open(path))["traceEvents"] if e.get("cat") in categories),
+                  key=lambda e: e["ts"])
+
+
 def timeline(graph, norms_a_layer: int = 2, steps: int = 3) -> str:
     """Where a replayed step's time goes, kernel by kernel (CUPTI traces the kernels inside a graph): each
     kernel's start and end, and its *link cost*: its end minus the end of the kernel before it on the same
@@ -49,17 +65,7 @@ def timeline(graph, norms_a_layer: int = 2, steps: int = 3) -> str:
     overstates it; the link cost is what it adds to its stream. Averaged over the MoE layers by position
     in the layer (a MoE layer is the kernels from one input norm to the next: norms_a_layer rms norms a layer,
     3 with a q_lora_rank)."""
-    import json
-    import os
-    import tempfile
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            graph.replay()
-        sync()
-    path = os.path.join(tempfile.mkdtemp(), "trace.json")
-    prof.export_chrome_trace(path)
-    events = [e for e in json.load(open(path))["traceEvents"] if e.get("cat") == "kernel"]
-    events.sort(key=lambda e: e["ts"])
+    events = gpu_events(graph.replay, steps, ("kernel",))
     if not events:
         return "timeline: the profiler saw no kernels inside the graph"
     per_step = len(events) // steps
@@ -108,17 +114,7 @@ def step_gaps(engine, steps: int = 6) -> str:
     """What the GPU runs between two decode graphs of engine steps (the host's share of a step, seen from the
     GPU): every kernel and copy from the end of one step's LM head (its longest kernel) to the end of the next,
     except the graph's own Triton kernels (names starting with '_'), with offsets from that end."""
-    import json
-    import os
-    import tempfile
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            engine.step()
-        sync()
-    path = os.path.join(tempfile.mkdtemp(), "trace.json")
-    prof.export_chrome_trace(path)
-    events = sorted((e for e in json.load(open(path))["traceEvents"]
-                     if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    events = gpu_events(engine.step, steps, ("kernel", "gpu_memcpy", "gpu_memset"))
     if not events:
         return "step gaps: the profiler saw no GPU work"
     longest = max(e["dur"] for e in events)
