@@ -1,4 +1,5 @@
-"""y = x W^T for a few rows of x (decode), bf16 weights (Triton); F.linear defines it.
+"""y = x W^T for a few rows of x (decode), 16-bit weights (Triton); F.linear defines it. FP8 weights with their
+block scales too (reference.fp8_linear defines that): held as FP8 across the wait, dequantized in registers.
 
 At batch 1 every projection of a decode step is a stream of weight bytes, and the chain of them is
 latency-bound: a 2-12 MB GEMV costs ~6 us in cuBLAS or a tiled Triton GEMM, of which ~1-4 us moves
