@@ -440,6 +440,42 @@ def check_paged_model(gen: torch.Generator) -> dict[str, float]:
     errors["paged_model/one_token/float16/decode"] = rel_err(outs[1], outs[0])
     # each MoE layer's two expert GEMVs ran with the shared experts inside
     errors["paged_model/one_token/shared_inline_mismatches"] = float(inline != [True] * 2 * (cfg.num_hidden_layers - 1))
+    # The same in FP8 with 16 x 16 block scales: every linear and the routed experts take the FP8 GEMV (the weights
+    # dequantized in float32 in its registers; the reference rounds them to float16 first).
+    quant = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [16, 16]}
+    cfg = ModelConfig.from_dict(tiny_config(**configs["moonlight_like"], quantization_config=quant))
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(cfg, dtype=torch.float16).eval()
+    init_weights(model, 0.2)
+    random_bias(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dtype == torch.float8_e4m3fn:
+                p.copy_(torch.randn(p.shape, generator=gen).clamp(-8, 8).to(p.dtype))
+            elif name.endswith("scale_inv"):
+                p.copy_(torch.rand(p.shape, generator=gen) * 0.05 + 0.025)
+    outs, scaled, linears, use_fast = [], [], gemv.linear, dispatch.use_fast
+    gemv.routed = lambda *args, scale=None, **kw: (scaled.append(scale is not None), routed(*args, scale=scale, **kw))[1]
+    gemv.linear = lambda *args, scale=None, **kw: (scaled.append(scale is not None), linears(*args, scale=scale, **kw))[1]
+    try:
+        for fast in (False, True):
+            caches = [torch.zeros(8, block_size, cfg.latent_dim, dtype=torch.float16) for _ in model.model.layers]
+            prefill = PagedBatch([0, 5], torch.tensor([5], dtype=torch.int32), tables[:1],
+                                 torch.tensor(slots(0, range(5))), caches)
+            decode = PagedBatch([0, 1], torch.tensor([6], dtype=torch.int32), tables[:1], torch.tensor(slots(0, [5])),
+                                caches, decode_only=True)
+            with torch.no_grad():
+                model.model(ids[:5], torch.arange(5), prefill)  # on the reference path: its FP8 GEMMs quantize x
+                if fast:
+                    dispatch.use_fast = lambda t: not (t.requires_grad and torch.is_grad_enabled())
+                scaled.clear()
+                outs.append(model.model(ids[5:6], torch.tensor([5]), decode))
+    finally:
+        dispatch.use_fast, gemv.routed, gemv.linear = use_fast, routed, linears
+    errors["paged_model/fp8/one_token/float16/decode"] = rel_err(outs[1], outs[0])
+    # per layer 5 FP8 linears (q_a, q_b, kv_a, o_proj; the dense MLP's 3 or the shared experts' 3) and, a MoE layer,
+    # the 2 routed GEMVs: all scaled
+    errors["paged_model/fp8/one_token/unscaled_or_missing"] = float(not scaled or not all(scaled) or len(scaled) < 20)
     return errors
 
 
