@@ -412,70 +412,71 @@ def check_paged_model(gen: torch.Generator) -> dict[str, float]:
         errors[f"paged_model/{name}/prefill"] = rel_err(out[0], ref[0])
         errors[f"paged_model/{name}/decode"] = rel_err(out[1], ref[1])
         errors[f"paged_model/{name}/cache"] = rel_err(torch.stack(caches), torch.stack(ref_caches))
+    def one_token(model: DeepseekV3ForCausalLM) -> list[torch.Tensor]:
+        """One float16 sequence's 5-token prefill (reference path), then its decode step on the reference path and
+        on the fast one, from the same cache."""
+        outs, use_fast = [], dispatch.use_fast
+        try:
+            for fast in (False, True):
+                caches = [torch.zeros(8, block_size, model.config.latent_dim, dtype=torch.float16)
+                          for _ in model.model.layers]
+                prefill = PagedBatch([0, 5], torch.tensor([5], dtype=torch.int32), tables[:1],
+                                     torch.tensor(slots(0, range(5))), caches)
+                decode = PagedBatch([0, 1], torch.tensor([6], dtype=torch.int32), tables[:1],
+                                    torch.tensor(slots(0, [5])), caches, decode_only=True)
+                with torch.no_grad():
+                    model.model(ids[:5], torch.arange(5), prefill)
+                    if fast:
+                        dispatch.use_fast = lambda t: not (t.requires_grad and torch.is_grad_enabled())
+                    outs.append(model.model(ids[5:6], torch.tensor([5]), decode))
+        finally:
+            dispatch.use_fast = use_fast
+        return outs
+
+    def float16_model(**overrides) -> DeepseekV3ForCausalLM:
+        torch.manual_seed(0)
+        model = DeepseekV3ForCausalLM(ModelConfig.from_dict(tiny_config(**configs["moonlight_like"], **overrides)),
+                                      dtype=torch.float16).eval()
+        init_weights(model, 0.2)
+        random_bias(model)
+        return model
+
     # One sequence in float16: its decode step takes the one-token expert GEMVs with the shared experts inside.
     # Three float16 layers part from the float16 reference by ~2e-3 with or without them inside (bound 5e-3); a
     # wrong sum would be off by far more (the kernel itself is checked in check_fused_experts).
-    cfg = ModelConfig.from_dict(tiny_config(**configs["moonlight_like"], n_shared_experts=2))
-    torch.manual_seed(0)
-    model = DeepseekV3ForCausalLM(cfg, dtype=torch.float16).eval()
-    init_weights(model, 0.2)
-    random_bias(model)
     from dsv3.kernels import gemv
-    outs, inline, routed, use_fast = [], [], gemv.routed, dispatch.use_fast
+    model = float16_model(n_shared_experts=2)
+    inline, routed, linear = [], gemv.routed, gemv.linear
     gemv.routed = lambda *args, extra=None, **kw: (inline.append(extra is not None), routed(*args, extra=extra, **kw))[1]
     try:
-        for fast in (False, True):
-            caches = [torch.zeros(8, block_size, cfg.latent_dim, dtype=torch.float16) for _ in model.model.layers]
-            prefill = PagedBatch([0, 5], torch.tensor([5], dtype=torch.int32), tables[:1],
-                                 torch.tensor(slots(0, range(5))), caches)
-            decode = PagedBatch([0, 1], torch.tensor([6], dtype=torch.int32), tables[:1], torch.tensor(slots(0, [5])),
-                                caches, decode_only=True)
-            if fast:
-                dispatch.use_fast = lambda t: not (t.requires_grad and torch.is_grad_enabled())
-            with torch.no_grad():
-                model.model(ids[:5], torch.arange(5), prefill)
-                outs.append(model.model(ids[5:6], torch.tensor([5]), decode))
+        outs = one_token(model)
     finally:
-        dispatch.use_fast, gemv.routed = use_fast, routed
+        gemv.routed = routed
     errors["paged_model/one_token/float16/decode"] = rel_err(outs[1], outs[0])
     # each MoE layer's two expert GEMVs ran with the shared experts inside
-    errors["paged_model/one_token/shared_inline_mismatches"] = float(inline != [True] * 2 * (cfg.num_hidden_layers - 1))
+    layers = model.config.num_hidden_layers
+    errors["paged_model/one_token/shared_inline_mismatches"] = float(inline != [True] * 2 * (layers - 1))
     # The same in FP8 with 16 x 16 block scales: every linear and the routed experts take the FP8 GEMV (the weights
     # dequantized in float32 in its registers; the reference rounds them to float16 first).
-    quant = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [16, 16]}
-    cfg = ModelConfig.from_dict(tiny_config(**configs["moonlight_like"], quantization_config=quant))
-    torch.manual_seed(0)
-    model = DeepseekV3ForCausalLM(cfg, dtype=torch.float16).eval()
-    init_weights(model, 0.2)
-    random_bias(model)
+    model = float16_model(quantization_config={"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                               "weight_block_size": [16, 16]})
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dtype == torch.float8_e4m3fn:
                 p.copy_(torch.randn(p.shape, generator=gen).clamp(-8, 8).to(p.dtype))
             elif name.endswith("scale_inv"):
                 p.copy_(torch.rand(p.shape, generator=gen) * 0.05 + 0.025)
-    outs, scaled, linears, use_fast = [], [], gemv.linear, dispatch.use_fast
+    scaled = []
     gemv.routed = lambda *args, scale=None, **kw: (scaled.append(scale is not None), routed(*args, scale=scale, **kw))[1]
-    gemv.linear = lambda *args, scale=None, **kw: (scaled.append(scale is not None), linears(*args, scale=scale, **kw))[1]
+    gemv.linear = lambda *args, scale=None, **kw: (scaled.append(scale is not None), linear(*args, scale=scale, **kw))[1]
     try:
-        for fast in (False, True):
-            caches = [torch.zeros(8, block_size, cfg.latent_dim, dtype=torch.float16) for _ in model.model.layers]
-            prefill = PagedBatch([0, 5], torch.tensor([5], dtype=torch.int32), tables[:1],
-                                 torch.tensor(slots(0, range(5))), caches)
-            decode = PagedBatch([0, 1], torch.tensor([6], dtype=torch.int32), tables[:1], torch.tensor(slots(0, [5])),
-                                caches, decode_only=True)
-            with torch.no_grad():
-                model.model(ids[:5], torch.arange(5), prefill)  # on the reference path: its FP8 GEMMs quantize x
-                if fast:
-                    dispatch.use_fast = lambda t: not (t.requires_grad and torch.is_grad_enabled())
-                scaled.clear()
-                outs.append(model.model(ids[5:6], torch.tensor([5]), decode))
+        outs = one_token(model)
     finally:
-        dispatch.use_fast, gemv.routed, gemv.linear = use_fast, routed, linears
+        gemv.routed, gemv.linear = routed, linear
     errors["paged_model/fp8/one_token/float16/decode"] = rel_err(outs[1], outs[0])
-    # per layer 5 FP8 linears (q_a, q_b, kv_a, o_proj; the dense MLP's 3 or the shared experts' 3) and, a MoE layer,
-    # the 2 routed GEMVs: all scaled
-    errors["paged_model/fp8/one_token/unscaled_or_missing"] = float(not scaled or not all(scaled) or len(scaled) < 20)
+    # Each layer's q_proj, kv_a_proj and o_proj and its dense MLP's or shared experts' three linears, and each MoE
+    # layer's two routed GEMVs, all with scales.
+    errors["paged_model/fp8/one_token/gemv_call_mismatches"] = float(scaled != [True] * (6 * layers + 2 * (layers - 1)))
     return errors
 
 
