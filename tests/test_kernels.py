@@ -53,6 +53,7 @@ def check_mla_decode(gen: torch.Generator) -> dict[str, float]:
         ("ragged_heads", 20, 32, 16, 4, [1, 70, 33], torch.float32, 3, 16),
         ("more_splits_than_tiles", 4, 32, 16, 16, [3, 17], torch.float32, 8, 16),
         ("float16", 4, 32, 16, 16, [100], torch.float16, 4, 16),
+        ("seven_splits_with_tokens", 4, 32, 16, 16, [100, 9], torch.float32, 7, 16),   # the merge's second turn
         # 32 programs: the launch for many sequences (at most one program a multiprocessor), all its defaults
         ("many_sequences", 4, 32, 16, 16, [1 + (7 * i) % 45 for i in range(32)], torch.float32, None, None),
     ]
@@ -89,12 +90,13 @@ def check_mla_decode(gen: torch.Generator) -> dict[str, float]:
                 out, reference.per_head(ref, w_uv.float()) if project else ref)
     finally:
         torch.empty = empty
-    # Projected by W_UV in the same call: with several splits their merge happens inside the GEMV.
-    for splits in (1, 4):
-        cache, tables, ctx = paged_cache(gen, [37, 5], 16, 48, torch.float16)
+    # Projected by W_UV in the same call: with several splits their merge happens inside the GEMV. 7 splits over
+    # 100 tokens all hold tokens: the merge's second turn of four rows.
+    for splits, lens in ((1, [37, 5]), (4, [37, 5]), (7, [100, 5])):
+        cache, tables, ctx = paged_cache(gen, lens, 16, 48, torch.float16)
         q_latent, q_rope = torch.randn(2, 4, 32, generator=gen).half(), torch.randn(2, 4, 16, generator=gen).half()
         w_uv = torch.randn(4, 24, 32, generator=gen).half()
-        out = mla_decode(q_latent, q_rope, cache, tables, ctx, 32, 0.3, num_splits=splits, w_uv=w_uv)
+        out = mla_decode(q_latent, q_rope, cache, tables, ctx, 32, 0.3, num_splits=splits, block_n=16, w_uv=w_uv)
         ref = reference.mla_decode(q_latent.float(), q_rope.float(), cache.float(), tables, ctx, 32, 0.3)
         errors[f"mla_decode/w_uv/splits={splits}/float16"] = rel_err(out, reference.per_head(ref, w_uv.float()))
     return errors

@@ -237,7 +237,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def linear_pair(x: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(F.linear(x, first), F.linear(x, second)) in one launch, for two projections of one x (MLA's query and
     kv_a_proj): both prefetch their weights while the kernel ahead runs, where a second stream's kernel could
-    not (moonlight-16b batch 1 on an H100: 2.30 -> 2.27 ms a step). Views of one (..., N1 + N2) tensor."""
+    not (moonlight-16b batch 1 on an H100: graph replay 2.30 -> 2.27 ms; the bench's whole step did not move,
+    bench/NOTES.md). Views of one (..., N1 + N2) tensor."""
     if second.dtype != first.dtype or second.stride(-1) != first.stride(-1) or first.shape[1] != second.shape[1]:
         raise ValueError("gemv.linear_pair: both weights need the same dtype, K and column stride")
     flat = x.reshape(-1, 1, x.shape[-1])
