@@ -157,6 +157,24 @@ def decoding_engine(model, cfg, batch: int) -> tuple[LLMEngine, list]:
     return engine, seqs
 
 
+def same_without_graphs(model, cfg, batch: int, new: int = 32) -> None:
+    """Greedy tokens of whole requests from an engine that replays graphs (pending tokens and the argmax
+    taken inside them, scheduling asynchronous) against one that runs every step eagerly."""
+    outputs = []
+    for graphs in (True, False):
+        engine = LLMEngine(model, None, max_num_seqs=batch, max_num_batched_tokens=16384, block_size=64,
+                           max_model_len=1024, num_blocks=batch * 4 + 8, cuda_graphs=graphs)
+        params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+        seqs = [engine.add_request(p, params) for p in random_prompts(batch, 128, cfg.vocab_size, seed=7)]
+        while engine.has_unfinished():
+            engine.step()
+        outputs.append([s.output_token_ids for s in seqs])
+        del engine
+    same = sum(a == b for a, b in zip(*outputs))
+    print(f"decode batch {batch}: {new} greedy tokens with graphs against without: {same}/{batch} sequences "
+          f"identical", flush=True)
+
+
 def gemv_sweep(model, cfg, settings: str) -> None:
     """Batch-1 graph replay for each GEMV tile setting, 'elements x warps' (kernels/gemv.py)."""
     from dsv3.kernels import gemv
@@ -189,6 +207,7 @@ def decode(model, cfg, batch: int, show_timeline: bool = False) -> None:
         print(timeline(graph, 2 if cfg.q_lora_rank is None else 3), flush=True)
         print(step_gaps(engine), flush=True)
         return
+    same_without_graphs(model, cfg, batch)
     print(host_profile(engine.step, 30), flush=True)
     step = engine.runner.pack(items, rows_mode=True)
     # The captured step (side streams on) against the same step run eagerly on one stream.
@@ -198,6 +217,8 @@ def decode(model, cfg, batch: int, show_timeline: bool = False) -> None:
         # as a last-program-done reduction reading rows before they land, would not).
         differ = sum(not torch.equal(engine.runner.execute(step)[1], replayed) for _ in range(100))
         print(f"decode batch {batch}: the same step replayed 100 times: {differ} differ from the first", flush=True)
+        print(f"decode batch {batch}: the graph's own argmax equals the logits' argmax: "
+              f"{torch.equal(engine.runner.last_argmax, replayed.argmax(-1))}", flush=True)
         (overlap, dispatch.OVERLAP), (launch, pdl.ENABLED) = (dispatch.OVERLAP, False), (pdl.ENABLED, False)
         step.graph_size = 0
         one_stream = engine.runner.execute(step)[1]

@@ -59,8 +59,8 @@ def scripted(monkeypatch, llm):
     A tiny random model never writes a tool call by itself."""
     scripts, progress, sample = {}, {}, engine_module.sample
 
-    def scripted_sample(logits, params, generators):
-        tokens = sample(logits, params, generators)
+    def scripted_sample(logits, params, generators, argmax=None):
+        tokens = sample(logits, params, generators, argmax)  # (in place: the next step reads its tokens there)
         for row, (p, generator) in enumerate(zip(params, generators)):
             if p.seed in scripts:
                 ids, k = scripts[p.seed], progress.get(generator, 0)

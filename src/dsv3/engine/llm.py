@@ -26,7 +26,7 @@ class Launched:
     """A step on its way: the tokens it samples stay on the device until `LLMEngine._resolve` reads them."""
     items: list                   # (sequence, first position, tokens, rows kept) as packed
     done: list[Sequence]          # the sequences that sample a token, in the order of `tokens`
-    tokens: torch.Tensor | None   # (len(done),) on the device
+    tokens: torch.Tensor | None   # (len(done),) on the device: the runner's last_tokens until the next step
     host: list[torch.Tensor]      # tokens (and logprob tensors) copied to the host, complete once `ready` is
     ready: torch.cuda.Event | None
     rows: dict[int, int] = field(init=False)  # seq_id -> its row of `tokens`
@@ -174,41 +174,34 @@ class LLMEngine:
                                     or seq.num_tokens >= self.max_model_len)
 
     def _launch(self, scheduled: list[tuple[Sequence, int]], prev: Launched | None) -> Launched:
-        """Pack, run and sample a step without reading anything back; pending tokens come from prev."""
+        """Pack, run and sample a step without reading anything back; pending tokens come from prev,
+        whose tokens are still in the runner's last_tokens (the step takes them on the device)."""
         rows_mode = all(seq.num_uncomputed == 1 for seq, _ in scheduled)
-        items, fills = [], []
+        items, sources = [], []
         for seq, n in scheduled:
             first = seq.num_cached_tokens
             tokens = (seq.all_token_ids[first:] + [PENDING] * seq.pending)[:n]
             items.append((seq, first, tokens, 1 if first + n >= seq.num_tokens else 0))
-            if tokens[-1] == PENDING:
-                fills.append((len(items) - 1, prev.rows[seq.seq_id]))
-        step = self.runner.pack(items, rows_mode)
-        if fills:  # the pending tokens, device to device
-            rows = [step.batch.query_starts[i] + len(items[i][2]) - 1 for i, _ in fills]
-            step.ids[self._device_index(rows)] = prev.tokens[self._device_index([j for _, j in fills])]
-        _, logits = self.runner.run(step)
+            sources.append(prev.rows[seq.seq_id] if tokens[-1] == PENDING else -1)
+        _, logits = self.runner.run(self.runner.pack(items, rows_mode, sources=sources))
         self.stats["steps"] += 1
         done = [seq for seq, _, _, keep in items if keep]
         return self._sampled(items, done, logits)
-
-    def _device_index(self, values: list[int]) -> torch.Tensor:
-        pinned = self.device.type == "cuda"
-        return torch.tensor(values, dtype=torch.int64, pin_memory=pinned).to(self.device, non_blocking=True)
 
     def _sampled(self, items: list, done: list[Sequence], logits: torch.Tensor) -> Launched:
         """Sample the done sequences' tokens (and their logprobs) and start copying them to the host."""
         if not done:
             return Launched(items, done, None, [], None)
-        tokens = sample(logits, [s.params for s in done], [s.generator for s in done])
+        # Sampling writes into the forward's argmax, which is last_tokens: where the next step finds them.
+        tokens = sample(logits, [s.params for s in done], [s.generator for s in done], self.runner.last_argmax)
         results = [tokens]
         wanted = [s.params.logprobs for s in done if s.params.logprobs is not None]
         if wanted:
             logp = logits.float().log_softmax(-1)
             top = logp.topk(max(max(wanted), 1), dim=-1)
             results += [logp.gather(1, tokens[:, None])[:, 0], top.indices, top.values]
-        if self.device.type != "cuda":
-            return Launched(items, done, tokens, results, None)
+        if self.device.type != "cuda":  # (copies: the next step overwrites last_tokens before they are read)
+            return Launched(items, done, tokens, [t.clone() for t in results], None)
         host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in results]
         for h, t in zip(host, results):
             h.copy_(t, non_blocking=True)

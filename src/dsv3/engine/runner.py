@@ -2,9 +2,14 @@
 the attention where their latents go in the paged cache, and returns logits for the sequences
 that complete a token this step.
 
+A step's integer inputs travel to the device as one buffer in one copy (`Fields`): on a GPU, each
+small copy or kernel between two steps costs a few microseconds, a step of batch 1 about 2.3 ms.
+
 On a GPU, decode steps (one token per sequence) replay CUDA graphs captured once per batch size
 (as nano-vllm and vLLM do): a decode step of a small batch is otherwise dominated by kernel launches.
-Rows beyond the real batch are padding: they write to a scratch block nobody owns and are ignored.
+A graph's inputs are views of one static buffer that `pack` copies into directly; the graph itself
+fills in the pending tokens (`fill_pending`) and takes the greedy argmax of its logits. Rows beyond
+the real batch are padding: they write to a scratch block nobody owns and are ignored.
 
 With several ranks, rank 0 schedules and broadcasts each step's inputs; the other ranks `follow`,
 running the same forward so that every collective inside the model meets its partners.
@@ -12,8 +17,10 @@ running the same forward so that every collective inside the model meets its par
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -21,8 +28,42 @@ from dsv3.engine.sequence import Sequence
 from dsv3.model import DeepseekV3ForCausalLM, PagedBatch
 from dsv3.parallel import SINGLE, Parallel
 
-HEADER = 11  # ints that announce a broadcast step
+HEADER = 13  # ints that announce a broadcast step
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
+
+
+@dataclass(frozen=True)
+class Fields:
+    """The layout of a step's integer inputs in one byte buffer: N new tokens (padded to a graph's
+    size), R kept rows, A attention rows (sequences, or tokens in rows mode) of W blocks each."""
+    n: int
+    r: int
+    a: int
+    w: int
+
+    @property
+    def shapes(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        n, a = self.n, self.a
+        return [("ids", torch.int64, (n,)), ("positions", torch.int64, (n,)), ("slots", torch.int64, (n,)),
+                ("sources", torch.int64, (n,)), ("rows", torch.int64, (self.r,)),
+                ("context_lens", torch.int32, (a,)), ("tables", torch.int32, (a, self.w))]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_aligned(math.prod(shape) * dtype.itemsize) for _, dtype, shape in self.shapes)
+
+    def views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each field as a tensor over its part of the byte buffer (uint8, at least nbytes long)."""
+        out, offset = {}, 0
+        for name, dtype, shape in self.shapes:
+            size = math.prod(shape) * dtype.itemsize
+            out[name] = buffer[offset:offset + size].view(dtype).view(shape)
+            offset += _aligned(size)
+        return out
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // 8) * 8
 
 
 @dataclass
@@ -35,6 +76,11 @@ class StepInputs:
     mtp_depth: int = -1          # -1: the main model; d >= 0: MTP module d, fed by hidden_rows
     hidden_rows: torch.Tensor | None = None  # rows of the previous forward's output that MTP continues
     greedy_draft: bool = False   # the step also drafts in the same forward (ModelRunner.greedy_draft)
+    sources: torch.Tensor | None = None  # (N,) where a row's token is pending: its row of last_tokens, else -1
+    fills: bool = False          # some row has a pending token (known on the host)
+    rows_prefix: bool = False    # rows is 0..R-1 (known on the host): a graph's logits need no gather
+    fields: Fields | None = None  # the layout of `buffer`, which every tensor above views
+    buffer: torch.Tensor | None = None
 
 
 class ModelRunner:
@@ -45,6 +91,10 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.scratch_block = latent_caches[0].shape[0] - 1  # the cache's last block is never handed out
         self.max_blocks = -(-max_model_len // block_size)
+        # The tokens of the last step's kept rows: its greedy argmax, into which sampling writes the rest.
+        # The next step takes its pending tokens from here (fill_pending), without the host reading them.
+        self.last_tokens = torch.zeros(max(max_graph_rows, max_draft_rows, 1), dtype=torch.int64, device=self.device)
+        self.last_argmax: torch.Tensor | None = None  # (R,) a view of last_tokens, set by every forward
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.draft_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.static: dict[int, tuple[StepInputs, torch.Tensor, torch.Tensor]] = {}
@@ -55,7 +105,7 @@ class ModelRunner:
 
     # ---- packing ----------------------------------------------------------------------------------
     def pack(self, items: list[tuple[Sequence, int, list[int], int]], rows_mode: bool, graph: bool = True,
-             greedy_draft: bool = False) -> StepInputs:
+             greedy_draft: bool = False, sources: list[int] | None = None) -> StepInputs:
         """(sequence, first position, tokens, logits wanted for its last ... rows) -> device tensors.
 
         rows_mode (no sequence is prefilling): every token is its own attention row, with its own
@@ -63,43 +113,74 @@ class ModelRunner:
         absorbed path, padded to the next captured graph's size. Otherwise each sequence's tokens
         attend together (chunked prefill). graph=False: never padded (the MTP module runs eagerly).
         greedy_draft: a rows-mode step that also drafts (`greedy_draft`), from its own set of graphs.
+        sources: per item, -1, or the row of last_tokens that holds its last token (sampled by the step
+        before, still on the device; the host has a placeholder there).
         """
-        ids, positions, slots, starts, context_lens, tables, rows = [], [], [], [0], [], [], []
-        width = max(len(seq.block_table) for seq, *_ in items)
-        for seq, first, tokens, keep in items:
+        ids, positions, slots, starts, context_lens, tables, rows, fill = [], [], [], [0], [], [], [], []
+        for k, (seq, first, tokens, keep) in enumerate(items):
             n = len(tokens)
             ids += tokens
             span = range(first, first + n)
             positions += span
             slots += self.slots(seq.block_table, first, n)
-            table = seq.block_table + [self.scratch_block] * (width - len(seq.block_table))
+            fill += [-1] * (n - 1) + [sources[k] if sources else -1]
             if rows_mode:
                 context_lens += [p + 1 for p in span]
-                tables += [table] * n
+                tables += [seq.block_table] * n
             else:
                 context_lens.append(first + n)
-                tables.append(table)
+                tables.append(seq.block_table)
             rows += range(starts[-1] + n - keep, starts[-1] + n)
             starts.append(starts[-1] + n)
         graphs = self.draft_graphs if greedy_draft else self.graphs
         graph_size = next((b for b in graphs if b >= len(ids)), 0) if rows_mode and graph else 0
-        if graph_size:
+        if graph_size:  # the graph's static layout; padding rows write to the scratch block
             pad = graph_size - len(ids)
-            tables = [t + [self.scratch_block] * (self.max_blocks - width) for t in tables]
-            ids, positions = ids + [0] * pad, positions + [0] * pad
+            ids, positions, fill = ids + [0] * pad, positions + [0] * pad, fill + [-1] * pad
             slots += [self.scratch_block * self.block_size] * pad
             context_lens += [1] * pad
-            tables += [[self.scratch_block] * self.max_blocks] * pad
+            fields = self.graph_fields(graph_size)
+        else:
+            fields = Fields(len(ids), len(rows), len(tables), max(len(seq.block_table) for seq, *_ in items))
+        values = dict(ids=ids, positions=positions, slots=slots, sources=fill, rows=rows, context_lens=context_lens,
+                      tables=tables)
+        step = self.stage(fields, values, self.static[graph_size][0].buffer if graph_size else None)
+        step.batch.query_starts, step.batch.decode_only = starts, rows_mode
+        step.batch.context_lens_host = None if rows_mode else context_lens
+        step.rows, step.graph_size, step.greedy_draft = step.rows[:len(rows)], graph_size, greedy_draft
+        step.fills, step.rows_prefix = max(fill) >= 0, rows == list(range(len(rows)))
+        return step
 
-        def tensor(x, dtype):
-            return torch.tensor(x, dtype=dtype, pin_memory=self.device.type == "cuda").to(self.device, non_blocking=True)
+    def graph_fields(self, size: int) -> Fields:
+        return Fields(size, size, size, self.max_blocks)
 
-        batch = PagedBatch(query_starts=starts, context_lens=tensor(context_lens, torch.int32),
-                           block_tables=tensor(tables, torch.int32), slot_mapping=tensor(slots, torch.int64),
-                           latent_caches=self.latent_caches, decode_only=rows_mode,
-                           context_lens_host=None if rows_mode else context_lens)
-        return StepInputs(tensor(ids, torch.int64), tensor(positions, torch.int64), batch, tensor(rows, torch.int64),
-                          graph_size, greedy_draft=greedy_draft)
+    def stage(self, fields: Fields, values: dict[str, list], dest: torch.Tensor | None = None) -> StepInputs:
+        """Write the inputs into one host buffer, copy it to the device in one go (into dest, a graph's
+        static buffer, if given) and view it as a step: decode-only, every row kept, until pack says."""
+        host = torch.empty(fields.nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        views = fields.views(host)
+        for name in ("ids", "positions", "slots", "sources", "context_lens"):
+            views[name].numpy()[:] = values[name]
+        kept = views["rows"].numpy()
+        kept[:] = 0
+        kept[:len(values["rows"])] = values["rows"]
+        table = views["tables"].numpy()
+        table[:] = self.scratch_block
+        for i, blocks in enumerate(values["tables"]):
+            table[i, :len(blocks)] = blocks
+        if self.device.type == "cuda":
+            buffer = dest[:fields.nbytes] if dest is not None else torch.empty_like(host, device=self.device)
+            buffer.copy_(host, non_blocking=True)
+        else:
+            buffer = host
+        return self.as_step(fields, buffer, list(range(fields.a + 1)))
+
+    def as_step(self, fields: Fields, buffer: torch.Tensor, starts: list[int]) -> StepInputs:
+        v = fields.views(buffer)
+        batch = PagedBatch(query_starts=starts, context_lens=v["context_lens"], block_tables=v["tables"],
+                           slot_mapping=v["slots"], latent_caches=self.latent_caches, decode_only=True)
+        return StepInputs(v["ids"], v["positions"], batch, v["rows"], sources=v["sources"], rows_prefix=True,
+                          fields=fields, buffer=buffer)
 
     def slots(self, table: list[int], first: int, n: int) -> list[int]:
         """The flat cache slots of positions first..first+n-1, a range per block (long prompts pack fast)."""
@@ -117,37 +198,49 @@ class ModelRunner:
     def run(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward a packed step on every rank: the output hidden states of its tokens (N, D) and the kept logits."""
         if self.par.distributed:
+            if step.fills:  # only this rank samples: the others get the pending tokens in the inputs
+                step.ids.copy_(self.fill_pending(step.ids, step.sources))
+                step.sources.fill_(-1)
+                step.fills = False
             self.broadcast(step)
         return self.execute(step)
 
+    def fill_pending(self, ids: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+        """ids with each pending token (where sources >= 0) taken from last_tokens."""
+        return torch.where(sources >= 0, self.last_tokens[sources.clamp(min=0)], ids)
+
     def execute(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden (N, D), logits of the kept rows (R, vocab)); a greedy_draft step returns instead of
-        the logits its (2, N) tokens: the main model's argmax and the MTP draft at every row."""
-        n = step.batch.query_starts[-1]
+        """(hidden (N, D), logits of the kept rows (R, vocab)), and their argmax in last_argmax; a greedy_draft
+        step returns instead of the logits its (2, N) tokens: the main model's argmax and the MTP draft at
+        every row. A graph's inputs are already in place: pack wrote them into its static buffer."""
+        n, kept = step.batch.query_starts[-1], len(step.rows)
         if step.mtp_depth >= 0:  # MTP graphs are not captured: the module is one block
             hidden = self.model.mtp_hidden(self.last_hidden[step.hidden_rows], step.ids, step.positions,
                                            step.mtp_depth, step.batch)
         elif step.graph_size:
-            static, hidden, logits = self.static[step.graph_size]
-            static.ids.copy_(step.ids)
-            static.positions.copy_(step.positions)
-            static.batch.context_lens.copy_(step.batch.context_lens)
-            static.batch.block_tables.copy_(step.batch.block_tables)
-            static.batch.slot_mapping.copy_(step.batch.slot_mapping)
+            _, hidden, logits = self.static[step.graph_size]
             if step.greedy_draft:
                 hidden, tokens = self.static_drafts[step.graph_size]
                 self.draft_graphs[step.graph_size].replay()
                 self.last_hidden = hidden[:n]
                 return hidden[:n], tokens[:, :n]
-            self.graphs[step.graph_size].replay()
+            self.graphs[step.graph_size].replay()  # also wrote the argmax of every row into last_tokens
             self.last_hidden = hidden[:n]
-            return hidden[:n], logits[step.rows]
+            if step.rows_prefix:
+                self.last_argmax = self.last_tokens[:kept]
+                return hidden[:n], logits[:kept]
+            logits = logits[step.rows]
+            self.last_argmax = torch.argmax(logits, dim=-1, out=self.last_tokens[:kept])
+            return hidden[:n], logits
         else:
-            hidden = self.model.model(step.ids, step.positions, step.batch)   # (N, D)
+            ids = self.fill_pending(step.ids, step.sources) if step.fills else step.ids
+            hidden = self.model.model(ids, step.positions, step.batch)   # (N, D)
         self.last_hidden = hidden
         if step.greedy_draft:
             return hidden, self.greedy_draft(hidden, step.positions, step.batch)
-        return hidden, self.model.logits(hidden[step.rows])                   # (R, vocab) float32
+        logits = self.model.logits(hidden[step.rows])                    # (R, vocab) float32
+        self.last_argmax = torch.argmax(logits, dim=-1, out=self.last_tokens[:kept])
+        return hidden, logits
 
     def greedy_draft(self, hidden: torch.Tensor, positions: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
         """Verification and the next draft in one forward (greedy, one draft): at every row i, the main
@@ -162,36 +255,38 @@ class ModelRunner:
     @torch.inference_mode()
     def capture(self, sizes: list[int], draft_sizes: list[int]) -> None:
         """One graph per batch size, largest first so the smaller ones reuse its memory pool; for the sizes
-        in draft_sizes, a second graph that also drafts (greedy_draft)."""
+        in draft_sizes, a second graph that also drafts (greedy_draft). A graph starts from its inputs'
+        static buffer and ends with the argmax of every row in last_tokens."""
         pool = None
         for size in sorted(set(sizes) | set(draft_sizes), reverse=True):
-            def full(value, *shape, dtype=torch.int64):
-                return torch.full(shape, value, dtype=dtype, device=self.device)
+            fields = self.graph_fields(size)
+            values = dict(ids=[0] * size, positions=[0] * size, slots=[self.scratch_block * self.block_size] * size,
+                          sources=[-1] * size, rows=list(range(size)), context_lens=[1] * size, tables=[])
+            static = self.stage(fields, values, torch.empty(fields.nbytes, dtype=torch.uint8, device=self.device))
+            static.graph_size = size
 
-            batch = PagedBatch(query_starts=list(range(size + 1)), context_lens=full(1, size, dtype=torch.int32),
-                               block_tables=full(self.scratch_block, size, self.max_blocks, dtype=torch.int32),
-                               slot_mapping=full(self.scratch_block * self.block_size, size),
-                               latent_caches=self.latent_caches, decode_only=True)
-            static = StepInputs(full(0, size), full(0, size), batch, torch.arange(size, device=self.device), size)
+            def forward():
+                hidden = self.model.model(self.fill_pending(static.ids, static.sources), static.positions, static.batch)
+                return hidden, self.model.logits(hidden)
+
             for _ in range(2):  # warm up outside the graph (Triton autotuning, cuBLAS handles)
-                hidden = self.model.model(static.ids, static.positions, batch)
-                self.model.logits(hidden)
+                hidden, _ = forward()
                 if size in draft_sizes:
-                    self.greedy_draft(hidden, static.positions, batch)
+                    self.greedy_draft(hidden, static.positions, static.batch)
             torch.cuda.synchronize()
             if size in sizes:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    hidden = self.model.model(static.ids, static.positions, batch)
-                    logits = self.model.logits(hidden)
+                    hidden, logits = forward()
+                    torch.argmax(logits, dim=-1, out=self.last_tokens[:size])
                 pool = graph.pool()
                 self.graphs[size] = graph
                 self.static[size] = (static, hidden, logits)
             if size in draft_sizes:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    hidden = self.model.model(static.ids, static.positions, batch)
-                    tokens = self.greedy_draft(hidden, static.positions, batch)
+                    hidden, _ = forward()  # (the logits go unused: greedy_draft computes its own)
+                    tokens = self.greedy_draft(hidden, static.positions, static.batch)
                 pool = graph.pool()
                 self.draft_graphs[size] = graph
                 self.static_drafts[size] = (hidden, tokens)
@@ -201,38 +296,40 @@ class ModelRunner:
 
     # ---- several ranks ----------------------------------------------------------------------------
     def broadcast(self, step: StepInputs | None) -> None:
-        """Rank 0 sends a step (None: stop) to the followers: a header of sizes, then the tensors."""
+        """Rank 0 sends a step (None: stop) to the followers: a header of sizes, the query starts, the
+        inputs' buffer, and the rows an MTP step continues."""
         if step is None:
             dist.broadcast(torch.zeros(HEADER, dtype=torch.int64, device=self.device), src=0)
             return
-        b = step.batch
+        f, b = step.fields, step.batch
         hidden_rows = step.hidden_rows if step.hidden_rows is not None else step.rows[:0]
-        header = [1, len(step.ids), len(b.query_starts), b.block_tables.shape[0], b.block_tables.shape[1],
-                  len(step.rows), step.graph_size, int(b.decode_only), step.mtp_depth, len(hidden_rows),
-                  int(step.greedy_draft)]
+        header = [1, f.n, f.r, f.a, f.w, len(step.rows), step.graph_size, int(b.decode_only), step.mtp_depth,
+                  len(hidden_rows), int(step.greedy_draft), int(step.rows_prefix), len(b.query_starts)]
         dist.broadcast(torch.tensor(header, device=self.device), src=0)
-        starts = torch.tensor(b.query_starts, dtype=torch.int64, device=self.device)
-        for t in (step.ids, step.positions, b.slot_mapping, b.context_lens, b.block_tables, step.rows, starts,
-                  hidden_rows):
-            dist.broadcast(t, src=0)
+        dist.broadcast(torch.tensor(b.query_starts, dtype=torch.int64, device=self.device), src=0)
+        dist.broadcast(step.buffer, src=0)
+        dist.broadcast(hidden_rows, src=0)
 
     def receive(self) -> StepInputs | None:
         header = torch.empty(HEADER, dtype=torch.int64, device=self.device)
         dist.broadcast(header, src=0)
-        go, n, n_starts, attn_rows, width, r, graph_size, decode_only, depth, n_hidden, draft = header.tolist()
+        go, n, r, a, w, kept, graph_size, decode_only, depth, n_hidden, draft, rows_prefix, n_starts = header.tolist()
         if not go:
             return None
-
-        def empty(*shape, dtype=torch.int64):
-            return torch.empty(shape, dtype=dtype, device=self.device)
-
-        ids, positions, slots = empty(n), empty(n), empty(n)
-        context_lens, tables = empty(attn_rows, dtype=torch.int32), empty(attn_rows, width, dtype=torch.int32)
-        rows, starts, hidden_rows = empty(r), empty(n_starts), empty(n_hidden)
-        for t in (ids, positions, slots, context_lens, tables, rows, starts, hidden_rows):
-            dist.broadcast(t, src=0)
-        batch = PagedBatch(starts.tolist(), context_lens, tables, slots, self.latent_caches, bool(decode_only))
-        return StepInputs(ids, positions, batch, rows, graph_size, depth, hidden_rows, bool(draft))
+        starts = torch.empty(n_starts, dtype=torch.int64, device=self.device)
+        dist.broadcast(starts, src=0)
+        fields = Fields(n, r, a, w)
+        if graph_size:  # straight into the graph's inputs
+            buffer = self.static[graph_size][0].buffer[:fields.nbytes]
+        else:
+            buffer = torch.empty(fields.nbytes, dtype=torch.uint8, device=self.device)
+        dist.broadcast(buffer, src=0)
+        hidden_rows = torch.empty(n_hidden, dtype=torch.int64, device=self.device)
+        dist.broadcast(hidden_rows, src=0)
+        step = self.as_step(fields, buffer, starts.tolist())
+        step.rows, step.graph_size, step.mtp_depth, step.hidden_rows = step.rows[:kept], graph_size, depth, hidden_rows
+        step.batch.decode_only, step.greedy_draft, step.rows_prefix = bool(decode_only), bool(draft), bool(rows_prefix)
+        return step
 
     @torch.inference_mode()
     def follow(self) -> None:

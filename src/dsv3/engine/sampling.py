@@ -40,11 +40,12 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-           ) -> torch.Tensor:
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           argmax: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of logits (S, V) float32. Each row's result depends only on its own row,
-    parameters and generator, never on the rest of the batch."""
-    tokens = logits.argmax(dim=-1)
+    parameters and generator, never on the rest of the batch. argmax: the logits' argmax if the
+    forward took it already; the sampled rows are then written into it, and it is returned."""
+    tokens = logits.argmax(dim=-1) if argmax is None else argmax
     sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
     if not sampled_rows:
         return tokens
