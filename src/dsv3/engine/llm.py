@@ -135,6 +135,7 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     # ---- one step ---------------------------------------------------------------------------------
+    @torch.inference_mode()
     def step(self) -> list[Sequence]:
         if self.speculator is not None and self._speculating():
             changed = self._resolve(self.in_flight) if self.in_flight is not None else []  # drain first

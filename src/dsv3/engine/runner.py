@@ -154,6 +154,7 @@ class ModelRunner:
     def graph_fields(self, size: int) -> Fields:
         return Fields(size, size, size, self.max_blocks)
 
+    @torch.inference_mode()  # (a graph's static buffer is an inference tensor: it was made while capturing)
     def stage(self, fields: Fields, values: dict[str, list], dest: torch.Tensor | None = None) -> StepInputs:
         """Write the inputs into one host buffer, copy it to the device in one go (into dest, a graph's
         static buffer, if given) and view it as a step: decode-only, every row kept, until pack says."""
