@@ -80,6 +80,7 @@ PIECES = ["<think>", "</think>", "think", "<", ">", "/", "Hello", " world", "\n"
 
 @settings(max_examples=300, deadline=None)
 @example(pieces=["<", "<think>", "think", ">"], reasoning=False, opened=False, tools=False, structured=False)  # found
+@example(pieces=["<think>"] * 3 + ["think", ">", "<"], reasoning=True, opened=False, tools=True, structured=True)  # found
 @given(pieces=st.lists(st.sampled_from(PIECES), max_size=30), reasoning=st.booleans(), opened=st.booleans(),
        tools=st.booleans(), structured=st.booleans())
 def test_streamed_pieces_join_to_the_whole_answer(pieces, reasoning, opened, tools, structured):
@@ -96,5 +97,6 @@ def test_streamed_pieces_join_to_the_whole_answer(pieces, reasoning, opened, too
     whole = parser.parse(text)
     if pieces:
         assert (reasoning_text, content, calls) == (whole.reasoning, whole.content, whole.tool_calls)
-    shown = whole.content + whole.reasoning
-    assert not any(tag in shown for tag in (TOOL_CALLS_BEGIN, TOOL_SEP, "<think>", "<｜User｜>"))
+    # (each part alone: content "<" and reasoning "think>" are fine, though together they spell a tag)
+    for shown in (whole.content, whole.reasoning):
+        assert not any(tag in shown for tag in (TOOL_CALLS_BEGIN, TOOL_SEP, "<think>", "<｜User｜>"))
