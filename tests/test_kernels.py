@@ -248,6 +248,33 @@ def check_norms_and_elementwise(gen: torch.Generator) -> dict[str, float]:
     return errors
 
 
+def check_step_edges(gen: torch.Generator) -> dict[str, float]:
+    """The engine step's first and last kernels: pending tokens filled in (over one block of rows), and each
+    row's argmax, where ties must give the first column (inside one part, across parts, a row of -inf);
+    and the GEMV's float32 out (the LM head's logits), which must hold the 16-bit result exactly."""
+    from dsv3.kernels import gemv, glue
+
+    ids, last = torch.randint(0, 1000, (1500,), generator=gen), torch.randint(0, 1000, (40,), generator=gen)
+    sources = torch.randint(-20, 40, (1500,), generator=gen).clamp(min=-1)
+    errors = {"fill_pending/mismatches": float((glue.fill_pending(ids, sources, last)
+                                                != reference.fill_pending(ids, sources, last)).sum())}
+    cols = 2 * glue.ARGMAX_BLOCK + 300
+    for dtype in (torch.float32, torch.float16):
+        x = torch.randint(-50, 3, (6, cols), generator=gen).float()  # few values: ties everywhere
+        x[1] = float("-inf")
+        x[2, [cols - 1, glue.ARGMAX_BLOCK + 5, 100]] = 9.0           # the same maximum in three parts
+        x[3, [40, 7]] = 9.0                                           # twice in one part
+        x[4, cols - 1] = 9.0                                          # in the last, partial part
+        x = x.to(dtype)
+        out = torch.full((6,), -7, dtype=torch.int64)
+        written = glue.argmax(x, out) is out
+        errors[f"argmax/{dtype}/mismatches"] = float((out != reference.argmax(x)).sum()) + (not written)
+    x, w = torch.randn(3, 300, generator=gen).half(), torch.randn(70, 300, generator=gen).half()
+    errors["gemv/float32_out/mismatches"] = float((gemv.linear(x, w, out_dtype=torch.float32)
+                                                   != gemv.linear(x, w).float()).sum())
+    return errors
+
+
 def check_gemv(gen: torch.Generator) -> dict[str, float]:
     """The decode GEMV (16-bit only: float16 here) against float32 products: K not a power of two, a bias,
     leading dims, and the absorbed MLA's per-head products on strided views of one kv_b_proj."""
@@ -486,7 +513,7 @@ def run_checks() -> dict[str, float]:
     gen = torch.Generator().manual_seed(0)
     return {**check_mla_decode(gen), **check_fp8_gemm(gen), **check_fused_experts(gen), **check_expert_sum(gen),
             **check_norms_and_elementwise(gen), **check_gemv(gen), **check_mla_rope_and_cache(gen), **check_route(gen),
-            **check_expert_blocks(gen), **check_paged_model(gen)}
+            **check_expert_blocks(gen), **check_paged_model(gen), **check_step_edges(gen)}
 
 
 # ---- the tests ---------------------------------------------------------------------------------------
@@ -511,7 +538,7 @@ BOUNDS = {"one_token/float16": 5e-3, "float16": 2e-3, "empty_context_abs": 0.0, 
 @needs_triton
 @pytest.mark.parametrize("kernel", ["mla_decode", "fp8_linear", "fp8_dequantize", "fused_experts", "expert_sum", "rms_norm",
                                     "silu_mul", "moe_combine", "gemv", "mla_rope_and_cache", "route", "expert_blocks",
-                                    "paged_model"])
+                                    "paged_model", "fill_pending", "argmax"])
 def test_triton_kernel_matches_reference(interpreted, kernel):
     checked = {name: err for name, err in interpreted.items() if name.startswith(kernel + "/")}
     assert checked
@@ -540,6 +567,9 @@ def sm90_cases():
             "PER_POW2": e // g, "K_POW2": 8}) for e, g, tg, k in ((64, 1, 1, 6), (256, 8, 4, 8))),
         (glue._silu_mul, dict.fromkeys(["gate", "up", "out"], "bf16"), set(), {"BLOCK": 1024}),
         (glue._moe_combine, {"routed": "fp32", "shared": "bf16", "out": "bf16"}, set(), {"BLOCK": 1024}),
+        (glue._fill_pending, dict.fromkeys(["ids", "sources", "last", "out"], "i64"), set(), {"BLOCK": 1024}),
+        (glue._argmax_parts, {"x": "fp32", "values": "fp32", "indices": "i64"}, set(), {"BLOCK": glue.ARGMAX_BLOCK}),
+        (glue._argmax_rows, {"values": "fp32", "indices": "i64", "out": "i64"}, set(), {"PARTS_POW2": 128}),
         (moe._expert_blocks, dict.fromkeys(["ids", "token_at", "row_at", "block_expert", "row_of_pair"], "i64"), set(),
          {"BLOCK_M": 16, "E_POW2": 256, "BLOCK": 32}),
         *((moe._weighted_sum, {"y": "bf16", "row_of_pair": "i64", "weights": "fp32", "shared": "bf16", "out": out},

@@ -20,11 +20,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from dsv3.engine.sequence import Sequence
+from dsv3.kernels import dispatch
 from dsv3.model import DeepseekV3ForCausalLM, PagedBatch
 from dsv3.parallel import SINGLE, Parallel
 
@@ -208,7 +208,7 @@ class ModelRunner:
 
     def fill_pending(self, ids: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
         """ids with each pending token (where sources >= 0) taken from last_tokens."""
-        return torch.where(sources >= 0, self.last_tokens[sources.clamp(min=0)], ids)
+        return dispatch.fill_pending(ids, sources, self.last_tokens)
 
     def execute(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden (N, D), logits of the kept rows (R, vocab)), and their argmax in last_argmax; a greedy_draft
@@ -231,7 +231,7 @@ class ModelRunner:
                 self.last_argmax = self.last_tokens[:kept]
                 return hidden[:n], logits[:kept]
             logits = logits[step.rows]
-            self.last_argmax = torch.argmax(logits, dim=-1, out=self.last_tokens[:kept])
+            self.last_argmax = dispatch.argmax(logits, out=self.last_tokens[:kept])
             return hidden[:n], logits
         else:
             ids = self.fill_pending(step.ids, step.sources) if step.fills else step.ids
@@ -240,7 +240,7 @@ class ModelRunner:
         if step.greedy_draft:
             return hidden, self.greedy_draft(hidden, step.positions, step.batch)
         logits = self.model.logits(hidden[step.rows])                    # (R, vocab) float32
-        self.last_argmax = torch.argmax(logits, dim=-1, out=self.last_tokens[:kept])
+        self.last_argmax = dispatch.argmax(logits, out=self.last_tokens[:kept])
         return hidden, logits
 
     def greedy_draft(self, hidden: torch.Tensor, positions: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
@@ -279,7 +279,7 @@ class ModelRunner:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     hidden, logits = forward()
-                    torch.argmax(logits, dim=-1, out=self.last_tokens[:size])
+                    dispatch.argmax(logits, out=self.last_tokens[:size])
                 pool = graph.pool()
                 self.graphs[size] = graph
                 self.static[size] = (static, hidden, logits)

@@ -58,12 +58,15 @@ def fp8_dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.d
     return reference.fp8_dequantize(weight, scale_inv, dtype)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear for 16-bit weights; a few rows on the GPU take the GEMV kernel (gemv.py: it overlaps the
-    kernel ahead of it, measured 6.0 -> 3.5 us a 2048 x 2048 projection in a chain, cuBLAS 6.0)."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """F.linear for 16-bit weights, then cast to out_dtype if given (the GEMV writes it directly, one kernel
+    less); a few rows on the GPU take the GEMV kernel (gemv.py: it overlaps the kernel ahead of it, measured
+    6.0 -> 3.5 us a 2048 x 2048 projection in a chain, cuBLAS 6.0)."""
     if use_triton(x) and gemv.applies(x, weight):
-        return gemv.linear(x, weight, bias)
-    return F.linear(x, weight, bias)
+        return gemv.linear(x, weight, bias, out_dtype=out_dtype)
+    y = F.linear(x, weight, bias)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def linear_pair(x: torch.Tensor, first: torch.Tensor, second: torch.Tensor
@@ -207,6 +210,19 @@ def moe_combine(routed: torch.Tensor, shared: torch.Tensor, dtype: torch.dtype) 
     if use_triton(routed) and use_triton(shared):
         return glue.moe_combine(routed, shared, dtype)
     return reference.moe_combine(routed, shared, dtype)
+
+
+def fill_pending(ids: torch.Tensor, sources: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    if use_triton(ids):
+        return glue.fill_pending(ids, sources, last)
+    return reference.fill_pending(ids, sources, last)
+
+
+def argmax(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Each row's argmax of x (M, V), into out (M,) int64 if given."""
+    if use_triton(x) and x.dim() == 2:
+        return glue.argmax(x, out)
+    return torch.argmax(x, dim=-1, out=out) if out is not None else reference.argmax(x)
 
 
 # ---- two streams ------------------------------------------------------------------------------------------

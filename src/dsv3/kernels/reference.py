@@ -233,3 +233,15 @@ def expert_blocks(local_ids: torch.Tensor, n_experts: int, block_m: int, k: int
     token_at = torch.where(padding, -1, pair_at // k)
     row_at = torch.where(padding, -1, torch.arange(capacity, device=local_ids.device))
     return token_at, row_at, block_expert, row_of_pair
+
+
+def fill_pending(ids: torch.Tensor, sources: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """ids (N,) with ids[i] replaced by last[sources[i]] where sources[i] >= 0: a token the step before
+    sampled on the device, which the host has not read yet."""
+    return torch.where(sources >= 0, last[sources.clamp(min=0)], ids)
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax over the last dim (the first index of its maximum), int64."""
+    return x.argmax(dim=-1)
+

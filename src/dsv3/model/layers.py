@@ -139,7 +139,7 @@ class ParallelLMHead(ColumnParallelLinear):
         self.par = par
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.par.all_gather_last_dim(super().forward(x).float())
+        return self.par.all_gather_last_dim(dispatch.linear(x, self.weight, self.bias, out_dtype=torch.float32))
 
 
 # ---- rotary embeddings ---------------------------------------------------------------------------
