@@ -111,9 +111,9 @@ def timeline(graph, norms_a_layer: int = 2, steps: int = 3) -> str:
 
 
 def step_gaps(engine, steps: int = 6) -> str:
-    """What the GPU runs between two decode graphs of engine steps (the host's share of a step, seen from the
-    GPU): every kernel and copy from the end of one step's LM head (its longest kernel) to the end of the next,
-    except the graph's own Triton kernels (names starting with '_'), with offsets from that end."""
+    """What the GPU runs between two decode steps' layers (the step's edges and the host's share of it, seen
+    from the GPU): every kernel and copy from the end of one step's LM head (its longest kernel) to the next
+    step's first norm, with offsets from that end."""
     events = gpu_events(engine.step, steps, ("kernel", "gpu_memcpy", "gpu_memset"))
     if not events:
         return "step gaps: the profiler saw no GPU work"
@@ -123,12 +123,11 @@ def step_gaps(engine, steps: int = 6) -> str:
         return "step gaps: fewer than three LM heads seen"
     a, b = heads[-3], heads[-2]
     t0 = events[a]["ts"] + events[a]["dur"]
-    graph_first = next(e for e in events[a + 1:b] if e["name"].startswith("_"))
+    norm = next(i for i in range(a + 1, b) if events[i]["name"] == "_rms_norm")
     lines = [f"step gaps: one step {events[b]['ts'] + events[b]['dur'] - t0:.1f} us from LM head end to LM head end; "
-             f"the next graph's first Triton kernel starts at +{graph_first['ts'] - t0:.1f} us"]
-    for e in events[a + 1:b + 1]:
-        if not e["name"].startswith("_"):
-            lines.append(f"  +{e['ts'] - t0:8.1f} us  {e['dur']:6.1f} us  {e.get('cat'):10s} {e['name'][:70]}")
+             f"the next step's first norm starts at +{events[norm]['ts'] - t0:.1f} us"]
+    for e in events[a + 1:norm + 1]:
+        lines.append(f"  +{e['ts'] - t0:8.1f} us  {e['dur']:6.1f} us  {e.get('cat'):10s} {e['name'][:70]}")
     return "\n".join(lines)
 
 

@@ -67,6 +67,8 @@ class LLMEngine:
         self.latent_caches = allocate_latent_cache(num_layers, num_blocks + 1, block_size, cfg.latent_dim, self.dtype,
                                                    self.device)
         self.blocks = BlockManager(num_blocks, block_size)
+        # The same rotations, looked up: one kernel a step, not four (drafts reach speculative_tokens further).
+        model.model.rotary.cache(self.max_model_len + speculative_tokens + 1)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         self.speculator = Speculator(self, speculative_tokens, speculative_max_batch) if speculative_tokens else None
         draft_rows = 2 * min(max_num_seqs, speculative_max_batch) if speculative_tokens == 1 else 0

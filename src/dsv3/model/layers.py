@@ -176,8 +176,18 @@ class Rotary(nn.Module):
         super().__init__()
         self.scale = cfg.rope.cos_sin_scale
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.table: torch.Tensor | None = None
 
-    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+    def cache(self, positions: int) -> None:
+        """Keep the rotations of positions 0..positions-1 (the engine's max_model_len): a step then looks its
+        positions up in one kernel, where computing them takes four (a decode step's head on a GPU)."""
+        self.table = self.rotations(torch.arange(positions, device=self.inv_freq.device))
+
+    def rotations(self, positions: torch.Tensor) -> torch.Tensor:
         angles = positions.float().unsqueeze(-1) * self.inv_freq
         return torch.polar(torch.full_like(angles, self.scale), angles)
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        """The rotations of positions (any shape); with a table (`cache`), every position must be in it."""
+        return self.table[positions] if self.table is not None else self.rotations(positions)
 

@@ -78,10 +78,12 @@ class Backbone(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, batch: PagedBatch | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) without a cache, or (N,) flat with a PagedBatch -> final normed hidden states."""
-        if positions is None:
+        if positions is None:  # (a whole sequence, maybe longer than the engine's rotary table)
             positions = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
+            rope = self.rotary.rotations(positions)
+        else:
+            rope = self.rotary(positions)
         x, residual = self.embed_tokens(input_ids), None
-        rope = self.rotary(positions)
         for layer in self.layers[: self.num_hidden_layers]:
             x, residual = layer(x, rope, batch, attention_mask, residual)
         return self.norm(x, residual)[0]
@@ -128,8 +130,10 @@ class DeepseekV3ForCausalLM(nn.Module):
         give the hidden state that predicts t_{i+2+depth}."""
         if positions is None:
             positions = torch.arange(next_ids.shape[-1], device=next_ids.device).expand_as(next_ids)
-        return self.mtp_layers[depth](hidden, self.model.embed_tokens(next_ids), self.model.rotary(positions), batch,
-                                      attention_mask)
+            rope = self.model.rotary.rotations(positions)
+        else:
+            rope = self.model.rotary(positions)
+        return self.mtp_layers[depth](hidden, self.model.embed_tokens(next_ids), rope, batch, attention_mask)
 
     def mtp_forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Next-next-token logits (B, T-1, vocab) of the first MTP depth for a full sequence: row i predicts
