@@ -164,3 +164,21 @@ def test_sequence_classification_pooling_matches_transformers(tmp_path):
         expected = hf(ids, attention_mask=mask).logits
         got = model(ids, attention_mask=mask)
     assert relative_error(expected, got) < 1e-4
+
+
+def test_rotary_table_gives_the_computed_rotations_and_only_grows():
+    """The engine's table of rotations (YaRN here) holds the values computed per step, to the bit; a second
+    engine never replaces a table the first one's CUDA graphs read, and an outgrown one stays alive."""
+    from dsv3.model.layers import Rotary
+
+    rotary = Rotary(ModelConfig.from_dict(tiny_config(rope_scaling=YARN)))
+    positions = torch.tensor([[0, 5, 17, 63], [1, 2, 3, 40]])
+    computed = rotary(positions)
+    rotary.cache(64)
+    assert torch.equal(rotary(positions), computed)
+    table = rotary.table
+    rotary.cache(32)
+    assert rotary.table is table
+    rotary.cache(128)
+    assert rotary.retired == [table] and torch.equal(rotary.table[:64], table)
+    assert torch.equal(rotary(positions), computed)

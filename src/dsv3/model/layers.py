@@ -177,10 +177,17 @@ class Rotary(nn.Module):
         self.scale = cfg.rope.cos_sin_scale
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.table: torch.Tensor | None = None
+        self.retired: list[torch.Tensor] = []
 
     def cache(self, positions: int) -> None:
-        """Keep the rotations of positions 0..positions-1 (the engine's max_model_len): a step then looks its
-        positions up in one kernel, where computing them takes four (a decode step's head on a GPU)."""
+        """Keep the rotations of positions 0..positions-1 (at least; the engine's max_model_len): a step then
+        looks its positions up in one kernel, where computing them takes four (a decode step's head on a GPU).
+        A table only grows, and one outgrown stays alive: CUDA graphs captured by an engine read it by address
+        and would read freed memory once a second engine on the same model made a new one."""
+        if self.table is not None and self.table.shape[0] >= positions:
+            return
+        if self.table is not None:
+            self.retired.append(self.table)
         self.table = self.rotations(torch.arange(positions, device=self.inv_freq.device))
 
     def rotations(self, positions: torch.Tensor) -> torch.Tensor:
