@@ -79,6 +79,10 @@ def check(args, par) -> None:
             top1 = (logits.cpu().argmax(-1) == ref["logits"].argmax(-1)).float().mean().item()
             print(f"{args.tag} bf16, 4 layers: logits rel err vs one GPU {err:.2e}, top-1 agreement {top1:.3f}, "
                   f"greedy agreement {agreement(tokens, ref['tokens']):.3f}", flush=True)
+    # The engine's CUDA graphs hold NCCL collectives: destroy_process_group hangs while they live (pytorch#115388;
+    # session 8 saw this check hang there, at 9ddc5ae as at 4190d36). main's phases delete theirs before it too.
+    del engine
+    torch.cuda.synchronize()
     if par.distributed:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
