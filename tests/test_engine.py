@@ -178,3 +178,34 @@ def test_sampling_params_are_checked():
     for bad in (dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-5), dict(stop=[""])):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+def test_a_graph_steps_inputs_land_in_its_static_buffer(model):
+    """pack for a captured batch size (stood in for here: graphs exist only on a GPU) writes the step into that
+    graph's static buffer: rows padded onto the scratch block, block tables to max_model_len's width, the row
+    of last_tokens that holds each pending token; the step then takes that token on the device."""
+    from types import SimpleNamespace
+
+    engine = LLMEngine(model, None, num_blocks=64, block_size=4, max_model_len=32)
+    runner, size, scratch = engine.runner, 4, engine.runner.scratch_block
+    fields = runner.graph_fields(size)
+    dest = torch.zeros(fields.nbytes, dtype=torch.uint8)
+    static = runner.stage(fields, dict(ids=[0] * size, positions=[0] * size, slots=[scratch * 4] * size,
+                                       sources=[-1] * size, rows=list(range(size)), context_lens=[1] * size,
+                                       tables=[]), dest)
+    runner.graphs, runner.static = {size: None}, {size: (static, None, None)}
+    items = [(SimpleNamespace(block_table=[3, 7]), 5, [11], 1), (SimpleNamespace(block_table=[2]), 2, [-1], 1)]
+    step = runner.pack(items, rows_mode=True, sources=[-1, 6])
+    assert step.graph_size == size and step.ids.data_ptr() == dest.data_ptr()
+    assert step.ids.tolist() == [11, -1, 0, 0] and step.positions.tolist() == [5, 2, 0, 0]
+    assert step.batch.slot_mapping.tolist() == [7 * 4 + 1, 2 * 4 + 2, scratch * 4, scratch * 4]
+    assert step.batch.context_lens.tolist() == [6, 3, 1, 1]
+    width = runner.max_blocks
+    assert step.batch.block_tables.tolist() == [[3, 7] + [scratch] * (width - 2), [2] + [scratch] * (width - 1),
+                                                [scratch] * width, [scratch] * width]
+    assert step.sources.tolist() == [-1, 6, -1, -1] and step.rows.tolist() == [0, 1]
+    assert step.fills and step.rows_prefix and step.batch.query_starts == [0, 1, 2]
+    runner.last_tokens[6] = 42
+    assert runner.fill_pending(step.ids, step.sources).tolist() == [11, 42, 0, 0]
+    eager = runner.pack(items, rows_mode=True, graph=False, sources=[-1, 6])
+    assert eager.graph_size == 0 and eager.ids.tolist() == [11, -1] and eager.buffer.data_ptr() != dest.data_ptr()

@@ -169,11 +169,11 @@ class ModelRunner:
         table[:] = self.scratch_block
         for i, blocks in enumerate(values["tables"]):
             table[i, :len(blocks)] = blocks
-        if self.device.type == "cuda":
-            buffer = dest[:fields.nbytes] if dest is not None else torch.empty_like(host, device=self.device)
-            buffer.copy_(host, non_blocking=True)
+        if dest is None and self.device.type != "cuda":
+            buffer = host                                    # already where the model reads it
         else:
-            buffer = host
+            buffer = dest[:fields.nbytes] if dest is not None else torch.empty_like(host, device=self.device)
+            buffer.copy_(host, non_blocking=self.device.type == "cuda")
         return self.as_step(fields, buffer, list(range(fields.a + 1)))
 
     def as_step(self, fields: Fields, buffer: torch.Tensor, starts: list[int]) -> StepInputs:
