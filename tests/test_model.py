@@ -182,3 +182,30 @@ def test_rotary_table_gives_the_computed_rotations_and_only_grows():
     rotary.cache(128)
     assert rotary.retired == [table] and torch.equal(rotary.table[:64], table)
     assert torch.equal(rotary(positions), computed)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"q_lora_rank": None, "rope_scaling": YARN}])
+def test_mixed_step_equals_full_forward(overrides):
+    """One continuous-batching step that mixes all three kinds of sequence (PrefillPlan): decoding ones, fresh
+    prompts of two lengths (one length twice) and a later chunk of a chunked prefill; then every sequence decodes.
+    Each sequence's logits are those of one full forward of its tokens."""
+    model = random_model(**overrides)
+    block_size, n = 4, 5
+    seqs = [torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(s)).tolist() for s in range(n)]
+    caches = [torch.zeros(32, block_size, model.config.latent_dim) for _ in model.model.layers]
+    tables = [[5 * s + b for b in range(5)] for s in range(n)]
+    # Before the mixed step: sequences 0 and 1 prefilled 6 and 5 tokens, sequence 4 its first 3 (chunked).
+    paged_step(model, caches, [tables[0], tables[1], tables[4]], [seqs[0][:6], seqs[1][:5], seqs[4][:3]],
+               [0, 0, 0], block_size)
+    # The mixed step: 0 and 1 decode one token each, 2 and 3 bring fresh prompts (7 and 4 tokens), 4 its next 5.
+    chunks = [(6, 7), (5, 6), (0, 7), (0, 4), (3, 8)]
+    logits = paged_step(model, caches, tables, [s[a:b] for s, (a, b) in zip(seqs, chunks)], [a for a, _ in chunks],
+                        block_size)
+    nxt = paged_step(model, caches, tables, [[s[b]] for s, (_, b) in zip(seqs, chunks)], [b for _, b in chunks],
+                     block_size)
+    for i, (seq, (_, b)) in enumerate(zip(seqs, chunks)):
+        with torch.no_grad():
+            full = model(torch.tensor([seq[:b + 1]]))[0, -2:]
+        err = relative_error(full, torch.stack([logits[i], nxt[i]]))
+        print(f"mixed step vs full, sequence {i}: {err:.2e}")
+        assert err < 1e-5

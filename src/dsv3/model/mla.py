@@ -48,23 +48,56 @@ class PagedBatch:
             self.context_lens_host = self.context_lens.tolist()
         return self.context_lens_host
 
-    def decode_part(self) -> tuple[torch.Tensor, PagedBatch, list[int]] | None:
-        """A step that mixes decoding sequences (one new token each) with prefilling ones: the decoding
-        rows, a decode-only batch of them, and the other sequences; None when the step does not mix.
-        Made once per step: every layer splits the same way."""
-        if not hasattr(self, "_decode_part"):
-            starts = self.query_starts
-            ones = [s for s in range(len(starts) - 1) if starts[s + 1] - starts[s] == 1]
-            part = None
-            if ones and len(ones) < len(starts) - 1:
-                device = self.slot_mapping.device
-                rows = torch.tensor([starts[s] for s in ones], device=device)
-                seqs = torch.tensor(ones, device=device)
-                decode = PagedBatch(list(range(len(ones) + 1)), self.context_lens[seqs], self.block_tables[seqs],
-                                    self.slot_mapping[rows], self.latent_caches, decode_only=True)
-                part = (rows, decode, sorted(set(range(len(starts) - 1)) - set(ones)))
-            self._decode_part = part
-        return self._decode_part
+    def plan(self) -> PrefillPlan:
+        """How a step that is not decode-only splits, made once per step (every layer splits the same way)."""
+        if not hasattr(self, "_plan"):
+            self._plan = PrefillPlan.of(self)
+        return self._plan
+
+
+@dataclass
+class PrefillPlan:
+    """A prefilling step's sequences in three kinds, each attended its cheapest way:
+    - decoding (one new token): the absorbed decode kernel, all together, as in a decode step;
+    - fresh (a whole prompt from position 0): keys from one gather and one kv_b_proj over all their tokens,
+      one attention call per distinct prompt length;
+    - continuing (a later chunk of a chunked prefill): each over its context read from its blocks.
+    Continuous batching mixes all three in one step; before, every sequence of a mixed step took its own
+    pass (a few dozen kernels a sequence a layer, host-bound)."""
+    decode: tuple[torch.Tensor, PagedBatch] | None            # (rows, a decode-only batch of them)
+    fresh_rows: torch.Tensor | None                           # (F,) the fresh sequences' rows; None: every row
+    fresh_groups: list[tuple[int, torch.Tensor | slice]]      # (length, its rows within fresh_rows' order)
+    continuing: list[int]                                     # sequence indices
+
+    @staticmethod
+    def of(batch: PagedBatch) -> PrefillPlan:
+        starts, ctx = batch.query_starts, batch.host_context_lens()
+        device = batch.slot_mapping.device
+        ones, fresh, continuing = [], [], []
+        for s, (lo, hi) in enumerate(zip(starts, starts[1:])):
+            (ones if hi - lo == 1 else fresh if hi - lo == ctx[s] else continuing).append(s)
+        decode = None
+        if ones:
+            rows, seqs = torch.tensor([starts[s] for s in ones], device=device), torch.tensor(ones, device=device)
+            decode = rows, PagedBatch(list(range(len(ones) + 1)), batch.context_lens[seqs], batch.block_tables[seqs],
+                                      batch.slot_mapping[rows], batch.latent_caches, decode_only=True)
+        # Fresh rows in their order in the step; each length's rows as positions in that order.
+        everything = len(fresh) == len(starts) - 1
+        offsets, at, by_length = [], 0, {}
+        for s in fresh:
+            n = starts[s + 1] - starts[s]
+            offsets.append(at)
+            by_length.setdefault(n, []).append(at)
+            at += n
+        groups = []
+        for n, firsts in by_length.items():
+            if len(by_length) == 1:
+                groups.append((n, slice(None)))
+            else:
+                groups.append((n, torch.tensor([f + i for f in firsts for i in range(n)], device=device)))
+        fresh_rows = None if everything else torch.tensor(
+            [r for s in fresh for r in range(starts[s], starts[s + 1])], device=device, dtype=torch.long)
+        return PrefillPlan(decode, fresh_rows, groups if fresh else [], continuing)
 
 
 class MLA(nn.Module):
@@ -154,45 +187,43 @@ class MLA(nn.Module):
         return torch.cat([k_nope, k_pe.unsqueeze(-2).expand(*k_nope.shape[:-1], self.rope_dim)], dim=-1), v
 
     def paged_prefill(self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
-        """Each sequence's new tokens attend to its whole cached context, expanded (chunked prefill too).
-
-        When no sequence has earlier tokens in the cache (whole prompts, the usual prefill), the keys and
-        values of every token come from one gather and one kv_b_proj GEMM over the step, and sequences of
-        one length share one attention call; otherwise each sequence reads its context from its blocks."""
-        cache = batch.latent_caches[self.layer_idx]
-        starts, ctx_lens = batch.query_starts, batch.host_context_lens()
-        lengths = [hi - lo for lo, hi in zip(starts, starts[1:])]
-        if lengths != ctx_lens:
-            mixed = batch.decode_part()
-            if mixed is None:
-                return torch.cat([self.sequence_prefill(q_nope[lo:hi], q_pe[lo:hi], cache, batch.block_tables[s], ctx)
-                                  for s, (lo, hi, ctx) in enumerate(zip(starts, starts[1:], ctx_lens))])
-            # Decoding sequences beside prefilling ones (continuous batching): their rows take the absorbed
-            # decode kernel together, as in a decode step, instead of a prefill pass each.
-            rows, decode, others = mixed
-            out = q_nope.new_empty(*q_nope.shape[:2], self.v_dim)
+        """Each sequence's new tokens attend to its whole cached context (PrefillPlan: decoding, fresh and
+        continuing sequences, each kind its own way). Returns (N, H, v)."""
+        cache, plan = batch.latent_caches[self.layer_idx], batch.plan()
+        if plan.fresh_rows is None and len(plan.fresh_groups) == 1:   # the usual prefill: whole prompts only
+            return self.fresh_prefill(q_nope, q_pe, cache, batch.slot_mapping, plan.fresh_groups)
+        out = q_nope.new_empty(*q_nope.shape[:2], self.v_dim)
+        if plan.decode is not None:
+            rows, decode = plan.decode
             out[rows] = self.absorbed_decode(q_nope[rows], q_pe[rows], decode)
-            for s in others:
-                lo, hi = starts[s], starts[s + 1]
-                out[lo:hi] = self.sequence_prefill(q_nope[lo:hi], q_pe[lo:hi], cache, batch.block_tables[s], ctx_lens[s])
-            return out
-        kv = cache.view(-1, cache.shape[-1])[batch.slot_mapping].to(q_nope.dtype)   # (N, C + rope), as cached
+        if plan.fresh_groups:
+            rows = plan.fresh_rows if plan.fresh_rows is not None else slice(None)
+            out[rows] = self.fresh_prefill(q_nope[rows], q_pe[rows], cache, batch.slot_mapping[rows], plan.fresh_groups)
+        starts, ctx_lens = batch.query_starts, batch.host_context_lens()
+        for s in plan.continuing:
+            lo, hi = starts[s], starts[s + 1]
+            out[lo:hi] = self.sequence_prefill(q_nope[lo:hi], q_pe[lo:hi], cache, batch.block_tables[s], ctx_lens[s])
+        return out
+
+    def fresh_prefill(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor,
+                      groups: list[tuple[int, torch.Tensor | slice]]) -> torch.Tensor:
+        """Whole prompts (their F tokens one after another): keys and values of every token from one gather
+        of the latents just cached and one kv_b_proj GEMM; prompts of one length share one attention call."""
+        kv = cache.view(-1, cache.shape[-1])[slots].to(q_nope.dtype)               # (F, C + rope), as cached
         latent, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        k, v = self.expand_keys(latent, k_pe)                                       # (N, H, *)
+        k, v = self.expand_keys(latent, k_pe)                                       # (F, H, *)
         q = torch.cat([q_nope, q_pe], dim=-1)
-        if len(set(lengths)) == 1:                                                  # one call: (S, H, T, *)
-            t = lengths[0]
+        out = None if len(groups) == 1 else q.new_empty(*q.shape[:2], self.v_dim)
+        for length, rows in groups:
+            def heads_first(x: torch.Tensor) -> torch.Tensor:                       # (S, H, length, *)
+                return x[rows].unflatten(0, (-1, length)).transpose(1, 2)
 
-            def heads_first(x: torch.Tensor) -> torch.Tensor:
-                return x.unflatten(0, (len(lengths), t)).transpose(1, 2)
-
-            out = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), is_causal=True,
-                                                 scale=self.softmax_scale)
-            return out.transpose(1, 2).flatten(0, 1)                                # (N, H, v)
-        outs = [F.scaled_dot_product_attention(q[lo:hi].transpose(0, 1), k[lo:hi].transpose(0, 1),
-                                               v[lo:hi].transpose(0, 1), is_causal=True, scale=self.softmax_scale)
-                for lo, hi in zip(starts, starts[1:])]
-        return torch.cat(outs, dim=1).transpose(0, 1)
+            o = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), is_causal=True,
+                                               scale=self.softmax_scale).transpose(1, 2).flatten(0, 1)
+            if out is None:
+                return o
+            out[rows] = o
+        return out
 
     def sequence_prefill(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
                          ctx: int) -> torch.Tensor:
