@@ -209,3 +209,43 @@ def test_a_graph_steps_inputs_land_in_its_static_buffer(model):
     assert runner.fill_pending(step.ids, step.sources).tolist() == [11, 42, 0, 0]
     eager = runner.pack(items, rows_mode=True, graph=False, sources=[-1, 6])
     assert eager.graph_size == 0 and eager.ids.tolist() == [11, -1] and eager.buffer.data_ptr() != dest.data_ptr()
+
+
+def test_admission_delay_holds_prompts_to_prefill_them_together():
+    """prefill_delay_factor: while sequences run, a waiting prompt is held until the oldest waiting one has
+    waited that many times the last prefilling step; never when nothing runs, nor once the budget is full."""
+    from dsv3.engine.cache import BlockManager
+    from dsv3.engine.scheduler import Scheduler
+    from dsv3.engine.sequence import Sequence
+
+    now = [0.0]
+    scheduler = Scheduler(BlockManager(64, 4), 8, 16, prefill_delay_factor=2.0, clock=lambda: now[0])
+
+    def add(n):
+        seq = Sequence(list(range(n)), GREEDY)
+        scheduler.add(seq, n + 4)
+        return seq
+
+    first = add(5)
+    assert [s for s, _ in scheduler.schedule()] == [first]     # nothing runs: admitted at once
+    now[0] = 1.0                                               # that prefilling step took 1 s
+    scheduler.computed(first, 5)
+    second = add(3)
+    assert [s for s, _ in scheduler.schedule()] == [first]     # held: waited 0, less than 2 x 1 s
+    now[0] = 1.5
+    third = add(3)
+    assert [s for s, _ in scheduler.schedule()] == [first]     # held: the oldest waited 0.5 s
+    now[0] = 2.5
+    assert [s for s, _ in scheduler.schedule()] == [first]     # the oldest waited 1.5 s
+    now[0] = 3.0
+    assert [s for s, _ in scheduler.schedule()] == [first, second, third]  # waited 2 s: both together
+    now[0] = 4.0
+    big = add(16)                                              # fills the step's budget: no reason to wait
+    assert big in [s for s, _ in scheduler.schedule()]
+
+
+def test_admission_delay_changes_no_output(model, expected):
+    params = [GREEDY] * len(PROMPTS)
+    engine = LLMEngine(model, None, num_blocks=64, block_size=4, prefill_delay_factor=3.0)
+    seqs, _ = run_staggered(engine, PROMPTS, params, every=1)
+    assert [s.output_token_ids for s in seqs] == expected

@@ -51,7 +51,7 @@ class LLMEngine:
                  max_num_batched_tokens: int = 2048, block_size: int = 16, num_blocks: int | None = None,
                  cache_memory_fraction: float = 0.8, max_model_len: int | None = None, cuda_graphs: bool = True,
                  par: Parallel = SINGLE, speculative_tokens: int = 0, speculative_max_batch: int = 32,
-                 async_scheduling: bool = True):
+                 async_scheduling: bool = True, prefill_delay_factor: float = 0.0):
         cfg = model.config
         if speculative_tokens and not model.mtp_layers:
             raise ValueError("speculative decoding drafts with the MTP module, and this checkpoint has none")
@@ -69,7 +69,7 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, block_size)
         # The same rotations, looked up: one kernel a step, not four (drafts reach speculative_tokens further).
         model.model.rotary.cache(self.max_model_len + speculative_tokens + 1)
-        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, prefill_delay_factor)
         self.speculator = Speculator(self, speculative_tokens, speculative_max_batch) if speculative_tokens else None
         draft_rows = 2 * min(max_num_seqs, speculative_max_batch) if speculative_tokens == 1 else 0
         self.runner = ModelRunner(model, self.latent_caches, block_size, self.max_model_len,

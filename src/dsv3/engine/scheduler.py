@@ -1,23 +1,37 @@
 """Continuous batching: every step, running sequences decode and waiting ones are admitted and
 prefilled in chunks, within a token budget and without ever over-committing the latent cache.
 When the cache runs out, the newest running sequence is preempted: its blocks are freed and it is
-recomputed later from its tokens (nothing is lost)."""
+recomputed later from its tokens (nothing is lost).
+
+Admission can wait a little (`prefill_delay_factor`, vLLM's scheduler delay): while sequences decode, a step
+that prefills costs several decode steps (on a GPU it runs eagerly, outside the decode graphs), and requests that
+arrive one by one would each bring one such step. Holding the waiting ones until the oldest has waited
+`prefill_delay_factor` times the last prefilling step's duration lets one step prefill them together. Nothing
+waits when no sequence runs, nor once the waiting prompts fill the step's token budget.
+"""
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from collections.abc import Callable
 
 from dsv3.engine.cache import BlockManager
 from dsv3.engine.sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 prefill_delay_factor: float = 0.0, clock: Callable[[], float] = time.monotonic):
         self.blocks = blocks
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.prefill_delay_factor, self.clock = prefill_delay_factor, clock
+        self.arrival: dict[int, float] = {}    # seq_id -> when it was added (for the admission delay)
+        self.last_schedule = (0.0, False)      # when schedule last ran, and whether it admitted a prompt
+        self.prefill_latency = 0.0             # how long the last step that admitted prompts took
 
     def add(self, seq: Sequence, max_len: int) -> None:
         """max_len: the most tokens the sequence can reach. It must fit the cache alone, so that
@@ -26,6 +40,7 @@ class Scheduler:
             raise ValueError(f"{seq.num_tokens} prompt tokens + up to {max_len - seq.num_tokens} new ones cannot fit "
                              f"the latent cache ({self.blocks.num_blocks * self.blocks.block_size} tokens)")
         self.waiting.append(seq)
+        self.arrival[seq.seq_id] = self.clock()
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -33,6 +48,9 @@ class Scheduler:
     def schedule(self, skip=None) -> list[tuple[Sequence, int]]:
         """The sequences of the next step and how many of their tokens each computes; skip(seq) true:
         a running sequence that sits this step out."""
+        now = self.clock()
+        if self.last_schedule[1]:
+            self.prefill_latency = now - self.last_schedule[0]
         budget, scheduled = self.max_num_batched_tokens, []
         for seq in list(self.running):
             if budget == 0:
@@ -53,11 +71,14 @@ class Scheduler:
             n = min(seq.num_uncomputed + len(seq.draft), budget)
             scheduled.append((seq, n))
             budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        admitting = self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and self.admit_now(now, budget)
+        self.last_schedule = (now, bool(admitting))
+        while admitting and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if not self.blocks.can_allocate(seq):
                 break
             self.waiting.popleft()
+            self.arrival.pop(seq.seq_id, None)
             self.blocks.allocate(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
@@ -65,6 +86,15 @@ class Scheduler:
             scheduled.append((seq, n))
             budget -= n
         return scheduled
+
+    def admit_now(self, now: float, budget: int) -> bool:
+        """Whether waiting prompts are admitted this step, or wait to be prefilled together (see the module)."""
+        if not self.prefill_delay_factor or not self.running:
+            return True
+        if sum(seq.num_uncomputed for seq in self.waiting) >= budget:
+            return True
+        oldest = min(self.arrival.get(seq.seq_id, now) for seq in self.waiting)
+        return now - oldest >= self.prefill_delay_factor * self.prefill_latency
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -74,6 +104,7 @@ class Scheduler:
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
+        self.arrival.setdefault(seq.seq_id, 0.0)  # it waited already: never held back again
 
     def computed(self, seq: Sequence, n: int) -> None:
         """n more of the sequence's tokens have their latents in the cache (rejected drafts do not count)."""
@@ -88,3 +119,4 @@ class Scheduler:
             self.blocks.free_sequence(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+            self.arrival.pop(seq.seq_id, None)
