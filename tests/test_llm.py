@@ -94,3 +94,54 @@ def test_cli_bench_reports_throughput():
     lines = done.stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == ["batch 1", "batch 3"]
     assert all("decode" in line and "tokens/s" in line for line in lines)
+
+
+def fp8_checkpoint(tmp_path):
+    """A tiny FP8 checkpoint (16 x 16 blocks) with the embedded model's tokenizer beside it."""
+    import shutil
+
+    from dsv3.default_model import default_model_path
+    from helpers import make_dsv3_checkpoint
+
+    quant = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [16, 16]}
+    path = make_dsv3_checkpoint(tmp_path, fp8=True, quantization_config=quant, vocab_size=4096)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_path() / name, path / name)
+    return path
+
+
+def test_fp8_checkpoint_through_llm_keeps_fp8_where_it_runs_and_dequantizes_on_cpu(tmp_path, monkeypatch):
+    """EngineConfig.fp8: 'auto' dequantizes on the CPU (the exact path); where the FP8 kernels run (here: a device
+    said to have them) it keeps the e4m3 weights and their scales; the greedy tokens are the same either way."""
+    from dsv3.engine import llm as llm_module
+
+    path, greedy = fp8_checkpoint(tmp_path), dsv3.SamplingParams(max_tokens=8, temperature=0)
+    prompts = [[5, 9, 200, 31], [7, 7, 1000]]
+    dequantized = dsv3.LLM(path, max_num_seqs=4)
+    experts = dequantized.model.model.layers[1].mlp.experts.gate_up_proj
+    assert experts.dtype == torch.float32 and dequantized.model.config.quant is None
+    monkeypatch.setattr(llm_module, "keeps_fp8", lambda choice, device: choice != "dequantize")
+    kept = dsv3.LLM(path, max_num_seqs=4)
+    assert kept.model.model.layers[1].mlp.experts.gate_up_proj.dtype == torch.float8_e4m3fn
+    assert kept.model.model.layers[1].self_attn.kv_b_proj.weight.dtype == torch.float8_e4m3fn
+    assert kept.model.config.quant is not None
+    assert [o.token_ids for o in kept.generate(prompts, greedy)] == \
+        [o.token_ids for o in dequantized.generate(prompts, greedy)]
+    assert dsv3.LLM(path, fp8="dequantize", max_num_seqs=4).model.config.quant is None
+
+
+def test_fp8_auto_keeps_only_where_fp8_kernels_run():
+    from dsv3.engine.llm import keeps_fp8
+
+    assert not keeps_fp8("auto", torch.device("cpu"))
+    assert keeps_fp8("keep", torch.device("cpu")) and not keeps_fp8("dequantize", torch.device("cpu"))
+
+
+def test_engine_config_rejects_what_it_does_not_know():
+    from dsv3.engine.config import EngineConfig
+
+    with pytest.raises(TypeError, match="max_num_seq.*EngineConfig has"):
+        EngineConfig.of(max_num_seq=4)
+    with pytest.raises(ValueError, match="fp8 must be one of auto, keep, dequantize"):
+        EngineConfig(fp8="yes")
+    assert EngineConfig.of(dtype=torch.bfloat16).dtype == "bfloat16"

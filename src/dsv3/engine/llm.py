@@ -8,10 +8,12 @@ from pathlib import Path
 import torch
 
 from dsv3.engine.cache import BlockManager, allocate_latent_cache, blocks_that_fit
+from dsv3.engine.config import EngineConfig
 from dsv3.engine.runner import ModelRunner
 from dsv3.engine.sampling import SamplingParams, sample
 from dsv3.engine.scheduler import Scheduler
 from dsv3.engine.speculative import Speculator
+from dsv3.kernels import dispatch
 from dsv3.engine.sequence import RequestOutput, Sequence, Status, TokenLogprob
 from dsv3.model import DeepseekV3ForCausalLM
 from dsv3.parallel import SINGLE, Parallel, init_from_env
@@ -47,39 +49,42 @@ class LLMEngine:
     scheduled again.
     """
 
-    def __init__(self, model: DeepseekV3ForCausalLM, tokenizer: Tokenizer | None, *, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 2048, block_size: int = 16, num_blocks: int | None = None,
-                 cache_memory_fraction: float = 0.8, max_model_len: int | None = None, cuda_graphs: bool = True,
-                 par: Parallel = SINGLE, speculative_tokens: int = 0, speculative_max_batch: int = 32,
-                 async_scheduling: bool = True, prefill_delay_factor: float = 0.0):
+    def __init__(self, model: DeepseekV3ForCausalLM, tokenizer: Tokenizer | None, config: EngineConfig | None = None,
+                 *, par: Parallel = SINGLE, **options):
+        """config: the engine's options (EngineConfig; its loading fields are LLM's); options: fields of it to
+        replace, e.g. LLMEngine(model, tok, max_num_seqs=8)."""
+        self.options = options = EngineConfig.of(config, **options)
+        max_num_seqs, block_size, num_blocks = options.max_num_seqs, options.block_size, options.num_blocks
+        speculative_tokens, speculative_max_batch = options.speculative_tokens, options.speculative_max_batch
         cfg = model.config
         if speculative_tokens and not model.mtp_layers:
             raise ValueError("speculative decoding drafts with the MTP module, and this checkpoint has none")
         self.model, self.tokenizer, self.config = model, tokenizer, cfg
         embedding = model.model.embed_tokens.weight  # never FP8: its dtype is the activations' dtype
         self.device, self.dtype = embedding.device, embedding.dtype
-        self.max_model_len = max_model_len or cfg.max_position_embeddings
+        self.max_model_len = options.max_model_len or cfg.max_position_embeddings
         num_layers = len(model.model.layers)
         self.par = par
         if num_blocks is None:
-            num_blocks = self._blocks_for_memory(num_layers, block_size, cache_memory_fraction, max_num_seqs)
+            num_blocks = self._blocks_for_memory(num_layers, block_size, options.cache_memory_fraction, max_num_seqs)
         # One block more than the manager hands out: the scratch block that padding rows write to.
         self.latent_caches = allocate_latent_cache(num_layers, num_blocks + 1, block_size, cfg.latent_dim, self.dtype,
                                                    self.device)
         self.blocks = BlockManager(num_blocks, block_size)
         # The same rotations, looked up: one kernel a step, not four (drafts reach speculative_tokens further).
         model.model.rotary.cache(self.max_model_len + speculative_tokens + 1)
-        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, prefill_delay_factor)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, options.max_num_batched_tokens,
+                                   options.prefill_delay_factor)
         self.speculator = Speculator(self, speculative_tokens, speculative_max_batch) if speculative_tokens else None
         draft_rows = 2 * min(max_num_seqs, speculative_max_batch) if speculative_tokens == 1 else 0
         self.runner = ModelRunner(model, self.latent_caches, block_size, self.max_model_len,
-                                  max_num_seqs * (1 + speculative_tokens), cuda_graphs, par, draft_rows)
+                                  max_num_seqs * (1 + speculative_tokens), options.cuda_graphs, par, draft_rows)
         eos = list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.append(tokenizer.eos_token_id)
         self.eos_token_ids = {e for e in eos if e is not None}
         self.requests: dict[str, Sequence] = {}
-        self.async_scheduling = async_scheduling  # steps that speculate read every result: never asynchronous
+        self.async_scheduling = options.async_scheduling  # steps that speculate read every result: never asynchronous
         self.in_flight: Launched | None = None
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "spec_drafted": 0, "spec_accepted": 0,
                       "spec_off_steps": 0, "spec_off_sequences": 0}
@@ -324,27 +329,39 @@ def pick_device(device: str | torch.device | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def keeps_fp8(choice: str, device: torch.device) -> bool:
+    """EngineConfig.fp8 on this device: 'auto' keeps FP8 weights where the FP8 kernels run (a GPU of compute
+    capability 8.9 or later, with Triton); elsewhere the FP8 path would only be the reference, dequantizing every
+    weight at every call, so auto dequantizes once at load instead."""
+    if choice != "auto":
+        return choice == "keep"
+    return device.type == "cuda" and dispatch.runs_fp8(device)
+
+
 class LLM:
     """Offline generation: `LLM(path).generate(prompts, SamplingParams(...))`, one result per prompt, in order."""
 
-    def __init__(self, model: str | Path | None = None, dtype: torch.dtype | str | None = None,
-                 device: str | torch.device | None = None, progress: bool = False, **engine_options):
+    def __init__(self, model: str | Path | None = None, config: EngineConfig | None = None, *,
+                 progress: bool = False, **options):
+        """model: a checkpoint directory (None: the embedded model). config: EngineConfig; options: fields of
+        it to replace, e.g. LLM(path, dtype="float32", speculative_tokens=1)."""
         from dsv3.checkpoint import load_model
         from dsv3.default_model import default_model_path
 
+        self.options = options = EngineConfig.of(config, **options)
         path = Path(model) if model is not None else default_model_path()
-        device = pick_device(device)
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
-        if dtype is None:  # float32 on the CPU: bf16 there is slow and would break exact batch invariance
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        device = pick_device(options.device)
+        # float32 on the CPU: bf16 there is slow and would break exact batch invariance
+        dtype = getattr(torch, options.dtype) if options.dtype else (
+            torch.bfloat16 if device.type == "cuda" else torch.float32)
         self.path = path
-        self.par = init_from_env()  # torchrun sets the ranks; one process is the plain case
+        self.par = init_from_env(options.experts == "ep")  # torchrun sets the ranks; one process is the plain case
         if self.par.distributed and device.type == "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
-        self.model = load_model(path, dtype=dtype, device=device, par=self.par, progress=progress and self.par.rank == 0)
+        self.model = load_model(path, dtype=dtype, device=device, par=self.par, keep_fp8=keeps_fp8(options.fp8, device),
+                                progress=progress and self.par.rank == 0)
         self.tokenizer = Tokenizer.from_dir(path)
-        self.engine = LLMEngine(self.model, self.tokenizer, par=self.par, **engine_options)
+        self.engine = LLMEngine(self.model, self.tokenizer, options, par=self.par)
         self.follower = self.par.rank != 0
         if self.follower:  # ranks other than 0 run rank 0's steps until it closes
             self.engine.runner.follow()

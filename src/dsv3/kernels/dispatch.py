@@ -48,6 +48,13 @@ def use_fast(t: torch.Tensor) -> bool:
             and not torch.is_autocast_enabled("cuda"))
 
 
+def runs_fp8(device: torch.device) -> bool:
+    """Whether FP8 weights run on their own kernels here (the FP8 GEMV and GEMM: Triton on compute capability
+    8.9+, the first with FP8 tensor cores) rather than the reference's dequantize-at-every-call."""
+    return (device.type == "cuda" and fp8_gemm is not None and os.environ.get("DSV3_KERNELS", "auto") == "auto"
+            and torch.cuda.get_device_capability(device) >= (8, 9))
+
+
 def use_triton(t: torch.Tensor) -> bool:
     return use_fast(t) and fp8_gemm is not None  # use_fast first: it checks DSV3_KERNELS even without Triton
 

@@ -1,0 +1,96 @@
+"""`EngineConfig`: every option of the engine in one dataclass. `dsv3.LLM`, `LLMEngine`, `dsv3 serve` and the CLI
+all take it; the CLI's flags are made from its fields (`add_engine_options`), as `dsv3 train`'s are from
+TrainConfig, so a new option is one field with its help text."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+FP8_CHOICES = ("auto", "keep", "dequantize")
+EXPERT_CHOICES = ("ep", "tp")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    # loading
+    dtype: str | None = field(default=None, metadata={
+        "choices": ("bfloat16", "float16", "float32"),
+        "help": "activations' dtype: bfloat16, float16, float32 (default: bfloat16 on a GPU, float32 on the CPU)"})
+    device: str | None = field(default=None, metadata={"help": "cuda, cpu, cuda:1, ... (default: cuda when available)"})
+    fp8: str = field(default="auto", metadata={
+        "choices": FP8_CHOICES,
+        "help": "an FP8 checkpoint's weights: keep them FP8 (half the memory; the FP8 kernels), dequantize them "
+                "exactly to --dtype, or auto: keep on a GPU with FP8 kernels (compute capability 8.9+), else "
+                "dequantize"})
+    experts: str = field(default="ep", metadata={
+        "choices": EXPERT_CHOICES,
+        "help": "under torchrun: split the routed experts by expert (ep) or each expert's intermediate dim (tp)"})
+    # the batch and the latent cache
+    max_num_seqs: int = field(default=256, metadata={"help": "requests decoded together at most"})
+    max_num_batched_tokens: int = field(default=2048, metadata={"help": "tokens a step computes at most (prefill "
+                                                                        "chunks beyond it continue next step)"})
+    max_model_len: int | None = field(default=None, metadata={
+        "help": "longest sequence, prompt and answer (default: the checkpoint's max_position_embeddings)"})
+    block_size: int = field(default=16, metadata={"help": "tokens per block of the paged latent cache"})
+    num_blocks: int | None = field(default=None, metadata={
+        "help": "cap the latent cache at this many blocks (default: what cache_memory_fraction of free GPU memory "
+                "holds; on the CPU, max_num_seqs full-length sequences)"})
+    cache_memory_fraction: float = field(default=0.8, metadata={
+        "help": "fraction of the GPU memory free after loading that the latent cache takes"})
+    # scheduling
+    cuda_graphs: bool = field(default=True, metadata={"help": "replay decode steps as CUDA graphs (GPU)"})
+    async_scheduling: bool = field(default=True, metadata={
+        "help": "launch each step before reading the one before's tokens (host work hides behind the GPU's)"})
+    prefill_delay_factor: float = field(default=0.0, metadata={
+        "help": "while requests decode, hold new prompts until the oldest waited this many times the last "
+                "prefilling step, so one step prefills them together (0: admit at once; serve's default differs)"})
+    # speculative decoding
+    speculative_tokens: int = field(default=0, metadata={
+        "help": "draft this many tokens with the checkpoint's MTP module (0: off)"})
+    speculative_max_batch: int = field(default=32, metadata={
+        "help": "stop drafting above this many decoding sequences"})
+
+    def __post_init__(self):
+        for name, choices in (("fp8", FP8_CHOICES), ("experts", EXPERT_CHOICES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"EngineConfig.{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
+        if self.dtype is not None and self.dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"EngineConfig.dtype must be bfloat16, float16 or float32; got {self.dtype!r}")
+        positive = ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_model_len", "num_blocks")
+        for name in positive:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"EngineConfig.{name} must be at least 1; got {value}")
+        if not 0 < self.cache_memory_fraction <= 1:
+            raise ValueError(f"EngineConfig.cache_memory_fraction must be in (0, 1]; got {self.cache_memory_fraction}")
+        if self.speculative_tokens < 0 or self.prefill_delay_factor < 0:
+            raise ValueError("EngineConfig.speculative_tokens and prefill_delay_factor cannot be negative")
+
+    @classmethod
+    def of(cls, config: EngineConfig | None = None, **options) -> EngineConfig:
+        """config with some fields replaced; an unknown option names itself and the known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown engine option(s) {', '.join(unknown)}; EngineConfig has {', '.join(sorted(known))}")
+        options = {k: (str(v).removeprefix("torch.") if k in ("dtype", "device") and v is not None else v)
+                   for k, v in options.items()}
+        return dataclasses.replace(config or cls(), **options)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> EngineConfig:
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def add_engine_options(p: argparse.ArgumentParser, **defaults) -> None:
+    """One flag per EngineConfig field (--max-num-seqs for max_num_seqs); defaults: a command's own defaults."""
+    for f in dataclasses.fields(EngineConfig):
+        flag, default = "--" + f.name.replace("_", "-"), defaults.get(f.name, f.default)
+        help_text = f.metadata.get("help", "") + ("" if default is None else " (default: %(default)s)")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata.get("help"))
+            continue
+        kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
+        p.add_argument(flag, type=kind, default=default, choices=f.metadata.get("choices"), help=help_text)
