@@ -91,16 +91,31 @@ def serve(args) -> int:
     else:
         model, tokenizer = random_model(args.shape, device, dtype)
     built = time.perf_counter()
-    engine = LLMEngine(model, tokenizer, max_num_seqs=args.max_num_seqs)  # as `dsv3 serve --max-num-seqs N`
+    # As `dsv3 serve --max-num-seqs N --prefill-delay-factor F` makes it.
+    engine = LLMEngine(model, tokenizer, max_num_seqs=args.max_num_seqs, prefill_delay_factor=args.prefill_delay_factor)
     info = {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
             "vocab": min(tokenizer.vocab_size, model.config.vocab_size), "build_s": built - start,
             "engine_s": time.perf_counter() - built, "pool_tokens": engine.cache_tokens,
             "graphs": list(engine.runner.graphs), "max_num_seqs": args.max_num_seqs,
+            "prefill_delay_factor": args.prefill_delay_factor, "served_by": "bench/serve.py's child (LLMEngine)",
             "parameters": sum(p.numel() for p in model.parameters())}
     Path(args.serve_only).write_text(json.dumps(info))
     print(f"server: model in {info['build_s']:.1f}s, engine in {info['engine_s']:.1f}s, pool {engine.cache_tokens} "
           f"tokens", flush=True)
     return frontend.serve(engine, args.name, host="127.0.0.1", port=args.port, log_level="warning")
+
+
+def checkpoint_info(args) -> dict:
+    """What the results say of a server that `dsv3 serve` runs (the child writes the same for a random shape)."""
+    import torch
+
+    from dsv3.config import ModelConfig
+
+    cfg = ModelConfig.from_file(args.model)
+    return {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
+            "vocab": cfg.vocab_size, "build_s": float("nan"), "engine_s": float("nan"), "pool_tokens": "?",
+            "graphs": "as dsv3 serve captures them", "max_num_seqs": args.max_num_seqs,
+            "prefill_delay_factor": args.prefill_delay_factor, "served_by": "dsv3 serve"}
 
 
 # ---- the client -------------------------------------------------------------------------------------------------
@@ -171,6 +186,10 @@ def summary(concurrency: int, results: list[dict], seconds: float, cpu: float, b
             "itl_mean_ms": sum(r["decode"] for r in ok) / max(sum(r["tokens"] - 1 for r in ok), 1) * 1e3,
             "itl_p99_ms": pct(gaps, 0.99) * 1e3, "chunks_per_token": sum(r["chunks"] for r in ok) / max(tokens, 1),
             "preemptions": delta.get("dsv3_preemptions_total", 0), "client_cpu_fraction": cpu / seconds,
+            "engine_steps": delta.get("dsv3_engine_steps_total", 0),
+            "engine_prefill_steps": delta.get("dsv3_engine_prefill_steps_total", 0),
+            "loop_step_fraction": delta.get("dsv3_engine_step_seconds_total", 0) / seconds,
+            "loop_publish_fraction": delta.get("dsv3_engine_publish_seconds_total", 0) / seconds,
             "first_errors": [r["error"] for r in results if "error" in r][:3]}
 
 
@@ -180,33 +199,44 @@ def write_results(args, info: dict, rows: list[dict], final_check: str) -> None:
               "new": args.new, **info, "final_check": final_check, "rows": rows}
     out = Path(os.environ.get("OUT", args.out))
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{result['date']}-{info['gpu'].replace(' ', '_')}-serve-{shape}"
+    stem = f"{result['date']}-{info['gpu'].replace(' ', '_')}-serve-{shape}{args.tag}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     lines = [f"# dsv3 serve, {shape} on {info['gpu']} (torch {info['torch']}, commit {args.commit}, {result['date']})",
              "", (f"Streamed /v1/completions, prompt {args.prompt} random tokens, {args.new} new tokens, greedy, "
                   f"ignore_eos. Engine as `dsv3 serve --max-num-seqs {info['max_num_seqs']}`: pool "
-                  f"{info['pool_tokens']} tokens, CUDA graphs {info['graphs'] or 'none'}; model built in "
+                  f"{info['pool_tokens']} tokens, CUDA graphs {info['graphs'] or 'none'}, prefill delay factor "
+                  f"{info['prefill_delay_factor']}; served by {info['served_by']}; model built in "
                   f"{info['build_s']:.0f}s, engine in {info['engine_s']:.0f}s. {final_check}"), "",
              ("| concurrency | requests | errors | output tok/s | req/s | TTFT p50 / p90 / p99 ms | server TTFT mean ms "
-              "| ITL mean / p99 ms | chunks/token | preemptions | client CPU |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| ITL mean / p99 ms | chunks/token | preemptions | client CPU | steps (prefilling) | loop in step / publish |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['output_tokens_per_s']:.1f} | "
                      f"{r['requests_per_s']:.2f} | {r['ttft_p50_ms']:.0f} / {r['ttft_p90_ms']:.0f} / "
                      f"{r['ttft_p99_ms']:.0f} | {r['server_ttft_mean_ms']:.0f} | {r['itl_mean_ms']:.1f} / "
                      f"{r['itl_p99_ms']:.1f} | {r['chunks_per_token']:.2f} | {r['preemptions']:.0f} | "
-                     f"{r['client_cpu_fraction']:.0%} |")
+                     f"{r['client_cpu_fraction']:.0%} | {r.get('engine_steps', 0):.0f} "
+                     f"({r.get('engine_prefill_steps', 0):.0f}) | {r.get('loop_step_fraction', 0):.0%} / "
+                     f"{r.get('loop_publish_fraction', 0):.0%} |")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 
 
 def start_server(args, info_path: str) -> tuple[subprocess.Popen, str]:
+    """A checkpoint (--model) is served by `dsv3 serve` itself, as a user runs it; a random shape by this file's
+    child, which builds the engine as `dsv3 serve` does."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    child = [sys.executable, __file__, "--serve-only", info_path, "--port", str(port), "--shape", args.shape,
-             "--max-num-seqs", str(args.max_num_seqs), "--name", args.name]
-    child += ["--model", args.model] if args.model else []
-    child += ["--device", args.device] if args.device else []
+    engine_flags = ["--max-num-seqs", str(args.max_num_seqs), "--prefill-delay-factor", str(args.prefill_delay_factor)]
+    engine_flags += ["--device", args.device] if args.device else []
+    if args.model:
+        child = [sys.executable, "-m", "dsv3", "serve", "--model", args.model, "--port", str(port),
+                 "--served-model-name", args.name, "--log-level", "warning", *engine_flags]
+        Path(info_path).write_text(json.dumps(checkpoint_info(args)))
+    else:
+        child = [sys.executable, __file__, "--serve-only", info_path, "--port", str(port), "--shape", args.shape,
+                 "--name", args.name, *engine_flags]
     proc, base = subprocess.Popen(child), f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + args.start_timeout
     while True:
@@ -233,6 +263,9 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--max-num-seqs", type=int, default=None, help="engine batch (default: the largest concurrency)")
+    ap.add_argument("--prefill-delay-factor", type=float, default=None,
+                    help="the engine's admission delay (default: dsv3 serve's)")
+    ap.add_argument("--tag", default="", help="a suffix for the results files")
     ap.add_argument("--start-timeout", type=float, default=900, help="seconds the server may take to start")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--commit", default=os.environ.get("DSV3_COMMIT", "unknown"))
@@ -242,6 +275,10 @@ def main() -> None:
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     args.max_num_seqs = args.max_num_seqs or max(levels)
+    if args.prefill_delay_factor is None:
+        from dsv3.serve.command import SERVE_DEFAULTS
+
+        args.prefill_delay_factor = SERVE_DEFAULTS["prefill_delay_factor"]
     if args.serve_only:
         sys.exit(serve(args))
 

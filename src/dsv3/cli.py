@@ -8,14 +8,12 @@ import json
 import sys
 
 
-def add_model_options(p: argparse.ArgumentParser) -> None:
+def add_model_options(p: argparse.ArgumentParser, **defaults) -> None:
+    """--model, then one flag per EngineConfig field (defaults: this command's, else the dataclass's)."""
+    from dsv3.engine.config import add_engine_options
+
     p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded model)")
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together at most")
-    p.add_argument("--num-blocks", type=int, default=None, help="cap the latent cache at this many blocks")
-    p.add_argument("--speculative-tokens", type=int, default=0,
-                   help="draft this many tokens with the checkpoint's MTP module (0: off)")
+    add_engine_options(p, **defaults)
 
 
 def add_sampling_options(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -28,10 +26,10 @@ def add_sampling_options(p: argparse.ArgumentParser, temperature: float) -> None
 
 
 def build_llm(args):
+    from dsv3.engine.config import EngineConfig
     from dsv3.engine.llm import LLM
 
-    return LLM(args.model, dtype=args.dtype, device=args.device, progress=True, max_num_seqs=args.max_num_seqs,
-               num_blocks=args.num_blocks, speculative_tokens=args.speculative_tokens)
+    return LLM(args.model, EngineConfig.from_args(args), progress=True)
 
 
 def sampling(args):

@@ -86,7 +86,7 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self.async_scheduling = options.async_scheduling  # steps that speculate read every result: never asynchronous
         self.in_flight: Launched | None = None
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "spec_drafted": 0, "spec_accepted": 0,
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "prefill_steps": 0, "spec_drafted": 0, "spec_accepted": 0,
                       "spec_off_steps": 0, "spec_off_sequences": 0}
 
     def _blocks_for_memory(self, num_layers: int, block_size: int, fraction: float, max_num_seqs: int) -> int:
@@ -193,6 +193,7 @@ class LLMEngine:
             sources.append(prev.rows[seq.seq_id] if tokens[-1] == PENDING else -1)
         _, logits = self.runner.run(self.runner.pack(items, rows_mode, sources=sources))
         self.stats["steps"] += 1
+        self.stats["prefill_steps"] += not rows_mode
         done = [seq for seq, _, _, keep in items if keep]
         return self._sampled(items, done, logits)
 

@@ -11,11 +11,15 @@ from pathlib import Path
 
 from dsv3.cli import add_model_options, build_llm
 
+# Engine options where serving wants other defaults than offline generation: requests arrive one by one, and
+# holding new prompts for two prefill steps' time lets one step prefill several (EngineConfig.prefill_delay_factor).
+SERVE_DEFAULTS = {"prefill_delay_factor": 2.0}
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve a checkpoint behind an OpenAI-compatible HTTP API",
                               description=__doc__)
-    add_model_options(p)
+    add_model_options(p, **SERVE_DEFAULTS)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("DSV3_API_KEY"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
@@ -40,6 +41,7 @@ class EngineLoop:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.tracked: dict[str, _Tracked] = {}
         self.outbox: list = []
+        self.seconds = {"step": 0.0, "publish": 0.0}  # the loop's wall time: in engine.step, and making updates
 
     def run(self) -> None:
         if self.engine.device.type == "cuda":  # the current device is per thread
@@ -78,7 +80,8 @@ class EngineLoop:
         elif isinstance(command, Abort):
             self._abort(command.request_ids)
         elif isinstance(command, GetStats):
-            self.outbox.append(Stats(engine_stats(self.engine)))
+            self.outbox.append(Stats({**engine_stats(self.engine), "loop_step_seconds": self.seconds["step"],
+                                      "loop_publish_seconds": self.seconds["publish"]}))
         else:
             raise TypeError(f"unknown command {command!r}")
 
@@ -111,6 +114,7 @@ class EngineLoop:
             self.engine.abort(request_id)
 
     def _step(self) -> None:
+        start = time.perf_counter()
         try:
             done = self.engine.step()
         except Exception as e:
@@ -119,6 +123,8 @@ class EngineLoop:
             for seq in list(scheduler.running) or list(scheduler.waiting):
                 self._fail(seq.request_id, f"generation failed: {type(e).__name__}: {e}")
             done = [t.seq for t in self.tracked.values() if t.seq.finished]  # finished in the failed step
+        stepped = time.perf_counter()
+        self.seconds["step"] += stepped - start
         for seq in done:
             tracked = self.tracked.get(seq.request_id)
             if tracked is None:
@@ -128,6 +134,7 @@ class EngineLoop:
             except Exception as e:  # e.g. detokenizing: fail this request, not the loop
                 log.exception("publishing request %s failed", seq.request_id)
                 self._fail(seq.request_id, f"generation failed: {type(e).__name__}: {e}")
+        self.seconds["publish"] += time.perf_counter() - stepped
 
     def _update(self, t: _Tracked) -> Update:
         """What is new in a sequence since its last update; a finished one is released."""
@@ -174,4 +181,5 @@ def engine_stats(engine: LLMEngine) -> dict[str, float]:
             "blocks_free": blocks.num_free, "blocks_total": blocks.num_blocks,
             "preemptions": scheduler.num_preemptions, "spec_drafted": stats["spec_drafted"],
             "spec_accepted": stats["spec_accepted"], "spec_off_steps": stats["spec_off_steps"],
-            "spec_off_sequences": stats["spec_off_sequences"]}
+            "spec_off_sequences": stats["spec_off_sequences"], "steps": stats["steps"],
+            "prefill_steps": stats["prefill_steps"]}

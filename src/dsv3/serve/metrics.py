@@ -80,6 +80,13 @@ class Metrics:
              engine["spec_off_steps"]),
             ("dsv3_spec_off_sequences_total", "counter", "Sequences that stopped drafting: their drafts rarely stood.",
              engine["spec_off_sequences"]),
+            ("dsv3_engine_steps_total", "counter", "Engine steps.", engine["steps"]),
+            ("dsv3_engine_prefill_steps_total", "counter", "Engine steps that prefilled (eager, outside the decode "
+             "graphs).", engine["prefill_steps"]),
+            ("dsv3_engine_step_seconds_total", "counter", "Engine loop time spent in steps.",
+             engine.get("loop_step_seconds", 0.0)),
+            ("dsv3_engine_publish_seconds_total", "counter", "Engine loop time spent making the updates it sends.",
+             engine.get("loop_publish_seconds", 0.0)),
         ]:
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
         for histogram in (self.time_to_first_token, self.time_per_output_token, self.request_latency):

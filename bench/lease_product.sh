@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The product path beside the engine in one lease (run on the GPU machine from the repository root, with the
+# server's wheels carried in .whl/ as the device tool's README says):
+#   bash bench/lease_product.sh engine-serve   # moonlight-16b: bench.py's engine, then bench/serve.py per delay factor
+#   bash bench/lease_product.sh fp8            # v3-slice FP8 written to disk: dsv3.LLM and `dsv3 serve` on it
+# Results land in $OUT (the device run) or bench/results; the .md tables are made again from the JSON here.
+set -uo pipefail
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}src:bench PYTHONUNBUFFERED=1 OUT=${OUT:-bench/results}
+log=$OUT/lease-$1.log
+case $1 in
+engine-serve)
+    python3 bench/bench.py --model moonlight-16b --peer '' --prefill '' --speculative '' 2>&1 | tee -a "$log"
+    for factor in ${DELAYS:-0 2}; do
+        python3 bench/serve.py --shape moonlight-16b --prefill-delay-factor "$factor" --tag=-delay"$factor" 2>&1 \
+            | tee -a "$log"
+    done
+    python3 bench/product.py table --engine "$OUT"/*-moonlight-16b.json --serve "$OUT"/*-serve-moonlight-16b-delay*.json \
+        2>&1 | tee -a "$log";;
+fp8)
+    python3 bench/product.py fp8 --layers "${LAYERS:-3}" --ckpt /tmp/v3-slice-fp8 2>&1 | tee -a "$log"
+    python3 bench/serve.py --model /tmp/v3-slice-fp8 --concurrency 1,8,64 --tag=-v3-slice-fp8 2>&1 | tee -a "$log"
+    python3 bench/product.py table --engine "$OUT"/*-product-fp8-v3-slice.json --serve "$OUT"/*-serve-*v3-slice-fp8.json \
+        2>&1 | tee -a "$log";;
+*)
+    echo "usage: $0 engine-serve|fp8" >&2; exit 2;;
+esac
+find "$OUT" -name '*.md' ! -name '*-vs-engine-*' -delete 2>/dev/null || true
