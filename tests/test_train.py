@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import dsv3
+from dsv3.checkpoint import CheckpointError
 from dsv3.default_model import HERE as DEFAULT_MODEL
 from dsv3.model import DeepseekV3ForCausalLM
 from dsv3.model.moe import sequence_balance_loss
@@ -314,13 +315,48 @@ def test_killed_save_leaves_no_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", killed)
     with pytest.raises(KeyboardInterrupt):
         checkpoints.save_checkpoint_atomic(root, 2, {"step": 2}, keep=3)
-    assert checkpoints.latest_checkpoint(root).name == "step-00000001"
-    assert checkpoints.load_checkpoint_state(checkpoints.latest_checkpoint(root)) == {"step": 1}
+    path, state = checkpoints.load_latest_state(root)
+    assert path.name == "step-00000001" and state == {"step": 1}
     monkeypatch.undo()
     for step in range(2, 6):
         checkpoints.save_checkpoint_atomic(root, step, {"step": step}, keep=3)
     assert [p.name for p in root.iterdir()] and sorted(p.name for p in root.iterdir()) == [
         "step-00000003", "step-00000004", "step-00000005"]
+
+
+class WritesMarker:
+    """Unpickling this calls Path.write_text: what a crafted state.pt would do with os.system."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.write_text, (self.marker, "code ran")
+
+
+def test_resume_refuses_a_state_that_would_run_code(tmp_path):
+    marker = tmp_path / "marker"
+    crafted = tmp_path / "out" / "checkpoints" / "step-00000003"
+    crafted.mkdir(parents=True)
+    torch.save({"step": 3, "model": {}, "payload": WritesMarker(marker)}, crafted / checkpoints.STATE_FILE)
+    with pytest.raises(CheckpointError, match=r"step-00000003/state.pt: refused.*could run as code"):
+        Trainer(TINY, TRAIN_PLAYS[:1], tmp_path / "out", tokenizer=DEFAULT_MODEL, config=tiny_config(), resume=True)
+    assert not marker.exists()
+
+
+def test_resume_passes_over_a_damaged_checkpoint(tmp_path):
+    cfg = tiny_config()
+    Trainer(TINY, TRAIN_PLAYS[:1], tmp_path, tokenizer=DEFAULT_MODEL, config=cfg).run()
+    root = tmp_path / "checkpoints"
+    assert [p.name for p in checkpoints.checkpoint_dirs(root)] == ["step-00000003", "step-00000006"]
+    newest = root / "step-00000006" / checkpoints.STATE_FILE
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])      # a disk that filled up
+    with pytest.warns(UserWarning, match=r"step-00000006/state.pt: unreadable.*intact checkpoint.*step-00000003"):
+        resumed = Trainer(TINY, TRAIN_PLAYS[:1], tmp_path, config=cfg, resume=True)
+    assert resumed.step == 3
+    (root / "step-00000003" / checkpoints.STATE_FILE).write_bytes(b"")
+    with pytest.raises(checkpoints.DamagedCheckpoint, match="no checkpoint under .* can be read back"):
+        Trainer(TINY, TRAIN_PLAYS[:1], tmp_path, config=cfg, resume=True)
 
 
 def test_cli_train_and_train_tokenizer(tmp_path):

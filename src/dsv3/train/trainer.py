@@ -132,8 +132,8 @@ class Trainer:
         self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
         self.step = 0
         self.last_eval: dict[str, float] = {}
-        if resume and (latest := checkpoints.latest_checkpoint(self.out / "checkpoints")) is not None:
-            self._load(latest)
+        if resume and (latest := checkpoints.load_latest_state(self.out / "checkpoints")) is not None:
+            self._load(*latest)
         self.metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=self.step) if self.main else None
 
     # ---- setup -----------------------------------------------------------------------------------
@@ -166,8 +166,7 @@ class Trainer:
                 "data": self.batches.state_dict(), "rng": checkpoints.rng_state(),
                 "model_config": self.cfg.to_dict(), "train_config": dataclasses.asdict(self.tc)}
 
-    def _load(self, path: Path) -> None:
-        state = checkpoints.load_checkpoint_state(path)
+    def _load(self, path: Path, state: dict) -> None:
         if state["model_config"] != self.cfg.to_dict():
             raise ValueError(f"--model-config describes another model than the checkpoint {path} (resume with the "
                              "config and tokenizer the run started with)")
