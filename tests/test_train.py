@@ -371,6 +371,18 @@ def test_cli_train_and_train_tokenizer(tmp_path):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 600
 
 
+def test_cli_names_a_corrupt_tokenizer_in_one_line(tmp_path, capsys):
+    from dsv3.cli import main
+
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": {')
+    (tmp_path / "model.json").write_text(json.dumps(TINY))
+    assert main(["train", "--model-config", str(tmp_path / "model.json"), "--data", str(TRAIN_PLAYS[0]),
+                 "--out", str(tmp_path / "out"), "--tokenizer", str(tmp_path / "tok"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / 'tok' / 'tokenizer.json'}: not a valid tokenizer file" in err, err
+
+
 # ---- tokenizer training --------------------------------------------------------------------------
 
 def test_trained_tokenizer_is_a_deepseek_tokenizer(tmp_path):
