@@ -383,6 +383,23 @@ def test_cli_names_a_corrupt_tokenizer_in_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and f"{tmp_path / 'tok' / 'tokenizer.json'}: not a valid tokenizer file" in err, err
 
 
+def test_train_without_matplotlib(tmp_path, monkeypatch):
+    """The CLI refuses before training (it draws the plots after the last step); the Trainer finishes the run,
+    writes the model and warns instead of losing it."""
+    from dsv3.cli import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)           # import matplotlib -> ImportError
+    (tmp_path / "model.json").write_text(json.dumps(TINY))
+    with pytest.raises(SystemExit, match=r"dsv3 train needs matplotlib .*pip install 'dsv3\[train\]'"):
+        main(["train", "--model-config", str(tmp_path / "model.json"), "--data", str(TRAIN_PLAYS[0]), "--out",
+              str(tmp_path / "cli"), "--tokenizer", str(DEFAULT_MODEL), "--steps", "2", "--no-progress"])
+    assert not (tmp_path / "cli").exists()
+    trainer = Trainer(TINY, TRAIN_PLAYS[:1], tmp_path / "lib", tokenizer=DEFAULT_MODEL, config=tiny_config(steps=2))
+    with pytest.warns(UserWarning, match=r"no plots drawn .*pip install 'dsv3\[train\]'"):
+        final = trainer.run()
+    assert "loss" in final and (tmp_path / "lib" / "config.json").is_file()
+
+
 # ---- tokenizer training --------------------------------------------------------------------------
 
 def test_trained_tokenizer_is_a_deepseek_tokenizer(tmp_path):

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -247,7 +248,11 @@ class Trainer:
             return {}
         if self.main:
             self.export(self.out)
-            plot_metrics(self.out / "metrics.jsonl", self.out / "plots")
+            try:
+                plot_metrics(self.out / "metrics.jsonl", self.out / "plots")
+            except ImportError as e:  # the model is written: a missing plotting library must not fail the run
+                warnings.warn(f"no plots drawn ({e}); pip install 'dsv3[train]', then dsv3.train.metrics.plot_metrics("
+                              f"'{self.out / 'metrics.jsonl'}', '{self.out / 'plots'}') draws them", stacklevel=2)
         if self.distributed:
             dist.barrier()
         return self.last_eval
