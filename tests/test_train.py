@@ -462,3 +462,13 @@ def test_classifier_head_trains_above_chance(tokenizer):
     # (fine-tuning the backbone too: 0.57 on 283, bench/results/default_model/summary.json).
     assert accuracy(model, train) > 0.5
     assert accuracy(model, test) > 0.31
+
+
+def test_classifier_names_the_files_without_speeches(tmp_path, tokenizer):
+    play, poem, abbreviated = tmp_path / "play.txt", tmp_path / "poem.txt", tmp_path / "abbreviated.txt"
+    play.write_text("GONZALO.\nHere is everything advantageous to life, and yet we have no means to live here.\n")
+    poem.write_text("From fairest creatures we desire increase,\nThat thereby beauty's rose might never die,\n")
+    abbreviated.write_text("Ham.\nTo be, or not to be, that is the question: whether 'tis nobler in the mind\n")
+    with pytest.raises(ValueError, match=f"no speeches found in {poem}, {abbreviated}: a speech is a line naming"):
+        play_examples([play, poem, abbreviated], tokenizer)
+    assert play_examples([play], tokenizer).labels.tolist() == [0]
