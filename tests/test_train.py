@@ -280,6 +280,29 @@ def test_resume_is_bit_identical(tmp_path, tokenizer):
     assert (parted / "metrics.jsonl").read_text().count('"step": 4,') == 1   # the lost step 4 is logged once
 
 
+def test_cpu_runs_are_bit_identical_with_several_threads(tmp_path):
+    """At 2 threads (torch's default on a 2-core machine), with enough routed tokens that the backward's work is
+    split between the threads: two runs, and a run stopped and resumed, end bit-identical."""
+    model = {**TINY, "n_routed_experts": 16, "num_experts_per_tok": 4}
+    cfg = tiny_config(steps=4, save_every=2, seq_len=64)
+    torch.set_num_threads(2)
+    try:
+        runs = []
+        for name in ("a", "b"):
+            runs.append(Trainer(model, TRAIN_PLAYS[:1], tmp_path / name, tokenizer=DEFAULT_MODEL, config=cfg))
+            runs[-1].run()
+        Trainer(model, TRAIN_PLAYS[:1], tmp_path / "c", tokenizer=DEFAULT_MODEL, config=cfg).run(stop_after=3)
+        runs.append(Trainer(model, TRAIN_PLAYS[:1], tmp_path / "c", config=cfg, resume=True))
+        assert runs[-1].step == 2
+        runs[-1].run()
+    finally:
+        torch.set_num_threads(1)
+    a, b, resumed = (r.model.state_dict() for r in runs)
+    assert [n for n in a if not torch.equal(a[n], b[n])] == []
+    assert [n for n in a if not torch.equal(a[n], resumed[n])] == []
+    assert not torch.are_deterministic_algorithms_enabled()                  # the setting stays inside the steps
+
+
 def test_ddp_under_torchrun_matches_one_process(tmp_path):
     """Two CPU ranks (gloo) with 2 sequences each train like one process with 4: gradients averaged by DDP,
     expert loads summed across ranks before the bias update."""
