@@ -54,9 +54,9 @@ def play_examples(files: list[str | Path], tokenizer: Tokenizer, max_tokens: int
     per = [speeches("\n\n".join(read_documents([f]))) for f in files]  # a file is a label, even a .jsonl one
     empty = [str(f) for f, play in zip(files, per) if not play]
     if empty:
-        raise ValueError(f"no speeches found in {', '.join(empty)}: a speech is a line naming the speaker in capitals "
-                         f"(\"HAMLET.\") then what they say, at least 60 characters (poems, and plays that name speakers "
-                         "as \"Ham.\", have none)")
+        raise ValueError(f"no speeches found in {', '.join(empty)}: a speech is a line naming the speaker in "
+                         "capitals (\"HAMLET.\") then what they say, at least 60 characters (poems, and plays that name "
+                         "speakers as \"Ham.\", have none)")
     n = min(len(s) for s in per) if per_play is None else per_play
     if n < 1:
         raise ValueError(f"per_play must be at least 1, not {n}")
