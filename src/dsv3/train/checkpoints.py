@@ -14,9 +14,9 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import warnings
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
