@@ -247,6 +247,8 @@ def rewrite(path, edit) -> None:
     (lambda t: t.update({"model.layers.0.self_attn.extra.weight": torch.zeros(2)}), "does not.*self_attn.extra.weight"),
     (lambda t: t.update({"model.layers.2.self_attn.kv_b_proj.weight": torch.zeros(200, 32)}),
      r"model.layers.2.self_attn.kv_b_proj.weight: expected \(224, 32\) found \(200, 32\)"),
+    (lambda t: t.update({"lm_head.weight": t["lm_head.weight"].to(torch.int32)}),
+     "lm_head.weight: dtype I32 in model.safetensors, expected F32 or BF16"),
 ])
 def test_broken_checkpoint_names_the_tensor(tmp_path, edit, message):
     path = make_dsv3_checkpoint(tmp_path)
@@ -268,6 +270,33 @@ def test_truncated_file_and_missing_shard_name_the_file(tmp_path):
     second.unlink()
     with pytest.raises(CheckpointError, match=f"names files that do not exist.*{second.name}"):
         load(sharded)
+
+
+def sharded_checkpoint(tmp_path, name="sharded"):
+    path = tmp_path / name
+    save_checkpoint(load(make_dsv3_checkpoint(tmp_path, name=f"{name}-whole")), None, path, max_shard_bytes=100_000,
+                    progress=False)
+    return path, json.loads((path / "model.safetensors.index.json").read_text())
+
+
+def test_tensor_missing_from_its_shard_is_an_error(tmp_path):
+    path, index = sharded_checkpoint(tmp_path)
+    shard = path / index["weight_map"]["lm_head.weight"]
+    stored = load_file(shard)
+    del stored["lm_head.weight"]                          # the index still names it
+    save_file(stored, shard)
+    with pytest.raises(CheckpointError, match=f"puts 1 tensor.* in {shard.name} that it does not hold: lm_head.weight"):
+        load(path)
+
+
+@pytest.mark.parametrize("outside", ["../other/model.safetensors", "/etc/passwd", "..", ""])
+def test_index_may_not_name_files_outside_the_checkpoint(tmp_path, outside):
+    path, index = sharded_checkpoint(tmp_path)
+    make_dsv3_checkpoint(tmp_path, name="other", seed=1)   # a valid file beside it, which the index must not reach
+    index["weight_map"]["lm_head.weight"] = outside
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=f"lm_head.weight is said to be in '{outside}', which is not a file name"):
+        load(path)
 
 
 def test_shards_stay_under_the_limit_header_included(tmp_path):

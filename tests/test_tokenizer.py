@@ -288,6 +288,18 @@ def test_missing_tokenizer_json(tmp_path):
         Tokenizer.from_dir(tmp_path)
 
 
+def test_corrupt_tokenizer_files_name_the_file(tmp_path):
+    path = make_checkpoint(tmp_path)
+    text = (path / "tokenizer.json").read_text(encoding="utf-8")
+    (path / "tokenizer.json").write_text(text[: len(text) // 2], encoding="utf-8")          # a copy cut short
+    with pytest.raises(ValueError, match=rf"^{path / 'tokenizer.json'}: not a valid tokenizer file \(EOF while"):
+        Tokenizer.from_dir(path)
+    path = make_checkpoint(tmp_path / "b")
+    (path / "tokenizer_config.json").write_text("{bos_token", encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"^{path / 'tokenizer_config.json'}: not valid JSON"):
+        Tokenizer.from_dir(path)
+
+
 def test_bad_config_values(tmp_path):
     with pytest.raises(ValueError, match="eos_token"):
         Tokenizer.from_dir(make_checkpoint(tmp_path / "a", {"eos_token": "<not a token>"}))

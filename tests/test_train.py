@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import dsv3
+from dsv3.checkpoint import CheckpointError
 from dsv3.default_model import HERE as DEFAULT_MODEL
 from dsv3.model import DeepseekV3ForCausalLM
 from dsv3.model.moe import sequence_balance_loss
@@ -279,6 +280,29 @@ def test_resume_is_bit_identical(tmp_path, tokenizer):
     assert (parted / "metrics.jsonl").read_text().count('"step": 4,') == 1   # the lost step 4 is logged once
 
 
+def test_cpu_runs_are_bit_identical_with_several_threads(tmp_path):
+    """At 2 threads (torch's default on a 2-core machine), with enough routed tokens that the backward's work is
+    split between the threads: two runs, and a run stopped and resumed, end bit-identical."""
+    model = {**TINY, "n_routed_experts": 16, "num_experts_per_tok": 4}
+    cfg = tiny_config(steps=4, save_every=2, seq_len=64)
+    torch.set_num_threads(2)
+    try:
+        runs = []
+        for name in ("a", "b"):
+            runs.append(Trainer(model, TRAIN_PLAYS[:1], tmp_path / name, tokenizer=DEFAULT_MODEL, config=cfg))
+            runs[-1].run()
+        Trainer(model, TRAIN_PLAYS[:1], tmp_path / "c", tokenizer=DEFAULT_MODEL, config=cfg).run(stop_after=3)
+        runs.append(Trainer(model, TRAIN_PLAYS[:1], tmp_path / "c", config=cfg, resume=True))
+        assert runs[-1].step == 2
+        runs[-1].run()
+    finally:
+        torch.set_num_threads(1)
+    a, b, resumed = (r.model.state_dict() for r in runs)
+    assert [n for n in a if not torch.equal(a[n], b[n])] == []
+    assert [n for n in a if not torch.equal(a[n], resumed[n])] == []
+    assert not torch.are_deterministic_algorithms_enabled()                  # the setting stays inside the steps
+
+
 def test_ddp_under_torchrun_matches_one_process(tmp_path):
     """Two CPU ranks (gloo) with 2 sequences each train like one process with 4: gradients averaged by DDP,
     expert loads summed across ranks before the bias update."""
@@ -314,13 +338,48 @@ def test_killed_save_leaves_no_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", killed)
     with pytest.raises(KeyboardInterrupt):
         checkpoints.save_checkpoint_atomic(root, 2, {"step": 2}, keep=3)
-    assert checkpoints.latest_checkpoint(root).name == "step-00000001"
-    assert checkpoints.load_checkpoint_state(checkpoints.latest_checkpoint(root)) == {"step": 1}
+    path, state = checkpoints.load_latest_state(root)
+    assert path.name == "step-00000001" and state == {"step": 1}
     monkeypatch.undo()
     for step in range(2, 6):
         checkpoints.save_checkpoint_atomic(root, step, {"step": step}, keep=3)
     assert [p.name for p in root.iterdir()] and sorted(p.name for p in root.iterdir()) == [
         "step-00000003", "step-00000004", "step-00000005"]
+
+
+class WritesMarker:
+    """Unpickling this calls Path.write_text: what a crafted state.pt would do with os.system."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.write_text, (self.marker, "code ran")
+
+
+def test_resume_refuses_a_state_that_would_run_code(tmp_path):
+    marker = tmp_path / "marker"
+    crafted = tmp_path / "out" / "checkpoints" / "step-00000003"
+    crafted.mkdir(parents=True)
+    torch.save({"step": 3, "model": {}, "payload": WritesMarker(marker)}, crafted / checkpoints.STATE_FILE)
+    with pytest.raises(CheckpointError, match=r"step-00000003/state.pt: refused.*could run as code"):
+        Trainer(TINY, TRAIN_PLAYS[:1], tmp_path / "out", tokenizer=DEFAULT_MODEL, config=tiny_config(), resume=True)
+    assert not marker.exists()
+
+
+def test_resume_passes_over_a_damaged_checkpoint(tmp_path):
+    cfg = tiny_config()
+    Trainer(TINY, TRAIN_PLAYS[:1], tmp_path, tokenizer=DEFAULT_MODEL, config=cfg).run()
+    root = tmp_path / "checkpoints"
+    assert [p.name for p in checkpoints.checkpoint_dirs(root)] == ["step-00000003", "step-00000006"]
+    newest = root / "step-00000006" / checkpoints.STATE_FILE
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])      # a disk that filled up
+    with pytest.warns(UserWarning, match=r"step-00000006/state.pt: unreadable.*intact checkpoint.*step-00000003"):
+        resumed = Trainer(TINY, TRAIN_PLAYS[:1], tmp_path, config=cfg, resume=True)
+    assert resumed.step == 3
+    (root / "step-00000003" / checkpoints.STATE_FILE).write_bytes(b"")
+    with pytest.raises(checkpoints.DamagedCheckpoint, match="no checkpoint under .* can be read back"):
+        Trainer(TINY, TRAIN_PLAYS[:1], tmp_path, config=cfg, resume=True)
 
 
 def test_cli_train_and_train_tokenizer(tmp_path):
@@ -333,6 +392,35 @@ def test_cli_train_and_train_tokenizer(tmp_path):
                  "--out", str(tmp_path / "out"), "--tokenizer", str(tmp_path / "tok"), "--steps", "2",
                  "--batch-size", "2", "--seq-len", "16", "--no-progress", "--eval-every", "0"]) == 0
     assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 600
+
+
+def test_cli_names_a_corrupt_tokenizer_in_one_line(tmp_path, capsys):
+    from dsv3.cli import main
+
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": {')
+    (tmp_path / "model.json").write_text(json.dumps(TINY))
+    assert main(["train", "--model-config", str(tmp_path / "model.json"), "--data", str(TRAIN_PLAYS[0]),
+                 "--out", str(tmp_path / "out"), "--tokenizer", str(tmp_path / "tok"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / 'tok' / 'tokenizer.json'}: not a valid tokenizer file" in err, err
+
+
+def test_train_without_matplotlib(tmp_path, monkeypatch):
+    """The CLI refuses before training (it draws the plots after the last step); the Trainer finishes the run,
+    writes the model and warns instead of losing it."""
+    from dsv3.cli import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)           # import matplotlib -> ImportError
+    (tmp_path / "model.json").write_text(json.dumps(TINY))
+    with pytest.raises(SystemExit, match=r"dsv3 train needs matplotlib .*pip install 'dsv3\[train\]'"):
+        main(["train", "--model-config", str(tmp_path / "model.json"), "--data", str(TRAIN_PLAYS[0]), "--out",
+              str(tmp_path / "cli"), "--tokenizer", str(DEFAULT_MODEL), "--steps", "2", "--no-progress"])
+    assert not (tmp_path / "cli").exists()
+    trainer = Trainer(TINY, TRAIN_PLAYS[:1], tmp_path / "lib", tokenizer=DEFAULT_MODEL, config=tiny_config(steps=2))
+    with pytest.warns(UserWarning, match=r"no plots drawn .*pip install 'dsv3\[train\]'"):
+        final = trainer.run()
+    assert "loss" in final and (tmp_path / "lib" / "config.json").is_file()
 
 
 # ---- tokenizer training --------------------------------------------------------------------------
@@ -397,3 +485,13 @@ def test_classifier_head_trains_above_chance(tokenizer):
     # (fine-tuning the backbone too: 0.57 on 283, bench/results/default_model/summary.json).
     assert accuracy(model, train) > 0.5
     assert accuracy(model, test) > 0.31
+
+
+def test_classifier_names_the_files_without_speeches(tmp_path, tokenizer):
+    play, poem, abbreviated = tmp_path / "play.txt", tmp_path / "poem.txt", tmp_path / "abbreviated.txt"
+    play.write_text("GONZALO.\nHere is everything advantageous to life, and yet we have no means to live here.\n")
+    poem.write_text("From fairest creatures we desire increase,\nThat thereby beauty's rose might never die,\n")
+    abbreviated.write_text("Ham.\nTo be, or not to be, that is the question: whether 'tis nobler in the mind\n")
+    with pytest.raises(ValueError, match=f"no speeches found in {poem}, {abbreviated}: a speech is a line naming"):
+        play_examples([play, poem, abbreviated], tokenizer)
+    assert play_examples([play], tokenizer).labels.tolist() == [0]

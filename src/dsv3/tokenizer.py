@@ -152,9 +152,15 @@ class Tokenizer:
         tokenizer_file = path / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {tokenizer_file}")
-        backend = BPEBackend.from_file(str(tokenizer_file))
+        try:
+            backend = BPEBackend.from_file(str(tokenizer_file))
+        except Exception as e:  # the tokenizers library raises a bare Exception whose text says where parsing failed
+            raise ValueError(f"{tokenizer_file}: not a valid tokenizer file ({e})") from None
         config_file = path / "tokenizer_config.json"
-        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_file}: not valid JSON ({e})") from None
         # Without a config, fall back to DeepSeek's own token names where this vocabulary has them.
         defaults = {k: v if backend.token_to_id(v) is not None else None
                     for k, v in (("bos_token", DEFAULT_BOS), ("eos_token", DEFAULT_EOS))}

@@ -26,6 +26,7 @@ from dsv3.kernels.reference import block_length, fp8_dequantize
 from dsv3.model import DeepseekV3ForCausalLM, DeepseekV3ForSequenceClassification
 from dsv3.parallel import SINGLE, Parallel
 
+FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
 ARCHITECTURES = {cls.__name__: cls for cls in (DeepseekV3ForCausalLM, DeepseekV3ForSequenceClassification)}
 
 
@@ -82,7 +83,7 @@ def load_state_into(model: nn.Module, path: str | Path | CheckpointFiles, progre
     with torch.no_grad():
         for file in files.files:
             with files.open(file) as handle:
-                for key in handle.keys():
+                for key in files.keys_in[file]:
                     if key not in routes:
                         continue  # skipped: another rank's expert, an MTP copy, a scale read with its weight
                     for route in routes[key]:
@@ -97,11 +98,25 @@ def read(files: CheckpointFiles, key: str, route: Route, handle, file: Path) -> 
     found = tuple(view.get_shape())
     if found != route.shape:
         raise CheckpointError(f"{key}: expected {route.shape} found {found} (in {file.name})")
+    accepted = stored_dtypes(key, route.dest.dtype)
+    if view.get_dtype() not in accepted:
+        raise CheckpointError(f"{key}: dtype {view.get_dtype()} in {file.name}, expected {' or '.join(accepted)}")
     if view.get_dtype() != "F8_E4M3" or route.dest.dtype == FP8:
         return view[route.source]
     if key + SCALE not in files.file_of:
         raise CheckpointError(f"{key} is FP8 but the checkpoint has no {key + SCALE} to dequantize it")
     return dequantized(files, key, route, handle, file)
+
+
+def stored_dtypes(key: str, dest: torch.dtype) -> tuple[str, ...]:
+    """The safetensors dtypes a tensor may be stored in: any float is cast to the model's dtype exactly enough,
+    an e4m3 weight is dequantized with its scale; integers are never weights, and an FP8 tensor the model keeps
+    must be e4m3 already (casting a wider float to it would need a scale the file does not have)."""
+    if dest == FP8:
+        return ("F8_E4M3",)
+    if key.endswith(SCALE):
+        return FLOAT_DTYPES + ("F8_E8M0",)
+    return FLOAT_DTYPES + ("F8_E4M3",)
 
 
 def dequantized(files: CheckpointFiles, key: str, route: Route, handle, file: Path) -> torch.Tensor:

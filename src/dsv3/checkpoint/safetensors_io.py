@@ -39,12 +39,21 @@ class CheckpointFiles:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.file_of: dict[str, Path] = {}
+        self.keys_in: dict[Path, list[str]] = {}
         index = self.path / INDEX_FILE
         if index.exists():
             try:
                 names = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({e})") from None
+            if not isinstance(names, dict):
+                raise CheckpointError(f"{index}: weight_map must map tensor names to file names")
+            for key, name in names.items():
+                # A bare file name: the index must not send the loader to ../../etc/passwd or /dev/zero.
+                if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                    raise CheckpointError(f"{index}: {key} is said to be in {name!r}, which is not a file name "
+                                          f"inside {self.path}")
             self.file_of = {key: self.path / name for key, name in names.items()}
             absent = {f.name for f in self.file_of.values() if not f.exists()}
             if absent:
@@ -57,6 +66,8 @@ class CheckpointFiles:
             raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {self.path}")
         # Files in the order the index lists them: the order DeepSeek's shards are numbered.
         self.files = list(dict.fromkeys(self.file_of.values()))
+        for key, file in self.file_of.items():  # the index is what says which file holds a tensor
+            self.keys_in.setdefault(file, []).append(key)
 
     @property
     def keys(self) -> set[str]:
@@ -64,9 +75,14 @@ class CheckpointFiles:
 
     @contextmanager
     def open(self, file: Path) -> Iterator:
-        """safe_open, with safetensors' errors (truncated or corrupt file) re-raised naming the file."""
+        """safe_open, with safetensors' errors (truncated or corrupt file) re-raised naming the file; a
+        tensor the index puts in this file that the file does not hold is an error too, not a tensor skipped."""
         try:
             with safe_open(file, framework="pt") as handle:
+                absent = set(self.keys_in.get(file, ())) - set(handle.keys())
+                if absent:
+                    raise CheckpointError(f"{INDEX_FILE} puts {len(absent)} tensor(s) in {file.name} that it does "
+                                          f"not hold: {listing(absent)}")
                 yield handle
         except SafetensorError as e:
             raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None

@@ -4,20 +4,31 @@ A checkpoint is a folder checkpoints/step-NNNNNNNN holding state.pt (model, opti
 states, step). It is written under a temporary name, every file and the folder fsync'ed, then renamed into
 place; a rename is atomic, so a folder with a final name is always complete and anything else (a
 leftover .tmp-* from a killed run) is ignored by resume and cleaned up by the next save.
+
+state.pt is read with torch.load(weights_only=True): tensors and plain data only (which is all a checkpoint
+holds, the RNG states included), so a crafted file cannot run code when a run is resumed.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 
+from dsv3.checkpoint.safetensors_io import CheckpointError
+
 STATE_FILE = "state.pt"
 _FINAL = re.compile(r"step-(\d{8})")
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A state.pt that cannot be read back (cut short by a full disk or a copy): an older checkpoint may do."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -35,11 +46,6 @@ def checkpoint_dirs(root: str | Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _FINAL.fullmatch(p.name) and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name[5:]))
-
-
-def latest_checkpoint(root: str | Path) -> Path | None:
-    found = checkpoint_dirs(root)
-    return found[-1] if found else None
 
 
 def save_checkpoint_atomic(root: str | Path, step: int, state: dict, keep: int) -> Path:
@@ -70,7 +76,36 @@ def save_checkpoint_atomic(root: str | Path, step: int, state: dict, keep: int) 
 
 
 def load_checkpoint_state(path: str | Path) -> dict:
-    return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
+    file = Path(path) / STATE_FILE
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # The weights-only unpickler met a class or function (e.g. a __reduce__ that calls os.system): never run it.
+        reason = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line),
+                      "the weights-only unpickler stopped")
+        raise CheckpointError(f"{file}: refused, it holds Python objects other than tensors and plain data, which "
+                              f"loading could run as code ({reason})") from None
+    except (RuntimeError, EOFError) as e:
+        reason = str(e).split("\n")[0] or type(e).__name__  # torch's first line says what failed; the rest is advice
+        raise DamagedCheckpoint(f"{file}: unreadable, truncated or damaged ({reason})") from None
+
+
+def load_latest_state(root: str | Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint under root that reads back, and its state; None when there is none. A damaged
+    newer one is passed over with a warning naming it; when every one is damaged, DamagedCheckpoint."""
+    damaged = []
+    for path in reversed(checkpoint_dirs(root)):
+        try:
+            state = load_checkpoint_state(path)
+        except DamagedCheckpoint as e:
+            damaged.append(str(e))
+            continue
+        if damaged:
+            warnings.warn(f"{'; '.join(damaged)}: resuming from the newest intact checkpoint, {path}", stacklevel=2)
+        return path, state
+    if damaged:
+        raise DamagedCheckpoint(f"no checkpoint under {root} can be read back: {'; '.join(damaged)}")
+    return None
 
 
 def rng_state() -> dict:

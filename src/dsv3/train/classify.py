@@ -51,8 +51,15 @@ def play_examples(files: list[str | Path], tokenizer: Tokenizer, max_tokens: int
     `per_play` of each (default: as many as the shortest play has)."""
     if tokenizer.pad_token_id is None:
         raise ValueError("sequence classification pools at the last non-pad token: the tokenizer needs a pad_token")
-    per = [speeches(doc) for doc in read_documents(files)]
+    per = [speeches("\n\n".join(read_documents([f]))) for f in files]  # a file is a label, even a .jsonl one
+    empty = [str(f) for f, play in zip(files, per) if not play]
+    if empty:
+        raise ValueError(f"no speeches found in {', '.join(empty)}: a speech is a line naming the speaker in "
+                         "capitals (\"HAMLET.\") then what they say, at least 60 characters (poems, and plays that name "
+                         "speakers as \"Ham.\", have none)")
     n = min(len(s) for s in per) if per_play is None else per_play
+    if n < 1:
+        raise ValueError(f"per_play must be at least 1, not {n}")
     g = torch.Generator().manual_seed(seed)
     rows, labels = [], []
     for label, play in enumerate(per):

@@ -40,6 +40,10 @@ def add_train_config_options(p: argparse.ArgumentParser) -> None:
 def cmd_train(args) -> int:
     from dsv3.train.trainer import Trainer
 
+    try:
+        import matplotlib  # noqa: F401  (the plots are drawn after the last step: check before the first)
+    except ImportError as e:
+        raise SystemExit(f"dsv3 train needs matplotlib for its plots ({e}); pip install 'dsv3[train]'") from None
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     trainer = Trainer(args.model_config, args.data, args.out, tokenizer=args.tokenizer, config=config,
                       eval_data=args.eval_data, resume=args.resume, init_from=args.init_from)
