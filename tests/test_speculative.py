@@ -8,7 +8,7 @@ from dsv3.config import ModelConfig
 from dsv3.engine import speculative
 from dsv3.engine.llm import LLMEngine
 from dsv3.engine.sampling import SamplingParams
-from dsv3.engine.speculative import Speculator
+from dsv3.engine.speculative import MTPProposer, SpeculationPolicy
 from dsv3.model import DeepseekV3ForCausalLM, init_weights
 from helpers import tiny_config
 
@@ -37,19 +37,20 @@ def plain(model):
     return generate(LLMEngine(model, None, num_blocks=80, block_size=4), PROMPTS)
 
 
-class OracleDrafts(Speculator):
-    """Drafts that are right about half the time (the true greedy continuation, else a wrong token), so
-    that both acceptance and rejection, at every draft index, are exercised on real cache contents."""
+class OracleDrafts(MTPProposer):
+    """Drafts that are right with probability 1 - wrong (the true greedy continuation, else a wrong token),
+    so that both acceptance and rejection, at every draft index, are exercised on real cache contents.
+    They cannot come out of the verification forward (not fused)."""
 
-    def __init__(self, engine, k, truth):
-        super().__init__(engine, k, max_batch=32)
-        self.truth, self.coin = truth, torch.Generator().manual_seed(0)
+    def __init__(self, runner, k, truth, wrong=0.4):
+        super().__init__(runner, k)
+        self.truth, self.wrong, self.coin, self.fused = truth, wrong, torch.Generator().manual_seed(0), False
 
-    def propose_for(self, seq, mtp_logits, greedy_token):
-        position = seq.num_tokens + len(seq.draft) - seq.num_prompt_tokens  # index in the output of this draft
+    def draft_token(self, seq, depth, logits, greedy_token):
+        position = seq.num_tokens + depth - seq.num_prompt_tokens  # index in the output of this draft
         right = self.truth[tuple(seq.prompt_token_ids)]
         token = right[position] if position < len(right) else 0
-        if torch.rand((), generator=self.coin) < 0.4:
+        if torch.rand((), generator=self.coin) < self.wrong:
             token = (token + 1) % 256
         return token, None
 
@@ -58,7 +59,7 @@ class OracleDrafts(Speculator):
 @pytest.mark.parametrize("budget", [512, 7])
 def test_greedy_with_speculation_equals_without(model, plain, k, budget):
     engine = LLMEngine(model, None, num_blocks=80, block_size=4, speculative_tokens=k, max_num_batched_tokens=budget)
-    engine.speculator = OracleDrafts(engine, k, truth={tuple(p): o for p, o in zip(PROMPTS, plain)})
+    engine.proposer = OracleDrafts(engine.runner, k, truth={tuple(p): o for p, o in zip(PROMPTS, plain)})
     assert generate(engine, PROMPTS) == plain
     drafted, accepted = engine.stats["spec_drafted"], engine.stats["spec_accepted"]
     assert drafted > 0 and 0 < accepted < drafted  # both outcomes happened
@@ -136,7 +137,7 @@ def test_drafting_inside_the_verification_forward_equals_two_passes():
     runs = {}
     for in_graph in (True, False):
         engine = LLMEngine(trained, None, num_blocks=64, block_size=8, speculative_tokens=1)
-        engine.speculator.in_graph = in_graph
+        engine.proposer.fused = in_graph
         calls = []
         greedy_draft = engine.runner.greedy_draft
         engine.runner.greedy_draft = lambda *a: calls.append(1) or greedy_draft(*a)
@@ -154,11 +155,11 @@ def test_a_sequence_whose_drafts_never_stand_stops_drafting(model):
     params = SamplingParams(max_tokens=40, temperature=0)
     plain = generate(LLMEngine(model, None, num_blocks=80, block_size=4), PROMPTS, params)
     engine = LLMEngine(model, None, num_blocks=80, block_size=4, speculative_tokens=1)
+    engine.spec_policy = SpeculationPolicy(32, clock=None)  # every batch speculates: only the sequences decide
     seqs = [engine.add_request(p, params) for p in PROMPTS]
     while engine.has_unfinished():
         engine.step()
     assert [s.output_token_ids for s in seqs] == plain
-    probe = Speculator.PROBE
-    assert all(s.num_drafted <= probe + 1 for s in seqs if s.num_accepted < Speculator.MIN_ACCEPTANCE * probe)
-    assert engine.stats["spec_off_sequences"] == sum(
-        s.num_accepted < Speculator.MIN_ACCEPTANCE * s.num_drafted for s in seqs) > 0
+    probe, floor = SpeculationPolicy.PROBE, SpeculationPolicy.MIN_ACCEPTANCE
+    assert all(s.num_drafted <= probe + 1 for s in seqs if s.num_accepted < floor * probe)
+    assert engine.stats["spec_off_sequences"] == sum(s.num_accepted < floor * s.num_drafted for s in seqs) > 0
