@@ -198,3 +198,61 @@ def test_a_sequence_whose_drafts_never_stand_stops_drafting(model):
     probe, floor = SpeculationPolicy.PROBE, SpeculationPolicy.MIN_ACCEPTANCE
     assert all(s.num_drafted <= probe + 1 for s in seqs if s.num_accepted < floor * probe)
     assert engine.stats["spec_off_sequences"] == sum(s.num_accepted < floor * s.num_drafted for s in seqs) > 0
+
+
+def run_policy(policy, batch, cost, steps):
+    """Drive the policy as the engine would; cost[speculates] = (seconds, tokens) of one such step."""
+    choices = []
+    for _ in range(steps):
+        speculates = policy.wants(batch)
+        policy.record(batch, speculates, *cost[speculates])
+        choices.append(speculates)
+    return choices
+
+
+def test_policy_speculates_in_a_bucket_only_while_measured_faster():
+    policy = SpeculationPolicy(max_batch=32, clock=lambda: 0.0)  # (the engine's clock; record takes seconds)
+    slower = run_policy(policy, 1, {True: (1.0, 1.5), False: (0.5, 1)}, 1000)  # 1.5 tok/s against 2
+    assert slower[:8] == [True] * 8 and not any(slower[20:280])  # measured, then off until a re-probe
+    assert sum(slower) < 0.05 * len(slower)
+    faster = run_policy(policy, 8, {True: (1.0, 12), False: (0.8, 8)}, 1000)  # 12 tok/s against 10
+    assert sum(faster) > 0.9 * len(faster) and faster[-100:] == [True] * 100
+    assert not policy.wants(1) and policy.wants(8) and policy.wants(5) and not policy.wants(33)
+    # Batch 1's speculation becomes faster (say the prompts changed): a re-probe finds it, it turns back on.
+    again = run_policy(policy, 1, {True: (0.5, 1.5), False: (0.5, 1)}, 400)
+    assert again[-100:] == [True] * 100
+
+
+class ForwardClock:
+    """A fake clock for the engine: time is what its forwards cost, 1 a main-model forward and 0.25 an MTP
+    pass, so the policy measures the same on any machine."""
+
+    def __init__(self, runner):
+        self.now, run = 0.0, runner.run
+
+        def timed(step):
+            self.now += 0.25 if step.mtp_depth >= 0 else 1.0
+            return run(step)
+        runner.run = timed
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.mark.parametrize("wrong", [0.0, 1.0])
+def test_engine_turns_speculation_off_where_measured_slower(model, wrong):
+    """Drafts always right: 2 tokens for 1.25 forwards beats 1 for 1, speculation stays on. Always wrong:
+    1 token for 1.25, the batch's bucket turns it off (before the sequence's own probe would), and the
+    steps after are plain ones. Greedy tokens are plain decoding's either way."""
+    params = SamplingParams(max_tokens=60, temperature=0)
+    truth = generate(LLMEngine(model, None, num_blocks=80, block_size=4), PROMPTS[:1], params)
+    engine = LLMEngine(model, None, num_blocks=80, block_size=4, speculative_tokens=1)
+    engine.proposer = OracleDrafts(engine.runner, 1, {tuple(PROMPTS[0]): truth[0]}, wrong=wrong)
+    engine.spec_policy = SpeculationPolicy(32, clock=ForwardClock(engine.runner))
+    assert generate(engine, PROMPTS[:1], params) == truth
+    bucket = engine.spec_policy.buckets[1]
+    assert bucket.speculate == (wrong == 0.0) and len(bucket.spec) == len(bucket.plain) == SpeculationPolicy.WINDOW
+    if wrong:
+        assert engine.stats["spec_off_steps"] > 20 and engine.stats["spec_off_sequences"] == 0
+    else:
+        assert engine.stats["spec_accepted"] > 20
