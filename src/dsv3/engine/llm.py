@@ -142,11 +142,11 @@ class LLMEngine:
     def step(self) -> list[Sequence]:
         if self.proposer is None:
             return self._plain_step()
-        # Decode-only steps are timed for the speculation policy, which learns where speculation pays.
-        running, policy = self.scheduler.running, self.spec_policy
-        batch = self._decoding()
-        decode_only = bool(running) and batch == len(running) and not self.scheduler.waiting
-        speculate = self._speculating(batch)
+        # Decode-only steps (every running sequence decodes, none is admitted) are timed for the
+        # speculation policy, which learns where speculation pays.
+        policy, decoding = self.spec_policy, {s.seq_id for s in self.scheduler.running if s.num_uncomputed == 1}
+        decode_only = len(decoding) == len(self.scheduler.running) > 0
+        speculate = self._speculating(len(decoding))
         start, tokens = policy.clock() if policy.clock else 0.0, self.stats["generation_tokens"]
         if speculate:
             changed = self._resolve(self.in_flight) if self.in_flight is not None else []  # drain first
@@ -154,8 +154,8 @@ class LLMEngine:
             changed += self._speculative_step()
         else:
             changed = self._plain_step()
-        if policy.clock and decode_only:
-            policy.record(batch, speculate, policy.clock() - start, self.stats["generation_tokens"] - tokens)
+        if policy.clock and decode_only and all(s.seq_id in decoding for s in self.scheduler.running):
+            policy.record(len(decoding), speculate, policy.clock() - start, self.stats["generation_tokens"] - tokens)
         return changed
 
     def _plain_step(self) -> list[Sequence]:
