@@ -193,11 +193,14 @@ class SpeculationPolicy:
         """Whether a step of `batch` decoding sequences should speculate."""
         if batch > self.max_batch:
             return False
+        if self.clock is None:
+            return True
         bucket = self.buckets.get(self.bucket(batch))
-        return self.clock is None or bucket is None or bucket.speculate
+        return bucket is None or bucket.speculate
 
     @staticmethod
     def bucket(batch: int) -> int:
+        """The next power of two: batches that pad to about the same forward share their measurements."""
         return 1 << max(batch - 1, 0).bit_length()
 
     def record(self, batch: int, speculated: bool, seconds: float, tokens: int) -> None:
@@ -215,10 +218,13 @@ class SpeculationPolicy:
         if len(b.plain) < self.WINDOW:  # a new bucket: speculation measured, plain decoding next
             b.speculate, b.probing, b.left = False, True, self.WINDOW
             return
-        (spec_s, spec_t), (plain_s, plain_t) = (map(sum, zip(*w)) for w in (b.spec, b.plain))
-        spec_wins = spec_t * plain_s > plain_t * spec_s  # tokens/s, cross-multiplied: a fake clock may give 0 s
+        spec_s, spec_t = map(sum, zip(*b.spec))
+        plain_s, plain_t = map(sum, zip(*b.plain))
+        # Each mode's tokens/s times both windows' seconds: no division (a fake clock may give 0 s).
+        spec_rate, plain_rate = spec_t * plain_s, plain_t * spec_s
+        spec_wins = spec_rate > plain_rate
         if b.probing:  # run the faster, long enough that measuring the slower again costs ~PROBE_COST
-            fast, slow = (spec_t * plain_s, plain_t * spec_s) if spec_wins else (plain_t * spec_s, spec_t * plain_s)
+            fast, slow = max(spec_rate, plain_rate), min(spec_rate, plain_rate)
             ratio = fast / slow if slow > 0 else math.inf
             b.speculate, b.probing = spec_wins, False
             b.left = max(1, math.ceil(min(self.MAX_RUN, self.WINDOW * (ratio - 1) / self.PROBE_COST)))
