@@ -1,5 +1,5 @@
-"""MTP speculative decoding: exact under greedy, distribution-preserving under sampling, and the paged
-cache stays consistent however many drafts are rejected."""
+"""MTP speculative decoding: exact under greedy, distribution-preserving under sampling, the paged cache
+consistent however many drafts are rejected, and speculation only where it is measured to pay."""
 
 import pytest
 import torch
