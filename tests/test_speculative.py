@@ -1,5 +1,5 @@
-"""MTP speculative decoding: exact under greedy, distribution-preserving under sampling, and the paged
-cache stays consistent however many drafts are rejected."""
+"""MTP speculative decoding: exact under greedy, distribution-preserving under sampling, the paged cache
+consistent however many drafts are rejected, and speculation only where it is measured to pay."""
 
 import pytest
 import torch
@@ -7,8 +7,8 @@ import torch
 from dsv3.config import ModelConfig
 from dsv3.engine import speculative
 from dsv3.engine.llm import LLMEngine
-from dsv3.engine.sampling import SamplingParams
-from dsv3.engine.speculative import Speculator
+from dsv3.engine.sampling import SamplingParams, probabilities
+from dsv3.engine.speculative import MTPProposer, SpeculationPolicy
 from dsv3.model import DeepseekV3ForCausalLM, init_weights
 from helpers import tiny_config
 
@@ -25,7 +25,8 @@ def model():
 
 
 def generate(engine, prompts, params=GREEDY):
-    seqs = [engine.add_request(p, params) for p in prompts]
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    seqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
     while engine.has_unfinished():
         engine.step()
     assert engine.blocks.num_free == engine.blocks.num_blocks
@@ -37,19 +38,20 @@ def plain(model):
     return generate(LLMEngine(model, None, num_blocks=80, block_size=4), PROMPTS)
 
 
-class OracleDrafts(Speculator):
-    """Drafts that are right about half the time (the true greedy continuation, else a wrong token), so
-    that both acceptance and rejection, at every draft index, are exercised on real cache contents."""
+class OracleDrafts(MTPProposer):
+    """Drafts that are right with probability 1 - wrong (the true greedy continuation, else a wrong token),
+    so that both acceptance and rejection, at every draft index, are exercised on real cache contents.
+    They cannot come out of the verification forward (not fused)."""
 
-    def __init__(self, engine, k, truth):
-        super().__init__(engine, k, max_batch=32)
-        self.truth, self.coin = truth, torch.Generator().manual_seed(0)
+    def __init__(self, runner, k, truth, wrong=0.4):
+        super().__init__(runner, k)
+        self.truth, self.wrong, self.coin, self.fused = truth, wrong, torch.Generator().manual_seed(0), False
 
-    def propose_for(self, seq, mtp_logits, greedy_token):
-        position = seq.num_tokens + len(seq.draft) - seq.num_prompt_tokens  # index in the output of this draft
+    def draft_token(self, seq, depth, logits, greedy_token):
+        position = seq.num_tokens + depth - seq.num_prompt_tokens  # index in the output of this draft
         right = self.truth[tuple(seq.prompt_token_ids)]
         token = right[position] if position < len(right) else 0
-        if torch.rand((), generator=self.coin) < 0.4:
+        if torch.rand((), generator=self.coin) < self.wrong:
             token = (token + 1) % 256
         return token, None
 
@@ -58,7 +60,7 @@ class OracleDrafts(Speculator):
 @pytest.mark.parametrize("budget", [512, 7])
 def test_greedy_with_speculation_equals_without(model, plain, k, budget):
     engine = LLMEngine(model, None, num_blocks=80, block_size=4, speculative_tokens=k, max_num_batched_tokens=budget)
-    engine.speculator = OracleDrafts(engine, k, truth={tuple(p): o for p, o in zip(PROMPTS, plain)})
+    engine.proposer = OracleDrafts(engine.runner, k, truth={tuple(p): o for p, o in zip(PROMPTS, plain)})
     assert generate(engine, PROMPTS) == plain
     drafted, accepted = engine.stats["spec_drafted"], engine.stats["spec_accepted"]
     assert drafted > 0 and 0 < accepted < drafted  # both outcomes happened
@@ -94,19 +96,53 @@ def test_without_mtp_module_speculation_is_refused():
         LLMEngine(DeepseekV3ForCausalLM(cfg, dtype=torch.float32), None, num_blocks=8, speculative_tokens=1)
 
 
-def test_rejection_sampling_keeps_the_target_distribution():
-    """Tiny vocabulary: whatever the draft distribution q, the first emitted token follows p."""
-    torch.manual_seed(0)
-    p_logits = torch.tensor([[1.0, 0.0, -1.0, 0.5], [0.2, 0.1, 0.0, -0.3]])
-    q = torch.tensor([0.1, 0.6, 0.2, 0.1])
-    params = SamplingParams(temperature=1.0)
+def test_accept_keeps_the_target_distribution_of_hand_made_p_and_q():
+    """Two drafts from hand-made q (with mass where top-k leaves p none): the first emitted token follows
+    p's first row, the second (emitted when the first draft stood) its second row, whatever q is."""
+    p_logits = torch.tensor([[1.0, 0.0, -1.0, 0.5], [0.2, 0.1, 0.0, -0.3], [0.0, 0.0, 0.0, 0.0]])
+    q = [torch.tensor([0.1, 0.6, 0.2, 0.1]), torch.tensor([0.4, 0.1, 0.1, 0.4])]
+    params = SamplingParams(temperature=0.7, top_k=3)
     gen = torch.Generator().manual_seed(1)
-    counts, n = torch.zeros(4), 20000
+    first, second, n = torch.zeros(4), torch.zeros(4), 12000
     for _ in range(n):
-        draft = int(torch.multinomial(q, 1, generator=gen))
-        counts[speculative.accept(p_logits, [draft], [q], params, gen)[0]] += 1
-    target = p_logits[0].softmax(-1)
-    assert torch.allclose(counts / n, target, atol=0.012), (counts / n, target)
+        drafts = [int(torch.multinomial(qd, 1, generator=gen)) for qd in q]
+        out = speculative.accept(p_logits, drafts, q, params, gen)
+        first[out[0]] += 1
+        if len(out) > 1:
+            second[out[1]] += 1
+    target = probabilities(p_logits, [params] * 3)
+    assert target[0, 2] == target[1, 3] == 0 and first[2] == second[3] == 0  # outside top-k: never emitted
+    assert torch.allclose(first / n, target[0], atol=0.015), (first / n, target[0])
+    assert torch.allclose(second / second.sum(), target[1], atol=0.02), (second / second.sum(), target[1])
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_sampling_with_speculation_keeps_the_model_distribution(k):
+    """A tiny vocabulary, 4000 seeded requests of one prompt: the empirical joint distribution of the first
+    two output tokens (the second comes out of rejection sampling against the MTP drafts) is within
+    sampling noise of the model's exact one. Noise alone gives a total variation of about 0.035; always
+    accepting the drafts gives 0.45, drawing from p instead of the residual after a rejection 0.17."""
+    vocab, n, prompt = 8, 4000, [3, 1, 4, 1, 5]
+    torch.manual_seed(0)
+    m = DeepseekV3ForCausalLM(ModelConfig.from_dict(tiny_config(vocab_size=vocab, eos_token_id=None)),
+                              dtype=torch.float32).eval()
+    init_weights(m, 0.2)
+    params = [SamplingParams(max_tokens=2, temperature=2.0, top_p=0.9, seed=i) for i in range(n)]
+    with torch.no_grad():
+        first = probabilities(m(torch.tensor([prompt]))[0, -1:], params[:1])[0]
+        second = probabilities(m(torch.tensor([prompt + [t] for t in range(vocab)]))[:, -1], params[:vocab])
+    exact = first[:, None] * second  # (vocab, vocab): P(first token, second token)
+    engine = LLMEngine(m, None, max_num_seqs=n, max_num_batched_tokens=n * len(prompt), num_blocks=3 * n, block_size=4,
+                       speculative_tokens=k, speculative_max_batch=n)
+    engine.spec_policy = SpeculationPolicy(n, clock=None)  # speculate at this batch, whatever it costs
+    outs = generate(engine, [prompt] * n, params)
+    assert 0.2 * n < engine.stats["spec_accepted"] < 0.8 * n * k  # drafts both stood and fell
+    counts = torch.zeros(vocab, vocab)
+    for a, b in outs:
+        counts[a, b] += 1
+    assert counts[exact == 0].sum() == 0  # nothing outside top-p
+    tv = 0.5 * (counts / n - exact).abs().sum()
+    assert tv < 0.06, tv
 
 
 def test_greedy_acceptance_rule():
@@ -136,7 +172,7 @@ def test_drafting_inside_the_verification_forward_equals_two_passes():
     runs = {}
     for in_graph in (True, False):
         engine = LLMEngine(trained, None, num_blocks=64, block_size=8, speculative_tokens=1)
-        engine.speculator.in_graph = in_graph
+        engine.proposer.fused = in_graph
         calls = []
         greedy_draft = engine.runner.greedy_draft
         engine.runner.greedy_draft = lambda *a: calls.append(1) or greedy_draft(*a)
@@ -154,11 +190,69 @@ def test_a_sequence_whose_drafts_never_stand_stops_drafting(model):
     params = SamplingParams(max_tokens=40, temperature=0)
     plain = generate(LLMEngine(model, None, num_blocks=80, block_size=4), PROMPTS, params)
     engine = LLMEngine(model, None, num_blocks=80, block_size=4, speculative_tokens=1)
+    engine.spec_policy = SpeculationPolicy(32, clock=None)  # every batch speculates: only the sequences decide
     seqs = [engine.add_request(p, params) for p in PROMPTS]
     while engine.has_unfinished():
         engine.step()
     assert [s.output_token_ids for s in seqs] == plain
-    probe = Speculator.PROBE
-    assert all(s.num_drafted <= probe + 1 for s in seqs if s.num_accepted < Speculator.MIN_ACCEPTANCE * probe)
-    assert engine.stats["spec_off_sequences"] == sum(
-        s.num_accepted < Speculator.MIN_ACCEPTANCE * s.num_drafted for s in seqs) > 0
+    probe, floor = SpeculationPolicy.PROBE, SpeculationPolicy.MIN_ACCEPTANCE
+    assert all(s.num_drafted <= probe + 1 for s in seqs if s.num_accepted < floor * probe)
+    assert engine.stats["spec_off_sequences"] == sum(s.num_accepted < floor * s.num_drafted for s in seqs) > 0
+
+
+def run_policy(policy, batch, cost, steps):
+    """Drive the policy as the engine would; cost[speculates] = (seconds, tokens) of one such step."""
+    choices = []
+    for _ in range(steps):
+        speculates = policy.wants(batch)
+        policy.record(batch, speculates, *cost[speculates])
+        choices.append(speculates)
+    return choices
+
+
+def test_policy_speculates_in_a_bucket_only_while_measured_faster():
+    policy = SpeculationPolicy(max_batch=32, clock=lambda: 0.0)  # (the engine's clock; record takes seconds)
+    slower = run_policy(policy, 1, {True: (1.0, 1.5), False: (0.5, 1)}, 1000)  # 1.5 tok/s against 2
+    assert slower[:8] == [True] * 8 and not any(slower[20:280])  # measured, then off until a re-probe
+    assert sum(slower) < 0.05 * len(slower)
+    faster = run_policy(policy, 8, {True: (1.0, 12), False: (0.8, 8)}, 1000)  # 12 tok/s against 10
+    assert sum(faster) > 0.9 * len(faster) and faster[-100:] == [True] * 100
+    assert not policy.wants(1) and policy.wants(8) and policy.wants(5) and not policy.wants(33)
+    # Batch 1's speculation becomes faster (say the prompts changed): a re-probe finds it, it turns back on.
+    again = run_policy(policy, 1, {True: (0.5, 1.5), False: (0.5, 1)}, 400)
+    assert again[-100:] == [True] * 100
+
+
+class ForwardClock:
+    """A fake clock for the engine: time is what its forwards cost, 1 a main-model forward and 0.25 an MTP
+    pass, so the policy measures the same on any machine."""
+
+    def __init__(self, runner):
+        self.now, run = 0.0, runner.run
+
+        def timed(step):
+            self.now += 0.25 if step.mtp_depth >= 0 else 1.0
+            return run(step)
+        runner.run = timed
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.mark.parametrize("wrong", [0.0, 1.0])
+def test_engine_turns_speculation_off_where_measured_slower(model, wrong):
+    """Drafts always right: 2 tokens for 1.25 forwards beats 1 for 1, speculation stays on. Always wrong:
+    1 token for 1.25, the batch's bucket turns it off (before the sequence's own probe would), and the
+    steps after are plain ones. Greedy tokens are plain decoding's either way."""
+    params = SamplingParams(max_tokens=60, temperature=0)
+    truth = generate(LLMEngine(model, None, num_blocks=80, block_size=4), PROMPTS[:1], params)
+    engine = LLMEngine(model, None, num_blocks=80, block_size=4, speculative_tokens=1)
+    engine.proposer = OracleDrafts(engine.runner, 1, {tuple(PROMPTS[0]): truth[0]}, wrong=wrong)
+    engine.spec_policy = SpeculationPolicy(32, clock=ForwardClock(engine.runner))
+    assert generate(engine, PROMPTS[:1], params) == truth
+    bucket = engine.spec_policy.buckets[1]
+    assert bucket.speculate == (wrong == 0.0) and len(bucket.spec) == len(bucket.plain) == SpeculationPolicy.WINDOW
+    if wrong:
+        assert engine.stats["spec_off_steps"] > 20 and engine.stats["spec_off_sequences"] == 0
+    else:
+        assert engine.stats["spec_accepted"] > 20

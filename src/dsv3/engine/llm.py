@@ -12,7 +12,7 @@ from dsv3.engine.config import EngineConfig
 from dsv3.engine.runner import ModelRunner
 from dsv3.engine.sampling import SamplingParams, sample
 from dsv3.engine.scheduler import Scheduler
-from dsv3.engine.speculative import Speculator
+from dsv3.engine.speculative import MTPProposer, SpeculationPolicy, verify
 from dsv3.kernels import dispatch
 from dsv3.engine.sequence import RequestOutput, Sequence, Status, TokenLogprob
 from dsv3.model import DeepseekV3ForCausalLM
@@ -75,10 +75,11 @@ class LLMEngine:
         model.model.rotary.cache(self.max_model_len + speculative_tokens + 1)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, options.max_num_batched_tokens,
                                    options.prefill_delay_factor)
-        self.speculator = Speculator(self, speculative_tokens, speculative_max_batch) if speculative_tokens else None
         draft_rows = 2 * min(max_num_seqs, speculative_max_batch) if speculative_tokens == 1 else 0
         self.runner = ModelRunner(model, self.latent_caches, block_size, self.max_model_len,
                                   max_num_seqs * (1 + speculative_tokens), options.cuda_graphs, par, draft_rows)
+        self.proposer = MTPProposer(self.runner, speculative_tokens) if speculative_tokens else None
+        self.spec_policy = SpeculationPolicy(speculative_max_batch)
         eos = list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.append(tokenizer.eos_token_id)
@@ -86,8 +87,8 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self.async_scheduling = options.async_scheduling  # steps that speculate read every result: never asynchronous
         self.in_flight: Launched | None = None
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "prefill_steps": 0, "spec_drafted": 0, "spec_accepted": 0,
-                      "spec_off_steps": 0, "spec_off_sequences": 0}
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "prefill_steps": 0, "spec_drafted": 0,
+                      "spec_accepted": 0, "spec_off_steps": 0, "spec_off_sequences": 0}
 
     def _blocks_for_memory(self, num_layers: int, block_size: int, fraction: float, max_num_seqs: int) -> int:
         """On a GPU, what free memory holds; on the CPU, enough for max_num_seqs full-length sequences."""
@@ -144,10 +145,25 @@ class LLMEngine:
     # ---- one step ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
-        if self.speculator is not None and self._speculating():
+        if self.proposer is None:
+            return self._plain_step()
+        # Decode-only steps (every running sequence decodes, none is admitted) are timed for the
+        # speculation policy, which learns where speculation pays.
+        policy, decoding = self.spec_policy, {s.seq_id for s in self.scheduler.running if s.num_uncomputed == 1}
+        decode_only = len(decoding) == len(self.scheduler.running) > 0
+        speculate = self._speculating(len(decoding))
+        start, tokens = policy.clock() if policy.clock else 0.0, self.stats["generation_tokens"]
+        if speculate:
             changed = self._resolve(self.in_flight) if self.in_flight is not None else []  # drain first
             self.in_flight = None
-            return changed + self._speculative_step()
+            changed += self._speculative_step()
+        else:
+            changed = self._plain_step()
+        if policy.clock and decode_only and all(s.seq_id in decoding for s in self.scheduler.running):
+            policy.record(len(decoding), speculate, policy.clock() - start, self.stats["generation_tokens"] - tokens)
+        return changed
+
+    def _plain_step(self) -> list[Sequence]:
         prev, self.in_flight = self.in_flight, None
         scheduled = self.scheduler.schedule(skip=self._stops_on_pending)
         launched = self._launch(scheduled, prev) if scheduled else None
@@ -165,16 +181,20 @@ class LLMEngine:
             return changed
         return changed + self._resolve(launched)
 
-    def _speculating(self) -> bool:
-        """Whether this step speculates: some sequence has drafts to verify, or would draft (a batch small
-        enough, a sequence whose drafts stand). Otherwise it is a plain step, scheduled asynchronously."""
-        running, spec = self.scheduler.running, self.speculator
-        if any(seq.draft for seq in running):
+    def _decoding(self) -> int:
+        return sum(1 for seq in self.scheduler.running if seq.num_uncomputed == 1)
+
+    def _speculating(self, batch: int) -> bool:
+        """Whether this step speculates: some sequence has drafts to verify, or would draft (the policy
+        wants it at this batch, a sequence whose drafts stand), or only prompts wait (their prefill drafts
+        at once). Otherwise it is a plain step, scheduled asynchronously."""
+        running = self.scheduler.running
+        if any(seq.draft for seq in running) or not running:
             return True
-        if spec.decoding() > spec.max_batch:  # verification would cost more than it saves
+        if not self.spec_policy.wants(batch):
             self.stats["spec_off_steps"] += 1
             return False
-        return any(spec.pays(seq) for seq in running) or not running
+        return any(self.spec_policy.pays(seq) for seq in running)
 
     def _stops_on_pending(self, seq: Sequence) -> bool:
         """Its pending token is its last (length limits): no step for it until that token is read."""
@@ -252,19 +272,95 @@ class LLMEngine:
             first = seq.num_cached_tokens
             completes = first + n >= seq.num_tokens
             items.append((seq, first, (seq.all_token_ids[first:] + seq.draft)[:n], 1 + len(seq.draft) if completes else 0))
-        in_graph = self.speculator.drafts_in_graph(items) if rows_mode else False
-        step = self.runner.pack(items, rows_mode, greedy_draft=in_graph)
+        fused = rows_mode and self._fuses(items)
+        step = self.runner.pack(items, rows_mode, greedy_draft=fused)
         hidden, out = self.runner.run(step)
         self.stats["steps"] += 1
-        if in_graph:  # out: the (2, N) tokens of verification and drafting
-            self.speculator.verify_and_draft(items, out)
+        self.stats["prefill_steps"] += not rows_mode
+        if fused:  # out: the (2, N) tokens of verification and drafting
+            self._verify_and_draft(items, out)
             return [item[0] for item in items]
         if any(seq.draft for seq, _ in scheduled):
-            valid = self.speculator.verify(items, out)
+            valid = self._verify(items, out)
         else:
             valid = self._sample(items, out)
-        self.speculator.draft(items, valid, step, rows_mode)
+        self._draft(items, valid, step, rows_mode)
         return [item[0] for item in items if item[3]]
+
+    def _fuses(self, items: list) -> bool:
+        """Whether this rows-mode step can verify and draft in one forward (`MTPProposer.fused`)."""
+        policy = self.spec_policy
+        return (self.proposer.fused and policy.wants(self._decoding())
+                and all(seq.params.greedy and seq.params.logprobs is None for seq, *_ in items)
+                and any(policy.pays(seq) for seq, *_ in items))
+
+    def _verify_and_draft(self, items: list, tokens: torch.Tensor) -> None:
+        """tokens (2, N): the main model's argmax and the MTP draft at every row of a greedy_draft step.
+        A sequence's next draft is the one at its last valid row (the real token plus accepted drafts)."""
+        target, drafted = tokens.tolist()
+        starts = [0]
+        for _, _, rows, _ in items:
+            starts.append(starts[-1] + len(rows))
+        for (seq, *_), start, v in zip(items, starts, self._verify(items, None, target)):
+            if not seq.finished and self.spec_policy.pays(seq) and self.blocks.can_append(seq, 1):
+                self.blocks.append(seq, 0)
+                seq.draft, seq.draft_probs = [drafted[start + v - 1]], [None]
+
+    def _verify(self, items: list, logits: torch.Tensor | None, argmax: list[int] | None = None) -> list[int]:
+        """Apply what `verify` lets stand of each sequence's drafts; returns the valid tokens per item.
+        argmax: the kept rows' argmaxes when the caller has them (then logits may be None: all greedy)."""
+        if argmax is None:
+            argmax = logits.argmax(dim=-1).tolist()  # one device read for every greedy window
+        stood = iter(verify([seq for seq, *_, keep in items if keep], logits, argmax))
+        valid = []
+        for seq, _, tokens, keep in items:
+            if not keep:
+                self.scheduler.computed(seq, len(tokens))
+                valid.append(len(tokens))
+                continue
+            new = next(stood)
+            accepted = new[:-1]
+            real = len(tokens) - len(seq.draft)
+            paid = self.spec_policy.pays(seq)
+            seq.num_drafted += len(seq.draft)
+            seq.num_accepted += len(accepted)
+            if paid and not self.spec_policy.pays(seq):
+                self.stats["spec_off_sequences"] += 1
+            self.stats["spec_drafted"] += len(seq.draft)
+            self.stats["spec_accepted"] += len(accepted)
+            seq.draft, seq.draft_probs = [], []
+            seq.all_token_ids += accepted  # computed positions hold their tokens before they are hashed
+            self.scheduler.computed(seq, real + len(accepted))
+            del seq.all_token_ids[len(seq.all_token_ids) - len(accepted):]
+            for token in new:
+                seq.all_token_ids.append(token)
+                self.stats["generation_tokens"] += 1
+                self.check_finished(seq, token)
+                if seq.finished:
+                    break
+            valid.append(real + len(accepted))
+        return valid
+
+    def _draft(self, items: list, valid: list[int], step, rows_mode: bool) -> None:
+        """Give the proposer this step's valid positions (it fills the MTP module's cache there), and
+        store the drafts of every sequence that will decode next."""
+        if not self.spec_policy.wants(self._decoding()):
+            self.stats["spec_off_steps"] += 1
+            return
+        k = self.proposer.k
+        mtp_items, hidden_rows, drafting = [], [], []
+        for (seq, first, _, keep), v, start in zip(items, valid, step.batch.query_starts):
+            if seq.finished or v == 0 or not self.spec_policy.pays(seq):  # one that stopped drafting needs no MTP cache
+                continue
+            wants = bool(keep) and seq.params.logprobs is None and self.blocks.can_append(seq, k)
+            mtp_items.append((seq, first, seq.all_token_ids[first + 1:first + 1 + v], int(wants)))
+            hidden_rows += range(start, start + v)
+            if wants:
+                self.blocks.append(seq, k - 1)
+                drafting.append(seq)
+        if mtp_items:
+            for seq, (draft, probs) in zip(drafting, self.proposer.propose(mtp_items, hidden_rows, rows_mode)):
+                seq.draft, seq.draft_probs = draft, probs
 
     def _sample(self, items: list, logits: torch.Tensor) -> list[int]:
         """No drafts in this step: one token for every sequence that completes, sampled together."""

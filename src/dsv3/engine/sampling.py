@@ -50,15 +50,22 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     if not sampled_rows:
         return tokens
     rows = torch.tensor(sampled_rows, device=logits.device)
-    x = logits[rows] / torch.tensor([params[i].temperature for i in sampled_rows], device=logits.device)[:, None]
-    x = filter_top_k_top_p(x, [params[i].top_k for i in sampled_rows], [params[i].top_p for i in sampled_rows])
-    probs = x.softmax(dim=-1)
+    probs = probabilities(logits[rows], [params[i] for i in sampled_rows])
     # Exponential race (Gumbel-max in another form): argmax p / q with q ~ Exp(1) draws from p,
     # and each row's noise comes from its own generator, so a seeded request repeats exactly.
     noise = torch.stack([torch.empty_like(probs[j]).exponential_(generator=generators[i])
                          for j, i in enumerate(sampled_rows)])
     tokens[rows] = (probs / noise).argmax(dim=-1)
     return tokens
+
+
+def probabilities(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The distribution each row samples from: temperature, then top-k / top-p, then softmax.
+    logits (S, V), one SamplingParams per row (none greedy) -> probs (S, V) float32. Speculative
+    decoding's draft and target distributions are this one too, so that rejection sampling keeps it."""
+    x = logits.float() / torch.tensor([p.temperature for p in params], device=logits.device)[:, None]
+    x = filter_top_k_top_p(x, [p.top_k for p in params], [p.top_p for p in params])
+    return x.softmax(dim=-1)
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:

@@ -1,51 +1,74 @@
 """Multi-token prediction as speculative decoding (V3 §2.2 and §5.4.3: the MTP module drafts, the main
-model verifies).
+model verifies), in three pieces that the engine drives; the engine owns scheduling, the cache and the
+runner.
 
-Drafts come from the checkpoint's MTP module: its input at position i is the main model's hidden
-state h_i and the token at i+1; it predicts the token at i+2. For k > 1 drafts the module is applied
-again to its own output and its own draft. The main model then scores the real token and the k
-drafts in one forward, and the rules below decide how many drafts stand:
+- `MTPProposer.propose`: drafts (and the distributions they came from) for the sequences of a step.
+  The checkpoint's MTP module takes at position i the main model's hidden state h_i and the token at
+  i+1, and predicts the token at i+2; for k > 1 drafts it is applied again to its own output and draft.
+- `verify`: the main model scores the real token and the k drafts in one forward; per sequence, the
+  drafts that stand and one token of the main model:
+  - greedy: a draft stands while it equals the main model's argmax;
+  - sampling: the standard rejection rule (Leviathan et al. 2023, Chen et al. 2023): draft d drawn from
+    q stands with probability min(1, p(d) / q(d)); at the first rejection a token is drawn from
+    norm(max(p - q, 0)); if all stand, one more from p. Draft and target distributions are both
+    `sampling.probabilities` (temperature, top-k, top-p) of their logits, so the output is distributed
+    as sampling from p.
+- `SpeculationPolicy`: where speculation pays, decided from measurements (below).
 
-- greedy: a draft stands while it equals the main model's argmax; the output is exactly greedy decoding;
-- sampling: the standard rejection rule (Leviathan et al. 2023; Chen et al. 2023): draft d drawn from
-  q stands with probability min(1, p(d) / q(d)); at the first rejection a token is drawn from
-  norm(max(p - q, 0)); if all stand, one more from p. The output is distributed as sampling from p.
+What is guaranteed:
+- CPU, float32: greedy output equals plain decoding's token for token (tests/test_speculative.py).
+- GPU, bf16: the verifying forward runs 1 + k rows per sequence, plain decoding one, so the two run
+  matrix products of different shapes (other tilings, other summation orders) and their logits differ
+  within bf16 rounding. Greedy tokens are the model's argmax within that rounding: at a near-tie they
+  may differ from plain decoding's (H200, embedded model, 128-token prompts at 7abbec2: 9 of 16 prompts
+  diverged somewhere in 128 greedy tokens, each at a near-tie).
+- Sampling: each token is distributed as plain sampling's (tested statistically on the CPU). A seeded
+  request repeats exactly only without speculation: drafts draw from its generator too, and whether a
+  step drafts depends on measured timings.
+
+The policy. Speculation runs in a step only if some decoding sequence drafts (`pays`) and the batch
+is at most `max_batch` (the verification graphs are captured up to there) and the batch's bucket (the
+next power of two of the number of decoding sequences) chose it:
+- per bucket, the engine records each decode-only step's wall time (`clock`) and the tokens it
+  produced, speculating and plain apart; tokens/s over the last WINDOW steps of each mode compare.
+  The first step after a switch of mode is not measured: it pays for the switch (draining a plain
+  step in flight; no drafts made yet).
+- a new bucket measures speculation for WINDOW steps, then plain decoding, then runs the faster (a
+  tie goes to plain decoding). After a run of the faster mode it measures the slower one again for
+  WINDOW steps and runs the faster again: such a re-probe costs about PROBE_COST of the time, as the
+  run lasts WINDOW * (ratio - 1) / PROBE_COST steps, where ratio is how many times faster the faster is.
+- per sequence: one whose drafts stood less than MIN_ACCEPTANCE of the time over its first PROBE drafts
+  stops drafting for good (`pays`).
+clock=None turns measuring off: speculation wherever the batch is at most max_batch. Positions decoded
+without speculation leave the MTP module's cache unwritten, so drafts made after speculation turns back
+on attend to stale latents there: acceptance may be lower, outputs are unchanged (verification decides).
 """
 
 from __future__ import annotations
 
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
 import torch
 
-from dsv3.engine.sampling import SamplingParams, filter_top_k_top_p
+from dsv3.engine.runner import ModelRunner
+from dsv3.engine.sampling import SamplingParams, probabilities
 from dsv3.engine.sequence import Sequence
-
-
-def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The distribution sampling draws from: temperature, then top-k / top-p. logits (R, V) -> probs (R, V)."""
-    x = logits.float() / params.temperature
-    x = filter_top_k_top_p(x, [params.top_k] * len(x), [params.top_p] * len(x))
-    return x.softmax(dim=-1)
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def propose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
-            ) -> tuple[int, torch.Tensor | None]:
-    """A draft token from the MTP logits (V,), and the distribution it was drawn from (None when greedy)."""
-    if params.greedy:
-        return int(logits.argmax()), None
-    q = distribution(logits[None], params)[0]
-    return draw(q, generator), q
-
-
-def accept(logits: torch.Tensor, drafts: list[int], draft_probs: list[torch.Tensor | None],
+def accept(logits: torch.Tensor | None, drafts: list[int], draft_probs: list[torch.Tensor | None],
            params: SamplingParams, generator: torch.Generator | None, target: list[int] | None = None) -> list[int]:
-    """The tokens that stand after verification: accepted drafts then one token of the main model.
+    """The tokens that stand after verifying one sequence: accepted drafts then one token of the main model.
 
-    logits: (k+1, V) main-model logits at the real token and at each draft; target: their argmaxes when
-    the caller already has them (one device read for the whole batch instead of one per sequence).
+    logits: (k+1, V) main-model logits at the real token and at each draft (None when greedy and target
+    is given); target: their argmaxes when the caller has them (one device read for the whole batch).
     """
     if params.greedy:
         target = logits.argmax(dim=-1).tolist() if target is None else target
@@ -55,7 +78,7 @@ def accept(logits: torch.Tensor, drafts: list[int], draft_probs: list[torch.Tens
                 break
             out.append(d)
         return out + [target[len(out)]]
-    p = distribution(logits, params)
+    p = probabilities(logits, [params] * len(logits))
     out = []
     for j, (d, q) in enumerate(zip(drafts, draft_probs)):
         u = float(torch.rand((), generator=generator, device=p.device))
@@ -68,127 +91,142 @@ def accept(logits: torch.Tensor, drafts: list[int], draft_probs: list[torch.Tens
     return out + [draw(p[len(drafts)], generator)]
 
 
-class Speculator:
-    """The engine's speculative side: verifies each step's drafts, then runs the MTP module over the
-    step's valid positions (filling its cache) and drafts up to k tokens per decoding sequence.
+def verify(seqs: list[Sequence], logits: torch.Tensor | None, argmax: list[int]) -> list[list[int]]:
+    """Per sequence, the tokens that stand: its accepted drafts (`seq.draft`), then one token of the main
+    model. logits (R, V): the main model's kept rows, 1 + len(seq.draft) per sequence in order (None when
+    every sequence is greedy); argmax: their argmaxes."""
+    out, row = [], 0
+    for seq in seqs:
+        n = 1 + len(seq.draft)
+        window = logits[row:row + n] if logits is not None else None
+        out.append(accept(window, seq.draft, seq.draft_probs, seq.params, seq.generator, argmax[row:row + n]))
+        row += n
+    return out
 
-    The common case (one draft, greedy, every sequence decoding) runs in one forward instead:
-    ModelRunner.greedy_draft verifies and drafts at once, inside the decode step's CUDA graph, and
-    `verify_and_draft` reads both back with one device read.
+
+class MTPProposer:
+    """Drafts k tokens per sequence with the checkpoint's MTP module, through the engine's runner.
+
+    fused: whether verification can draft in the same forward instead (one draft, greedy:
+    ModelRunner.greedy_draft, inside the decode step's CUDA graph); the engine then takes the drafts
+    from that forward and `propose` is not called. Tests turn it off to compare the two paths.
     """
+
+    def __init__(self, runner: ModelRunner, k: int):
+        self.runner, self.k, self.depths = runner, k, len(runner.model.mtp_layers)
+        self.fused = k == 1
+
+    def propose(self, items: list[tuple[Sequence, int, list[int], int]], hidden_rows: list[int], rows_mode: bool
+                ) -> list[tuple[list[int], list[torch.Tensor | None]]]:
+        """Run the MTP module over the positions of the last forward (filling its cache) and draft.
+
+        items: (sequence, first position, the tokens one position ahead of that forward's, 1 if it
+        drafts else 0), as `ModelRunner.pack` takes them; hidden_rows: the rows of the last forward's
+        hidden states that each item's positions continue. Returns k drafts and the distributions they
+        were drawn from (None when greedy) for every item that drafts, in order.
+        """
+        drafting = [seq for seq, _, _, wants in items if wants]
+        drafts = [([], []) for _ in drafting]
+        for depth in range(self.k):
+            step = self.runner.pack(items, rows_mode, graph=False)
+            step.mtp_depth = min(depth, self.depths - 1)
+            step.hidden_rows = torch.tensor(hidden_rows, device=self.runner.device)
+            _, logits = self.runner.run(step)
+            if not drafting:
+                break
+            for seq, (tokens, probs), row, greedy_token in zip(drafting, drafts, logits, logits.argmax(dim=-1).tolist()):
+                token, q = self.draft_token(seq, depth, row, greedy_token)
+                tokens.append(token)
+                probs.append(q)
+            # The next depth continues from each drafting sequence's last row, one position further.
+            hidden_rows = [end - 1 for end, (*_, wants) in zip(step.batch.query_starts[1:], items) if wants]
+            items = [(seq, seq.num_tokens - 1 + depth, [tokens[-1]], 1) for seq, (tokens, _) in zip(drafting, drafts)]
+            rows_mode = True
+        return drafts
+
+    def draft_token(self, seq: Sequence, depth: int, logits: torch.Tensor, greedy_token: int
+                    ) -> tuple[int, torch.Tensor | None]:
+        """Draft `depth` of a sequence from the MTP module's logits (V,) and the distribution it came from
+        (greedy_token: their argmax, read for the whole batch at once)."""
+        if seq.params.greedy:
+            return greedy_token, None
+        q = probabilities(logits[None], [seq.params])[0]
+        return draw(q, seq.generator), q
+
+
+@dataclass
+class _Bucket:
+    """A batch-size bucket's measurements: (seconds, tokens) of its last WINDOW steps of each mode."""
+    window: int
+    spec: deque = field(init=False)
+    plain: deque = field(init=False)
+    speculate: bool = True   # the mode it runs now
+    probing: bool = True     # whether this run measures that mode (else it runs the faster)
+    left: int = 0            # measured steps of this run still to go
+
+    def __post_init__(self):
+        self.spec, self.plain, self.left = deque(maxlen=self.window), deque(maxlen=self.window), self.window
+
+
+class SpeculationPolicy:
+    """Where speculation runs: per sequence (`pays`) and per batch-size bucket (`wants`, from the steps
+    `record`ed); the module docstring says how."""
 
     # A sequence whose drafts are rarely right stops drafting: below this acceptance over its first
     # PROBE drafts, speculation costs more than it saves (moonlight-16b on an H100 with untrained MTP
     # weights: 0% accepted, 0.80x at batch 1, 0.72x at batch 8).
     MIN_ACCEPTANCE, PROBE = 0.3, 16
+    WINDOW = 8          # steps of each mode that a bucket's tokens/s is measured over
+    PROBE_COST = 0.01   # the share of time that measuring the slower mode again may cost
+    MAX_RUN = 1 << 16   # steps of the faster mode at most between two measurements of the slower
 
-    def __init__(self, engine, k: int, max_batch: int):
-        self.engine, self.k, self.max_batch = engine, k, max_batch
-        self.in_graph = True  # False: always the two-pass path (tests compare the two)
+    def __init__(self, max_batch: int, clock: Callable[[], float] | None = time.perf_counter):
+        self.max_batch, self.clock = max_batch, clock
+        self.buckets: dict[int, _Bucket] = {}
+        self.last_speculated: bool | None = None
 
     def pays(self, seq: Sequence) -> bool:
         """Whether the sequence should keep drafting (it is not returning drafts that never stand)."""
         return seq.num_drafted < self.PROBE or seq.num_accepted >= self.MIN_ACCEPTANCE * seq.num_drafted
 
-    def decoding(self) -> int:
-        return sum(1 for seq in self.engine.scheduler.running if seq.num_uncomputed == 1)
+    def wants(self, batch: int) -> bool:
+        """Whether a step of `batch` decoding sequences should speculate."""
+        if batch > self.max_batch:
+            return False
+        if self.clock is None:
+            return True
+        bucket = self.buckets.get(self.bucket(batch))
+        return bucket is None or bucket.speculate
 
-    def drafts_in_graph(self, items: list) -> bool:
-        """Whether this rows-mode step can verify and draft in one forward."""
-        return (self.in_graph and self.k == 1 and self.decoding() <= self.max_batch
-                and all(seq.params.greedy and seq.params.logprobs is None for seq, *_ in items)
-                and any(self.pays(seq) for seq, *_ in items))
+    @staticmethod
+    def bucket(batch: int) -> int:
+        """The next power of two: batches that pad to about the same forward share their measurements."""
+        return 1 << max(batch - 1, 0).bit_length()
 
-    def verify_and_draft(self, items: list, tokens: torch.Tensor) -> None:
-        """tokens (2, N): the main model's argmax and the MTP draft at every row of a greedy_draft step.
-        A sequence's next draft is the one at its last valid row (the real token plus accepted drafts)."""
-        target, drafted = tokens.tolist()
-        starts = [0]
-        for _, _, rows, _ in items:
-            starts.append(starts[-1] + len(rows))
-        for (seq, *_), start, v in zip(items, starts, self.verify(items, None, target)):
-            if not seq.finished and self.pays(seq) and self.engine.blocks.can_append(seq, self.k):
-                self.engine.blocks.append(seq, self.k - 1)
-                seq.draft, seq.draft_probs = [self.propose_for(seq, None, drafted[start + v - 1])[0]], [None]
-
-    def verify(self, items: list, logits: torch.Tensor | None, argmax: list[int] | None = None) -> list[int]:
-        """Accept or reject each sequence's drafts (`accept`); returns the valid tokens per item.
-        argmax: the kept rows' argmaxes when the caller has them (then logits may be None: all greedy)."""
-        engine = self.engine
-        valid, row = [], 0
-        if argmax is None:
-            argmax = logits.argmax(dim=-1).tolist()  # one device read for every greedy window
-        for seq, _, tokens, keep in items:
-            if not keep:
-                engine.scheduler.computed(seq, len(tokens))
-                valid.append(len(tokens))
-                continue
-            window = logits[row:row + keep] if logits is not None else None
-            target = argmax[row:row + keep]
-            row += keep
-            new = accept(window, seq.draft, seq.draft_probs, seq.params, seq.generator, target)
-            accepted = new[:-1]
-            real = len(tokens) - len(seq.draft)
-            paid = self.pays(seq)
-            seq.num_drafted += len(seq.draft)
-            seq.num_accepted += len(accepted)
-            if paid and not self.pays(seq):
-                engine.stats["spec_off_sequences"] += 1
-            engine.stats["spec_drafted"] += len(seq.draft)
-            engine.stats["spec_accepted"] += len(accepted)
-            seq.draft, seq.draft_probs = [], []
-            seq.all_token_ids += accepted  # computed positions hold their tokens before they are hashed
-            engine.scheduler.computed(seq, real + len(accepted))
-            del seq.all_token_ids[len(seq.all_token_ids) - len(accepted):]
-            for token in new:
-                seq.all_token_ids.append(token)
-                engine.stats["generation_tokens"] += 1
-                engine.check_finished(seq, token)
-                if seq.finished:
-                    break
-            valid.append(real + len(accepted))
-        return valid
-
-    def draft(self, items: list, valid: list[int], step, rows_mode: bool) -> None:
-        """Run the MTP module over this step's valid positions (filling its cache), and draft up to
-        k tokens for every sequence that will decode next."""
-        engine = self.engine
-        if self.decoding() > self.max_batch:  # verification would cost more than it saves
-            engine.stats["spec_off_steps"] += 1
+    def record(self, batch: int, speculated: bool, seconds: float, tokens: int) -> None:
+        """A decode-only step of `batch` decoding sequences took `seconds` and produced `tokens`."""
+        switched, self.last_speculated = speculated != self.last_speculated, speculated
+        if self.clock is None or switched or batch > self.max_batch:
             return
-        mtp_items, hidden_rows, drafting = [], [], []
-        for (seq, first, _, keep), v, start in zip(items, valid, step.batch.query_starts):
-            if seq.finished or v == 0 or not self.pays(seq):  # one that stopped drafting needs no MTP cache
-                continue
-            wants = bool(keep) and seq.params.logprobs is None and engine.blocks.can_append(seq, self.k)
-            mtp_items.append((seq, first, seq.all_token_ids[first + 1:first + 1 + v], int(wants)))
-            hidden_rows += range(start, start + v)
-            if wants:
-                engine.blocks.append(seq, self.k - 1)
-                drafting.append(seq)
-        if not mtp_items:
+        b = self.buckets.setdefault(self.bucket(batch), _Bucket(self.WINDOW))
+        (b.spec if speculated else b.plain).append((seconds, tokens))
+        if speculated != b.speculate:  # a step the bucket did not choose (drafts left to verify, none pays)
             return
-        n_mtp = len(engine.model.mtp_layers)
-        for depth in range(self.k):
-            mtp_step = engine.runner.pack(mtp_items, rows_mode, graph=False)
-            mtp_step.mtp_depth = min(depth, n_mtp - 1)
-            mtp_step.hidden_rows = torch.tensor(hidden_rows, device=engine.device)
-            _, logits = engine.runner.run(mtp_step)
-            if not drafting:
-                return
-            for seq, row, greedy_token in zip(drafting, logits, logits.argmax(dim=-1).tolist()):
-                token, q = self.propose_for(seq, row, greedy_token)
-                seq.draft.append(token)
-                seq.draft_probs.append(q)
-            # The next depth continues from each drafting sequence's last row, one position further.
-            ends = [end - 1 for end, (_, _, _, keep) in zip(mtp_step.batch.query_starts[1:], mtp_items) if keep]
-            mtp_items = [(seq, seq.num_tokens - 1 + depth, [seq.draft[-1]], 1) for seq in drafting]
-            hidden_rows, rows_mode = ends, True
-
-    def propose_for(self, seq: Sequence, mtp_logits: torch.Tensor, greedy_token: int
-                    ) -> tuple[int, torch.Tensor | None]:
-        """One draft token from the MTP module's logits (V,) and the distribution it came from
-        (greedy_token: their argmax, read for the whole batch at once)."""
-        if seq.params.greedy:
-            return greedy_token, None
-        return propose(mtp_logits, seq.params, seq.generator)
+        b.left -= 1
+        if b.left > 0:
+            return
+        if len(b.plain) < self.WINDOW:  # a new bucket: speculation measured, plain decoding next
+            b.speculate, b.probing, b.left = False, True, self.WINDOW
+            return
+        spec_s, spec_t = map(sum, zip(*b.spec))
+        plain_s, plain_t = map(sum, zip(*b.plain))
+        # Each mode's tokens/s times both windows' seconds: no division (a fake clock may give 0 s).
+        spec_rate, plain_rate = spec_t * plain_s, plain_t * spec_s
+        spec_wins = spec_rate > plain_rate
+        if b.probing:  # run the faster, long enough that measuring the slower again costs ~PROBE_COST
+            fast, slow = max(spec_rate, plain_rate), min(spec_rate, plain_rate)
+            ratio = fast / slow if slow > 0 else math.inf
+            b.speculate, b.probing = spec_wins, False
+            b.left = max(1, math.ceil(min(self.MAX_RUN, self.WINDOW * (ratio - 1) / self.PROBE_COST)))
+        else:  # measure the slower again: it may have become the faster
+            b.speculate, b.probing, b.left = not spec_wins, True, self.WINDOW
