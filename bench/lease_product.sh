@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The product path beside the engine in one lease (run on the GPU machine from the repository root, with the
 # server's wheels carried in .whl/ as the device tool's README says):
-#   bash bench/lease_product.sh engine-serve   # moonlight-16b: bench.py's engine, then bench/serve.py per delay factor
+#   bash bench/lease_product.sh engine-serve   # moonlight-16b: bench.py's engine, then bench/serve.py per variant
+#                                              # (VARIANTS="DELAY:API_SERVERS ...", default "2:1 2:4")
 #   bash bench/lease_product.sh fp8            # v3-slice FP8 written to disk: dsv3.LLM and `dsv3 serve` on it
 # Results land in $OUT (the device run) or bench/results; the .md tables are made again from the JSON here.
 set -uo pipefail
@@ -15,15 +16,17 @@ log=$OUT/lease-$1.log
 case $1 in
 engine-serve)
     python3 bench/bench.py --model moonlight-16b --peer '' --prefill '' --speculative '' 2>&1 | tee -a "$log"
-    for factor in ${DELAYS:-0 2}; do
-        python3 bench/serve.py --shape moonlight-16b --prefill-delay-factor "$factor" --tag=-delay"$factor" 2>&1 \
-            | tee -a "$log"
+    for variant in ${VARIANTS:-2:1 2:4}; do
+        factor=${variant%%:*} servers=${variant##*:}
+        python3 bench/serve.py --shape moonlight-16b --prefill-delay-factor "$factor" --api-servers "$servers" \
+            --tag=-d"$factor"-a"$servers" 2>&1 | tee -a "$log"
     done
-    python3 bench/product.py table --engine "$OUT"/*-moonlight-16b.json --serve "$OUT"/*-serve-moonlight-16b-delay*.json \
+    python3 bench/product.py table --engine "$OUT"/*-moonlight-16b.json --serve "$OUT"/*-serve-moonlight-16b-d*.json \
         2>&1 | tee -a "$log";;
 fp8)
     python3 bench/product.py fp8 --layers "${LAYERS:-3}" --ckpt /tmp/v3-slice-fp8 2>&1 | tee -a "$log"
-    python3 bench/serve.py --model /tmp/v3-slice-fp8 --concurrency 1,8,64 --tag=-v3-slice-fp8 2>&1 | tee -a "$log"
+    python3 bench/serve.py --model /tmp/v3-slice-fp8 --concurrency 1,8,64 --api-servers "${API_SERVERS:-4}" \
+        --tag=-v3-slice-fp8 2>&1 | tee -a "$log"
     python3 bench/product.py table --engine "$OUT"/*-product-fp8-v3-slice.json --serve "$OUT"/*-serve-*v3-slice-fp8.json \
         2>&1 | tee -a "$log";;
 *)

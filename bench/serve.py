@@ -100,12 +100,14 @@ def serve(args) -> int:
             "vocab": min(tokenizer.vocab_size, model.config.vocab_size), "build_s": built - start,
             "engine_s": time.perf_counter() - built, "pool_tokens": engine.cache_tokens,
             "graphs": list(engine.runner.graphs), "max_num_seqs": args.max_num_seqs,
-            "prefill_delay_factor": args.prefill_delay_factor, "served_by": "bench/serve.py's child (LLMEngine)",
+            "prefill_delay_factor": args.prefill_delay_factor, "api_servers": args.api_servers,
+            "served_by": "bench/serve.py's child (LLMEngine)",
             "parameters": sum(p.numel() for p in model.parameters())}
     Path(args.serve_only).write_text(json.dumps(info))
     print(f"server: model in {info['build_s']:.1f}s, engine in {info['engine_s']:.1f}s, pool {engine.cache_tokens} "
           f"tokens", flush=True)
-    return frontend.serve(engine, args.name, host="127.0.0.1", port=args.port, log_level="warning")
+    return frontend.serve(engine, args.name, host="127.0.0.1", port=args.port, log_level="warning",
+                          api_servers=args.api_servers)
 
 
 def checkpoint_info(args) -> dict:
@@ -118,7 +120,8 @@ def checkpoint_info(args) -> dict:
     return {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
             "vocab": cfg.vocab_size, "build_s": float("nan"), "engine_s": float("nan"), "pool_tokens": "?",
             "graphs": "as dsv3 serve captures them", "max_num_seqs": args.max_num_seqs,
-            "prefill_delay_factor": args.prefill_delay_factor, "served_by": "dsv3 serve"}
+            "prefill_delay_factor": args.prefill_delay_factor, "api_servers": args.api_servers,
+            "served_by": "dsv3 serve"}
 
 
 # ---- the client -------------------------------------------------------------------------------------------------
@@ -186,7 +189,10 @@ def load_processes(pool, base: str, name: str, prompts: list[list[int]], new: in
     return [r for results, _ in done for r in results], seconds, max(cpu for _, cpu in done) / seconds
 
 
-def scrape(base: str) -> dict[str, float]:
+def scrape(base: str, settle: float = 0.0) -> dict[str, float]:
+    """/metrics as numbers; settle: seconds to wait first (several front-ends report their counters to each other
+    every 0.5 s)."""
+    time.sleep(settle)
     lines = httpx.get(f"{base}/metrics", timeout=30).text.splitlines()
     return {key: float(value) for key, _, value in (line.rpartition(" ") for line in lines if not line.startswith("#"))}
 
@@ -228,7 +234,8 @@ def write_results(args, info: dict, rows: list[dict], final_check: str) -> None:
              "", (f"Streamed /v1/completions, prompt {args.prompt} random tokens, {args.new} new tokens, greedy, "
                   f"ignore_eos. Engine as `dsv3 serve --max-num-seqs {info['max_num_seqs']}`: pool "
                   f"{info['pool_tokens']} tokens, CUDA graphs {info['graphs'] or 'none'}, prefill delay factor "
-                  f"{info['prefill_delay_factor']}; served by {info['served_by']}; model built in "
+                  f"{info['prefill_delay_factor']}, {info['api_servers']} front-end process(es); served by "
+                  f"{info['served_by']}; model built in "
                   f"{info['build_s']:.0f}s, engine in {info['engine_s']:.0f}s. {final_check}"), "",
              ("| concurrency | requests | errors | output tok/s | req/s | TTFT p50 / p90 / p99 ms | server TTFT mean ms "
               "| ITL mean / p99 ms | chunks/token | preemptions | busiest client process CPU | steps (prefilling) | loop in step / publish |"),
@@ -253,6 +260,7 @@ def start_server(args, info_path: str) -> tuple[subprocess.Popen, str]:
         port = s.getsockname()[1]
     engine_flags = ["--max-num-seqs", str(args.max_num_seqs), "--prefill-delay-factor", str(args.prefill_delay_factor)]
     engine_flags += ["--device", args.device] if args.device else []
+    engine_flags += ["--api-servers", str(args.api_servers)]
     if args.model:
         child = [sys.executable, "-m", "dsv3", "serve", "--model", args.model, "--port", str(port),
                  "--served-model-name", args.name, "--log-level", "warning", *engine_flags]
@@ -289,6 +297,7 @@ def main() -> None:
     ap.add_argument("--prefill-delay-factor", type=float, default=None,
                     help="the engine's admission delay (default: dsv3 serve's)")
     ap.add_argument("--tag", default="", help="a suffix for the results files")
+    ap.add_argument("--api-servers", type=int, default=None, help="front-end processes (default: dsv3 serve's)")
     ap.add_argument("--client-processes", type=int, default=8,
                     help=f"client processes, each with up to {CLIENTS_PER_PROCESS} streams")
     ap.add_argument("--start-timeout", type=float, default=900, help="seconds the server may take to start")
@@ -304,13 +313,17 @@ def main() -> None:
         from dsv3.serve.command import SERVE_DEFAULTS
 
         args.prefill_delay_factor = SERVE_DEFAULTS["prefill_delay_factor"]
+    if args.api_servers is None:
+        from dsv3.serve.command import SERVE_DEFAULT_API_SERVERS
+
+        args.api_servers = SERVE_DEFAULT_API_SERVERS
     if args.serve_only:
         sys.exit(serve(args))
 
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         proc, base = start_server(args, f.name)
         info = json.loads(Path(f.name).read_text())
-    rows = []
+    rows, settle = [], 1.0 if args.api_servers > 1 else 0.0
     pool = concurrent.futures.ProcessPoolExecutor(args.client_processes, mp_context=multiprocessing.get_context("spawn"))
     try:
         # Warm-up: the largest batch once (prefill chunks, Triton autotuning at new sizes), short answers.
@@ -321,12 +334,12 @@ def main() -> None:
         for c in levels:
             # Seeds differ by level, so no prompt shares a prefix (cache hit) with an earlier one.
             prompts = random_prompts(args.requests or max(2 * c, 16), args.prompt, info["vocab"], seed=1000 + c)
-            before = scrape(base)
+            before = scrape(base, settle)
             results, seconds, cpu = load_processes(pool, base, args.name, prompts, args.new, c)
-            rows.append(summary(c, results, seconds, cpu * seconds, before, scrape(base)))
+            rows.append(summary(c, results, seconds, cpu * seconds, before, scrape(base, settle)))
             sent += len(prompts)
             print({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
-        metrics = scrape(base)
+        metrics = scrape(base, settle)
         ok = metrics.get('dsv3_requests_total{endpoint="/v1/completions",status="200"}', 0)
         running = metrics.get("dsv3_requests_running", -1)
         failed = warm_errors + sum(r["errors"] for r in rows) + (ok != sent) + (running != 0)

@@ -43,14 +43,14 @@ def llm(chat_checkpoint):
 
 
 @contextmanager
-def serving(engine):
+def serving(engine, api_servers: int = 1):
     """The server as `dsv3 serve` runs it, the front-end in a process of its own, but with the engine loop in a
     thread of this process, so tests can look inside the engine; yields the base URL and the Frontend once /health
     answers."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    frontend = Frontend(engine, MODEL, port=port, shutdown_timeout=2, log_level="warning")
+    frontend = Frontend(engine, MODEL, port=port, shutdown_timeout=2, log_level="warning", api_servers=api_servers)
     thread = threading.Thread(target=frontend.run, daemon=True)
     thread.start()
     base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60

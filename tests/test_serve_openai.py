@@ -293,3 +293,36 @@ def test_dsv3_serve_checks_the_api_key_and_stops_cleanly_on_sigterm(chat_checkpo
             proc.kill()
         output = proc.communicate()[0]
     assert "Finished server process" in output, output
+
+
+def test_several_front_ends_share_the_port_and_the_engine(llm):
+    """--api-servers 2: two front-end processes on one port (SO_REUSEPORT) over one engine loop. Concurrent requests
+    each get their own answer, every /metrics shows the totals of both, and when one front-end dies the other goes on
+    serving (the dead one's requests are dropped, not the engine)."""
+    prompts = [f"Request {i}:" + " word" * (i % 5) for i in range(40)]
+
+    async def ask(base):
+        limits = httpx.Limits(max_connections=40, max_keepalive_connections=0)  # a new connection each: both get some
+        async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
+            async def one(prompt):
+                r = await client.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 5,
+                                                               "temperature": 0})
+                assert r.status_code == 200, r.text
+                return r.json()["choices"][0]["text"]
+            return await asyncio.gather(*(one(p) for p in prompts))
+
+    with serving(llm.engine, api_servers=2) as (base, frontend):
+        assert len(frontend.processes) == 2
+        alone = [httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": p, "max_tokens": 5,
+                                                            "temperature": 0}).json()["choices"][0]["text"]
+                 for p in prompts[:8]]
+        answers = asyncio.run(asyncio.wait_for(ask(base), timeout=120))
+        assert answers[:8] == alone
+        time.sleep(1.5)  # each front-end reports its counters to the others every 0.5 s
+        for _ in range(6):  # the kernel picks the front-end for each new connection
+            with httpx.Client(base_url=base, timeout=30, limits=httpx.Limits(max_keepalive_connections=0)) as c:
+                assert 'dsv3_requests_total{endpoint="/v1/completions",status="200"} 48' in c.get("/metrics").text
+        os.kill(frontend.processes[1].pid, signal.SIGKILL)
+        time.sleep(0.5)
+        assert asyncio.run(asyncio.wait_for(ask(base), timeout=120)) == answers  # the other serves them all
+        wait_until_idle(llm.engine)

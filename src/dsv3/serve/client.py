@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
-from dsv3.serve.messages import Abort, Add, Added, GetStats, Stats, Stop, Update
+from dsv3.serve.messages import Abort, Add, Added, GetStats, Report, Stats, Stop, Update
 
 if TYPE_CHECKING:
     from dsv3.engine.sampling import SamplingParams
@@ -95,7 +95,7 @@ class EngineClient:
         self.on_lost = on_lost
         self.sequences: dict[str, tuple[Generation, int]] = {}  # request id -> its Generation and index there
         self.adding: dict[str, asyncio.Future[Added]] = {}
-        self.stats_waiting: collections.deque[asyncio.Future[dict[str, float]]] = collections.deque()
+        self.stats_waiting: collections.deque[asyncio.Future[Stats]] = collections.deque()
         self.gone: str | None = None  # why the engine loop can no longer be reached
         self.stopping = False
 
@@ -141,14 +141,19 @@ class EngineClient:
             self.sequences.pop(request_id, None)
         self._send(Abort(request_ids))
 
-    async def stats(self) -> dict[str, float]:
-        """The engine's counters and gauges (engine_loop.engine_stats), read by the engine loop between steps."""
+    async def stats(self) -> Stats:
+        """The engine's counters and gauges (engine_loop.engine_stats), read by the engine loop between steps, and
+        the other front-ends' latest counters."""
         if self.gone is not None:
             raise RuntimeError(self.gone)
         future = self.loop.create_future()
         self.stats_waiting.append(future)
         self._send(GetStats())
         return await future
+
+    def report(self, counters: dict) -> None:
+        """This front-end's counters, for the others' /metrics."""
+        self._send(Report(counters))
 
     def _send(self, command) -> None:
         if self.gone is None:
@@ -180,7 +185,7 @@ class EngineClient:
             elif isinstance(m, Stats):
                 future = self.stats_waiting.popleft()
                 if not future.done():
-                    future.set_result(m.values)
+                    future.set_result(m)
 
     def _lost(self, reason: str) -> None:
         """The engine loop can no longer be reached: fail everything that waits for it."""

@@ -14,6 +14,7 @@ from dsv3.cli import add_model_options, build_llm
 # Engine options where serving wants other defaults than offline generation: requests arrive one by one, and
 # holding new prompts for two prefill steps' time lets one step prefill several (EngineConfig.prefill_delay_factor).
 SERVE_DEFAULTS = {"prefill_delay_factor": 2.0}
+SERVE_DEFAULT_API_SERVERS = 1
 
 
 def register(subparsers) -> None:
@@ -22,6 +23,9 @@ def register(subparsers) -> None:
     add_model_options(p, **SERVE_DEFAULTS)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-servers", type=int, default=SERVE_DEFAULT_API_SERVERS,
+                   help="HTTP front-end processes sharing the port (JSON and server-sent events for hundreds of "
+                        "streams need more than one core; default: %(default)s)")
     p.add_argument("--api-key", default=os.environ.get("DSV3_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $DSV3_API_KEY, else none)")
     p.add_argument("--served-model-name", default=None,
@@ -45,7 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     name = args.served_model_name or (Path(args.model).resolve().name if args.model else "dsv3")
     try:
-        return serve(llm.engine, name, host=args.host, port=args.port, api_key=args.api_key,
+        return serve(llm.engine, name, host=args.host, port=args.port, api_key=args.api_key, api_servers=args.api_servers,
                      shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
     finally:
         llm.close()  # releases the other ranks (the engine loop has stopped by now)

@@ -5,6 +5,11 @@ and at hundreds of streams the front-end's work starved the engine (moonlight-16
 
 The front-end process is spawned; it gets the tokenizer and a few values (context length, model name, API key)
 and talks to the engine loop through two pipes (serve/messages.py). It never loads the model nor touches a GPU.
+One front-end process turns each step's updates into JSON and server-sent events for every stream; at hundreds of
+streams that one process is the bottleneck (moonlight-16b on an H200, 256 streams: it fell behind the engine,
+sending 0.65 chunks a token). `api_servers=N` starts N of them (vLLM's --api-server-count), each on the same port
+with SO_REUSEPORT, so the kernel spreads connections over them; the engine loop answers each through its own pipes,
+and each /metrics adds the others' counters, which they report every REPORT_EVERY seconds.
 (Spawning re-imports the main script, if one runs, in the new process: a script that calls `serve` should import
 torch and the model inside its functions, as bench/serve.py does.) The engine loop runs in the calling thread:
 under torchrun, rank 0's main thread, which the other ranks follow.
@@ -20,6 +25,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 from typing import TYPE_CHECKING
 
@@ -31,37 +37,51 @@ if TYPE_CHECKING:
     from dsv3.tokenizer import Tokenizer
 
 
+REPORT_EVERY = 0.5  # seconds between a front-end's reports of its counters, when there are several
+
+
 class Frontend:
-    """The front-end process (started here) and the engine loop that answers it."""
+    """The front-end processes (started here) and the engine loop that answers them."""
 
     def __init__(self, engine: LLMEngine, model_name: str, host: str = "127.0.0.1", port: int = 8000,
-                 api_key: str | None = None, shutdown_timeout: float = 30.0, log_level: str = "info"):
+                 api_key: str | None = None, shutdown_timeout: float = 30.0, log_level: str = "info",
+                 api_servers: int = 1):
         if engine.tokenizer is None:
             raise ValueError("the server needs an engine with a tokenizer (chat templates, text prompts)")
-        engine_ends, frontend_ends = open_pipes()
+        if api_servers < 1:
+            raise ValueError(f"api_servers must be at least 1; got {api_servers}")
         context = multiprocessing.get_context("spawn")  # a fork would copy CUDA state and the engine's threads
-        self.process = context.Process(
-            target=_frontend_main, name="dsv3-frontend", daemon=True,
-            args=(frontend_ends, engine.tokenizer, engine.max_model_len, model_name, host, port, api_key,
-                  shutdown_timeout, log_level))
-        self.process.start()
-        for end in frontend_ends:  # they now live in the front-end alone, and close when it exits
-            end.close()
-        self.engine_loop = EngineLoop(engine, *engine_ends)
+        self.processes, loop_ends = [], []
+        for index in range(api_servers):
+            engine_ends, frontend_ends = open_pipes()
+            process = context.Process(
+                target=_frontend_main, name=f"dsv3-frontend-{index}", daemon=True,
+                args=(frontend_ends, engine.tokenizer, engine.max_model_len, model_name, host, port, api_key,
+                      shutdown_timeout, log_level, api_servers > 1))
+            process.start()
+            for end in frontend_ends:  # they now live in the front-end alone, and close when it exits
+                end.close()
+            self.processes.append(process)
+            loop_ends.append(engine_ends)
+        self.process = self.processes[0]
+        self.engine_loop = EngineLoop(engine, loop_ends)
 
     def run(self) -> int:
-        """Step the engine in this thread until the front-end has stopped; returns its exit status."""
+        """Step the engine in this thread until every front-end has stopped; returns their exit status (the first
+        that is not 0)."""
         try:
             self.engine_loop.run()
         finally:
-            self.process.join()
-        code = self.process.exitcode
-        return code if code >= 0 else 128 - code  # killed by a signal: the shell's way of saying which
+            for process in self.processes:
+                process.join()
+        codes = [p.exitcode if p.exitcode >= 0 else 128 - p.exitcode for p in self.processes]  # killed: by a signal
+        return next((code for code in codes if code), 0)
 
     def stop(self, signum: int = signal.SIGTERM) -> None:
-        """Shut the front-end down as that signal asks (SIGTERM: gracefully; a second SIGINT: at once)."""
-        if self.process.exitcode is None:
-            os.kill(self.process.pid, signum)
+        """Shut the front-ends down as that signal asks (SIGTERM: gracefully; a second SIGINT: at once)."""
+        for process in self.processes:
+            if process.exitcode is None:
+                os.kill(process.pid, signum)
 
 
 def serve(engine: LLMEngine, model_name: str, **options) -> int:
@@ -78,8 +98,8 @@ def serve(engine: LLMEngine, model_name: str, **options) -> int:
 
 
 def _frontend_main(pipes: Pipes, tokenizer: Tokenizer, max_model_len: int, model_name: str, host: str, port: int,
-                   api_key: str | None, shutdown_timeout: float, log_level: str) -> None:
-    """The front-end process."""
+                   api_key: str | None, shutdown_timeout: float, log_level: str, shared_port: bool) -> None:
+    """A front-end process; shared_port: one of several on the same port."""
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again to die of it; end with status 0 instead.
     signal.signal(signal.SIGTERM, _exit_cleanly)
     os.setsid()  # out of the terminal's process group: signals come from the engine's process only
@@ -89,15 +109,28 @@ def _frontend_main(pipes: Pipes, tokenizer: Tokenizer, max_model_len: int, model
     from dsv3.serve.openai_api import frontend_app
 
     app = frontend_app(pipes, tokenizer, max_model_len, model_name, api_key,
-                       on_engine_lost=lambda: setattr(server, "should_exit", True))
+                       on_engine_lost=lambda: setattr(server, "should_exit", True),
+                       report_every=REPORT_EVERY if shared_port else None)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                            timeout_graceful_shutdown=shutdown_timeout))
     try:
-        server.run()
+        server.run(sockets=[_shared_socket(host, port)] if shared_port else None)
     except KeyboardInterrupt:  # SIGINT, re-raised the same way after the graceful shutdown
         sys.exit(130)
     if not server.started:  # e.g. the port is taken; uvicorn said so
         sys.exit(1)
+
+
+def _shared_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port that other processes may bind too (SO_REUSEPORT: the kernel spreads the
+    connections over them)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(address)
+    sock.set_inheritable(True)
+    return sock
 
 
 def _exit_cleanly(signum, frame) -> None:

@@ -1,7 +1,7 @@
 """What the HTTP front-end and the engine loop say to each other, pickled through two one-way pipes (the same
 whether the front-end is another process or a thread beside the engine).
 
-front-end -> engine: Add, Abort, GetStats, Stop.
+front-end -> engine: Add, Abort, GetStats, Report, Stop.
 engine -> front-end: one list per send: the Added and Stats answers to the commands of a round, or the
 Updates of one engine step (one message per step, however many sequences it advanced).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, NamedTuple
@@ -40,6 +40,13 @@ class GetStats:
 
 
 @dataclass
+class Report:
+    """A front-end's own counters (Metrics.snapshot), sent now and then when there are several front-ends, so that
+    each one's /metrics can show the totals of all."""
+    counters: dict
+
+
+@dataclass
 class Stop:
     """Fail what is still running and end the engine loop."""
 
@@ -64,8 +71,9 @@ class Update(NamedTuple):
 
 @dataclass
 class Stats:
-    """The engine's gauges and counters that GET /metrics shows."""
+    """The engine's gauges and counters that GET /metrics shows, and the other front-ends' latest Reports."""
     values: dict[str, float]
+    frontends: list[dict] = field(default_factory=list)
 
 
 def open_pipes() -> tuple[Pipes, Pipes]:

@@ -56,12 +56,32 @@ class Metrics:
             decode_time = generation.finished_at - generation.first_token_at
             self.time_per_output_token.observe(decode_time / (per_sequence - 1))
 
-    def render(self, engine: dict[str, float]) -> str:
-        """engine: the engine's numbers (engine_loop.engine_stats)."""
+    def snapshot(self) -> dict:
+        """This front-end's counters, to be added into another's /metrics (serve --api-servers N)."""
+        return {"responses": dict(self.responses),
+                "histograms": {h.name: (list(h.counts), h.sum, h.count) for h in self.histograms}}
+
+    @property
+    def histograms(self) -> tuple[Histogram, ...]:
+        return self.time_to_first_token, self.time_per_output_token, self.request_latency
+
+    def render(self, engine: dict[str, float], others: list[dict] = ()) -> str:
+        """engine: the engine's numbers (engine_loop.engine_stats); others: the other front-ends' snapshots."""
+        responses = Counter(self.responses)
+        histograms = {h.name: Histogram(h.name, h.help_text, h.buckets) for h in self.histograms}
+        for h in self.histograms:
+            merged = histograms[h.name]
+            merged.counts, merged.sum, merged.count = list(h.counts), h.sum, h.count
+        for other in others:
+            responses.update(other["responses"])
+            for name, (counts, total, count) in other["histograms"].items():
+                merged = histograms[name]
+                merged.counts = [a + b for a, b in zip(merged.counts, counts)]
+                merged.sum, merged.count = merged.sum + total, merged.count + count
         lines = ["# HELP dsv3_requests_total HTTP responses by endpoint and status code.",
                  "# TYPE dsv3_requests_total counter"]
         lines += [f'dsv3_requests_total{{endpoint="{path}",status="{status}"}} {count}'
-                  for (path, status), count in sorted(self.responses.items())]
+                  for (path, status), count in sorted(responses.items())]
         for name, kind, help_text, value in [
             ("dsv3_prompt_tokens_total", "counter", "Prompt tokens admitted.", engine["prompt_tokens"]),
             ("dsv3_generation_tokens_total", "counter", "Tokens generated.", engine["generation_tokens"]),
@@ -89,6 +109,6 @@ class Metrics:
              engine.get("loop_publish_seconds", 0.0)),
         ]:
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
-        for histogram in (self.time_to_first_token, self.time_per_output_token, self.request_latency):
+        for histogram in histograms.values():
             lines += histogram.render()
         return "\n".join(lines) + "\n"

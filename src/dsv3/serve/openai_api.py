@@ -8,6 +8,7 @@ the engine fails only the requests it was running (500, or an error event in a s
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
@@ -50,10 +51,12 @@ def create_app(llm_or_engine, model_name: str, api_key: str | None = None) -> Fa
 
 
 def frontend_app(pipes: Pipes, tokenizer: Tokenizer, max_model_len: int, model_name: str, api_key: str | None = None,
-                 on_engine_lost: Callable[[], None] | None = None) -> FastAPI:
+                 on_engine_lost: Callable[[], None] | None = None, report_every: float | None = None) -> FastAPI:
     """An app over the front-end's ends of an engine loop's pipes (commands, events), the loop being in another
-    process; on_engine_lost: that loop is gone."""
-    return _app(lambda: nullcontext(pipes), tokenizer, max_model_len, model_name, api_key, on_engine_lost)
+    process; on_engine_lost: that loop is gone. report_every: one of several front-ends, which sends its counters
+    to the engine loop this often (seconds) for the others' /metrics."""
+    return _app(lambda: nullcontext(pipes), tokenizer, max_model_len, model_name, api_key, on_engine_lost,
+                report_every)
 
 
 @contextmanager
@@ -66,7 +69,7 @@ def _engine_thread(engine: LLMEngine) -> Iterator[Pipes]:
     # process, moonlight-16b at 256 streams went from 735 to 1,011 tok/s (284 -> 198 ms between tokens).
     # (`dsv3 serve` runs the event loop in another process instead.)
     sys.setswitchinterval(min(sys.getswitchinterval(), 2e-4))
-    thread = threading.Thread(target=EngineLoop(engine, *engine_ends).run, name="dsv3-engine", daemon=True)
+    thread = threading.Thread(target=EngineLoop(engine, [engine_ends]).run, name="dsv3-engine", daemon=True)
     thread.start()
     try:
         yield frontend_ends
@@ -78,7 +81,8 @@ def _engine_thread(engine: LLMEngine) -> Iterator[Pipes]:
 
 
 def _app(connect: Callable[[], AbstractContextManager[Pipes]], tokenizer: Tokenizer, max_model_len: int,
-         model_name: str, api_key: str | None, on_engine_lost: Callable[[], None] | None = None) -> FastAPI:
+         model_name: str, api_key: str | None, on_engine_lost: Callable[[], None] | None = None,
+         report_every: float | None = None) -> FastAPI:
     metrics = Metrics(ENDPOINTS)
     client = EngineClient(on_engine_lost)
     server = OpenAIServer(client, tokenizer, max_model_len, model_name, metrics)
@@ -87,7 +91,11 @@ def _app(connect: Callable[[], AbstractContextManager[Pipes]], tokenizer: Tokeni
     async def lifespan(app: FastAPI):
         with connect() as (commands, events):
             client.start(commands, events)
+            reporting = asyncio.create_task(_report(client, metrics, report_every)) if report_every else None
             yield
+            if reporting is not None:
+                reporting.cancel()
+                client.report(metrics.snapshot())  # the last word: what this front-end answered
             await client.stop()  # cancels what uvicorn's graceful shutdown left running
 
     app = FastAPI(title="dsv3", lifespan=lifespan)
@@ -117,12 +125,19 @@ def _app(connect: Callable[[], AbstractContextManager[Pipes]], tokenizer: Tokeni
 
     @app.get("/metrics")
     async def prometheus_metrics():
-        return PlainTextResponse(metrics.render(await client.stats()), media_type="text/plain; version=0.0.4")
+        stats = await client.stats()
+        return PlainTextResponse(metrics.render(stats.values, stats.frontends), media_type="text/plain; version=0.0.4")
 
     if api_key:
         app.add_middleware(ApiKeyGuard, api_key=api_key)
     app.add_middleware(CountResponses, metrics=metrics)  # outermost: counts the 401s too
     return app
+
+
+async def _report(client: EngineClient, metrics: Metrics, every: float) -> None:
+    while True:
+        await asyncio.sleep(every)
+        client.report(metrics.snapshot())
 
 
 class CountResponses:
