@@ -106,7 +106,8 @@ class LLMEngine:
         params = params or SamplingParams()
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("text prompts need a tokenizer; pass token ids instead")
+                raise ValueError("text prompts need a tokenizer, and this model has none (its checkpoint has no "
+                                 "tokenizer.json, or skip_tokenizer_init was set); pass token ids instead")
             ids, text = self.tokenizer.encode(prompt), prompt
         else:
             ids, text = list(prompt), None
@@ -328,14 +329,18 @@ class LLM:
     """Offline generation: `LLM(path).generate(prompts, SamplingParams(...))`, one result per prompt, in order."""
 
     def __init__(self, model: str | Path | None = None, dtype: torch.dtype | str | None = None,
-                 device: str | torch.device | None = None, progress: bool = False, **engine_options):
-        from dsv3.checkpoint import load_model
+                 device: str | torch.device | None = None, progress: bool = False, skip_tokenizer_init: bool = False,
+                 **engine_options):
+        """skip_tokenizer_init (as vLLM's): no tokenizer, only token-id prompts; also the case when the
+        checkpoint has no tokenizer.json (transformers' save_pretrained of a model alone)."""
+        from dsv3.checkpoint.load import load_model, model_dtype
         from dsv3.default_model import default_model_path
 
         path = Path(model) if model is not None else default_model_path()
         device = pick_device(device)
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device} was asked for, but this torch {torch.__version__} sees no CUDA device")
+        dtype = model_dtype(dtype)
         if dtype is None:  # float32 on the CPU: bf16 there is slow and would break exact batch invariance
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.path = path
@@ -343,7 +348,8 @@ class LLM:
         if self.par.distributed and device.type == "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
         self.model = load_model(path, dtype=dtype, device=device, par=self.par, progress=progress and self.par.rank == 0)
-        self.tokenizer = Tokenizer.from_dir(path)
+        no_tokenizer = skip_tokenizer_init or not (path / "tokenizer.json").is_file()
+        self.tokenizer = None if no_tokenizer else Tokenizer.from_dir(path)
         self.engine = LLMEngine(self.model, self.tokenizer, par=self.par, **engine_options)
         self.follower = self.par.rank != 0
         if self.follower:  # ranks other than 0 run rank 0's steps until it closes
