@@ -47,8 +47,8 @@ def test_version(capsys):
 
 @pytest.mark.parametrize("argv, words", [
     (["generate", "hi", "--bogus"], "unrecognized arguments: --bogus"),
-    (["generate"], "one of the arguments prompt --input-file is required"),
-    (["generate", "hi", "--input-file", "f"], "not allowed with argument prompt"),
+    (["generate"], "one of the arguments PROMPT --input-file is required"),
+    (["generate", "hi", "--input-file", "f"], "not allowed with argument PROMPT"),
     (["bench", "--temperature", "0.5"], "unrecognized arguments: --temperature 0.5"),  # bench samples greedily
     (["convert", "a", "b"], "required: --fp8-to-bf16"),
 ])

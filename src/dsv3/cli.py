@@ -208,7 +208,7 @@ def parser() -> argparse.ArgumentParser:
     add_model_options(g)
     add_sampling_options(g, temperature=0.0)
     prompts = g.add_mutually_exclusive_group(required=True)
-    prompts.add_argument("prompt", nargs="?", help="the prompt text")
+    prompts.add_argument("prompt", nargs="?", metavar="PROMPT", help="the prompt text")
     prompts.add_argument("--input-file", help="one prompt per line; answers printed in order, one per line")
     g.add_argument("--jsonl", action="store_true", help="with --input-file: print JSON lines")
     g.set_defaults(func=cmd_generate)
