@@ -57,6 +57,29 @@ def test_load_model_gives_logits(llm):
     assert logits.shape == (1, ids.shape[1], model.config.vocab_size)
 
 
+def test_load_model_takes_dtype_names_and_none_for_the_embedded_model(llm):
+    model = dsv3.load_model(None, dtype="float32", progress=False)  # as LLM takes them
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    assert torch.equal(model.lm_head.weight, llm.model.lm_head.weight)
+    for bad in ("fp32", torch.int8):
+        with pytest.raises(ValueError, match="bfloat16, float16, float32"):
+            dsv3.load_model(None, dtype=bad, progress=False)
+    with pytest.raises(ValueError, match="bfloat16, float16, float32"):
+        dsv3.LLM(dtype="float64")
+
+
+def test_a_checkpoint_without_tokenizer_runs_token_id_prompts(tmp_path, llm):
+    from helpers import make_hf_checkpoint
+
+    path, _ = make_hf_checkpoint(tmp_path, num_nextn_predict_layers=0)  # save_pretrained of a model alone: no tokenizer files
+    bare = dsv3.LLM(path)
+    out = bare.generate([[0, 5, 6]], dsv3.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 4 and out.text == ""
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        bare.generate(["text"])
+    assert dsv3.LLM(skip_tokenizer_init=True).tokenizer is None
+
+
 def run_cli(*args, stdin=None):
     return subprocess.run([sys.executable, "-m", "dsv3", *args], input=stdin, capture_output=True, text=True,
                           timeout=300)

@@ -8,9 +8,10 @@ __version__ = "0.1.0"
 __all__ = ["LLM", "ModelConfig", "SamplingParams", "load_model"]
 
 
-def load_model(path, dtype=None, device=None, **options):
+def load_model(path=None, dtype=None, device=None, **options):
     """The causal LM of a Hugging Face checkpoint directory, as a torch.nn.Module in eval mode:
-    model(input_ids (B, T)) returns logits (B, T, vocab)."""
+    model(input_ids (B, T)) returns logits (B, T, vocab). path None: the embedded default model; dtype: a
+    torch.dtype or "bfloat16", "float16", "float32"."""
     from dsv3.checkpoint import load_model as load
 
     return load(path, dtype=dtype, device=device, **options)

@@ -22,24 +22,38 @@ from torch import nn
 from dsv3.checkpoint.layout import FP8, SCALE, Route, mtp_keys, plan_load
 from dsv3.checkpoint.safetensors_io import CheckpointError, CheckpointFiles, progress_bar
 from dsv3.config import ModelConfig
+from dsv3.default_model import default_model_path
 from dsv3.kernels.reference import block_length, fp8_dequantize
 from dsv3.model import DeepseekV3ForCausalLM, DeepseekV3ForSequenceClassification
 from dsv3.parallel import SINGLE, Parallel
 
 FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
 ARCHITECTURES = {cls.__name__: cls for cls in (DeepseekV3ForCausalLM, DeepseekV3ForSequenceClassification)}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+def model_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A model dtype given as a floating-point torch.dtype or by its name in DTYPES; None stays None."""
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        return dtype
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)} (or a floating-point torch.dtype)")
+    return DTYPES[dtype]
+
+
+def load_model(path: str | Path | None, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
                par: Parallel = SINGLE, keep_fp8: bool = False, progress: bool = True,
                architecture: str | type[nn.Module] | None = None) -> nn.Module:
     """The model of a checkpoint directory, weights loaded, in eval mode.
 
-    dtype: None takes config.json's torch_dtype. device: None is the CPU. keep_fp8: keep an FP8
+    path: None is the embedded default model. dtype: a torch.dtype or its name ("bfloat16", ...); None
+    takes config.json's torch_dtype. device: None is the CPU. keep_fp8: keep an FP8
     checkpoint's weights and scales as they are (default: dequantize exactly to dtype). architecture:
     a class or its name; None takes config.json's `architectures` (causal LM when it names neither).
     Checkpoints without any MTP tensor (transformers' save_pretrained drops them) load without MTP.
     """
+    path = default_model_path() if path is None else path
+    dtype = model_dtype(dtype)
     cfg = ModelConfig.from_file(path)
     files = CheckpointFiles(path)
     arch = resolve_architecture(architecture, cfg)

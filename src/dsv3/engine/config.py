@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 
 FP8_CHOICES = ("auto", "keep", "dequantize")
 EXPERT_CHOICES = ("ep", "tp")
+DTYPE_CHOICES = ("bfloat16", "float16", "float32")  # checkpoint.load.DTYPES's names
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     # loading
     dtype: str | None = field(default=None, metadata={
-        "choices": ("bfloat16", "float16", "float32"),
+        "choices": DTYPE_CHOICES,
         "help": "activations' dtype: bfloat16, float16, float32 (default: bfloat16 on a GPU, float32 on the CPU)"})
     device: str | None = field(default=None, metadata={"help": "cuda, cpu, cuda:1, ... (default: cuda when available)"})
     fp8: str = field(default="auto", metadata={
@@ -24,13 +25,16 @@ class EngineConfig:
         "help": "an FP8 checkpoint's weights: keep them FP8 (half the memory; the FP8 kernels), dequantize them "
                 "exactly to --dtype, or auto: keep on a GPU with FP8 kernels (compute capability 8.9+), else "
                 "dequantize"})
+    skip_tokenizer_init: bool = field(default=False, metadata={
+        "help": "load no tokenizer: token-id prompts only (also the case when the checkpoint has no tokenizer.json)"})
     experts: str = field(default="ep", metadata={
         "choices": EXPERT_CHOICES,
         "help": "under torchrun: split the routed experts by expert (ep) or each expert's intermediate dim (tp)"})
     # the batch and the latent cache
     max_num_seqs: int = field(default=256, metadata={"help": "requests decoded together at most"})
-    max_num_batched_tokens: int = field(default=2048, metadata={"help": "tokens a step computes at most (prefill "
-                                                                        "chunks beyond it continue next step)"})
+    max_num_batched_tokens: int = field(default=8192, metadata={
+        "help": "tokens a step computes at most (prefill chunks beyond it continue next step); a step that prefills "
+                "runs eagerly and host-bound below a few thousand tokens, so fewer, larger ones cost less"})
     max_model_len: int | None = field(default=None, metadata={
         "help": "longest sequence, prompt and answer (default: the checkpoint's max_position_embeddings)"})
     block_size: int = field(default=16, metadata={"help": "tokens per block of the paged latent cache"})
@@ -56,8 +60,8 @@ class EngineConfig:
         for name, choices in (("fp8", FP8_CHOICES), ("experts", EXPERT_CHOICES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"EngineConfig.{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
-        if self.dtype is not None and self.dtype not in ("bfloat16", "float16", "float32"):
-            raise ValueError(f"EngineConfig.dtype must be bfloat16, float16 or float32; got {self.dtype!r}")
+        if self.dtype is not None and self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
         positive = ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_model_len", "num_blocks")
         for name in positive:
             value = getattr(self, name)

@@ -112,7 +112,8 @@ class LLMEngine:
         params = params or SamplingParams()
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("text prompts need a tokenizer; pass token ids instead")
+                raise ValueError("text prompts need a tokenizer, and this model has none (its checkpoint has no "
+                                 "tokenizer.json, or skip_tokenizer_init was set); pass token ids instead")
             ids, text = self.tokenizer.encode(prompt), prompt
         else:
             ids, text = list(prompt), None
@@ -441,23 +442,28 @@ class LLM:
     def __init__(self, model: str | Path | None = None, config: EngineConfig | None = None, *,
                  progress: bool = False, **options):
         """model: a checkpoint directory (None: the embedded model). config: EngineConfig; options: fields of
-        it to replace, e.g. LLM(path, dtype="float32", speculative_tokens=1)."""
-        from dsv3.checkpoint import load_model
+        it to replace, e.g. LLM(path, dtype="float32", speculative_tokens=1). Without a tokenizer.json in the
+        checkpoint (transformers' save_pretrained of a model alone), or with skip_tokenizer_init (as vLLM's),
+        there is no tokenizer: token-id prompts only."""
+        from dsv3.checkpoint.load import load_model, model_dtype
         from dsv3.default_model import default_model_path
 
         self.options = options = EngineConfig.of(config, **options)
         path = Path(model) if model is not None else default_model_path()
         device = pick_device(options.device)
-        # float32 on the CPU: bf16 there is slow and would break exact batch invariance
-        dtype = getattr(torch, options.dtype) if options.dtype else (
-            torch.bfloat16 if device.type == "cuda" else torch.float32)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device} was asked for, but this torch {torch.__version__} sees no CUDA device")
+        dtype = model_dtype(options.dtype)
+        if dtype is None:  # float32 on the CPU: bf16 there is slow and would break exact batch invariance
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.path = path
         self.par = init_from_env(options.experts == "ep")  # torchrun sets the ranks; one process is the plain case
         if self.par.distributed and device.type == "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
         self.model = load_model(path, dtype=dtype, device=device, par=self.par, keep_fp8=keeps_fp8(options.fp8, device),
                                 progress=progress and self.par.rank == 0)
-        self.tokenizer = Tokenizer.from_dir(path)
+        no_tokenizer = options.skip_tokenizer_init or not (path / "tokenizer.json").is_file()
+        self.tokenizer = None if no_tokenizer else Tokenizer.from_dir(path)
         self.engine = LLMEngine(self.model, self.tokenizer, options, par=self.par)
         self.follower = self.par.rank != 0
         if self.follower:  # ranks other than 0 run rank 0's steps until it closes
