@@ -25,7 +25,7 @@ engine-serve)
         2>&1 | tee -a "$log";;
 fp8)
     python3 bench/product.py fp8 --layers "${LAYERS:-3}" --ckpt /tmp/v3-slice-fp8 2>&1 | tee -a "$log"
-    python3 bench/serve.py --model /tmp/v3-slice-fp8 --concurrency 1,8,64 --api-servers "${API_SERVERS:-4}" \
+    python3 bench/serve.py --model /tmp/v3-slice-fp8 --concurrency 1,8,64 ${API_SERVERS:+--api-servers $API_SERVERS} \
         --tag=-v3-slice-fp8 2>&1 | tee -a "$log"
     python3 bench/product.py table --engine "$OUT"/*-product-fp8-v3-slice.json --serve "$OUT"/*-serve-*v3-slice-fp8.json \
         2>&1 | tee -a "$log";;
