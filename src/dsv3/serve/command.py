@@ -14,7 +14,9 @@ from dsv3.cli import add_model_options, build_llm
 # Engine options where serving wants other defaults than offline generation: requests arrive one by one, and
 # holding new prompts for two prefill steps' time lets one step prefill several (EngineConfig.prefill_delay_factor).
 SERVE_DEFAULTS = {"prefill_delay_factor": 2.0}
-SERVE_DEFAULT_API_SERVERS = 1
+# One front-end process per 4 cores, at most 4: on an H200 host (16 cores) 4 front-ends served moonlight-16b's
+# 256 streams at 13,631 tok/s against 11,236 for one, which fell behind (0.44 chunks a token); at 64 streams the same.
+SERVE_DEFAULT_API_SERVERS = min(4, max(1, (os.cpu_count() or 1) // 4))
 
 
 def register(subparsers) -> None:
