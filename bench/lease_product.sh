@@ -32,4 +32,4 @@ fp8)
 *)
     echo "usage: $0 engine-serve|fp8" >&2; exit 2;;
 esac
-find "$OUT" -name '*.md' ! -name '*-vs-engine-*' -delete 2>/dev/null || true
+find "$OUT" -name "*.md" ! -name "*-vs-engine-*" ! -name "*-product-*" -delete 2>/dev/null || true
