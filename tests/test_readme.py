@@ -29,7 +29,7 @@ TINY = {  # appended to each command of the README: seconds on 2 cores
 }
 SKIPPED = {  # first word -> why
     "pip": "installs packages", "python": "the test suite itself", "torchrun": "several processes (GPUs)",
-    "PYTHONPATH=src:bench": "GPU benchmark", "PYTHONPATH=src": "GPU benchmark",
+    "PYTHONPATH=src:bench": "GPU benchmark", "PYTHONPATH=src": "GPU benchmark", "bash": "GPU benchmark (one lease)",
 }
 SKIPPED_DSV3 = {"serve": "a long-running server (tests/test_serve_openai.py runs it)"}
 SKIPPED_PYTHON = {"import openai": "needs a running `dsv3 serve` (tests/test_serve_openai.py drives one with openai)"}

@@ -2,10 +2,11 @@
 inference on a paged latent cache, an OpenAI-compatible server, and the paper's training recipe."""
 
 from dsv3.config import ModelConfig
+from dsv3.engine.config import EngineConfig
 from dsv3.engine.sampling import SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "ModelConfig", "SamplingParams", "load_model"]
+__all__ = ["LLM", "EngineConfig", "ModelConfig", "SamplingParams", "load_model"]
 
 
 def load_model(path=None, dtype=None, device=None, **options):
