@@ -1,6 +1,8 @@
 """The OpenAI API over HTTP, served as `dsv3 serve` serves it (the front-end in a process of its own): every bad
 request is a 4xx with an OpenAI error body, fuzzed bodies never get a 5xx, a failing engine step fails only its
-requests, tools go through the chat template; and the in-process app (create_app) answers the same."""
+requests, tools go through the chat template; and the in-process app (create_app) answers the same. The app's
+limits and options: body size, prompt length before tokenizing, API key on metrics and docs, model names, default
+max_tokens."""
 
 import asyncio
 import json
@@ -403,6 +405,21 @@ def test_a_prompt_too_long_for_the_context_is_refused_before_it_is_tokenized(inp
     assert len(long_tokens) > 64 * 64 and len(encode(long_tokens)) < 64  # over 64 characters a token, yet it fits
     r = inprocess.post(COMPLETIONS, json=completion(prompt=long_tokens, max_tokens=1))
     assert r.status_code == 200, r.text
+
+
+def test_the_length_bound_is_only_for_tokenizers_that_keep_every_character(llm):
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, normalizers, pre_tokenizers
+
+    from dsv3.serve.completions import _max_prompt_chars
+    from dsv3.tokenizer import Tokenizer
+
+    assert _max_prompt_chars(llm.tokenizer, 64) == 64 * 256  # DeepSeek's longest entry: 128 spaces, 2 bytes each
+    backend = Backend(models.BPE())
+    for pre_tokenizer, normalizer in [(pre_tokenizers.Whitespace(), None),  # drops the spaces
+                                      (pre_tokenizers.ByteLevel(), normalizers.Strip())]:
+        backend.pre_tokenizer, backend.normalizer = pre_tokenizer, normalizer
+        assert _max_prompt_chars(Tokenizer(backend, None, None, add_bos_token=False), 64) is None
 
 
 def test_tokenizing_a_long_prompt_leaves_the_event_loop_running(llm):

@@ -20,8 +20,9 @@ def register(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("DSV3_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on every route but /health, /metrics and the docs "
-                        "(/docs, /redoc, /openapi.json) included (default: $DSV3_API_KEY, else none)")
+                   help="require 'Authorization: Bearer KEY' on every route but /health: /metrics and the docs "
+                        "(/docs, /redoc, /openapi.json) too, unless --public-metrics-and-docs (default: "
+                        "$DSV3_API_KEY, else none)")
     p.add_argument("--public-metrics-and-docs", action="store_true",
                    help="with --api-key, let /metrics and the docs answer without the key (as vLLM leaves /metrics "
                         "open); by default they need it, since they tell anyone how busy the server is")

@@ -42,6 +42,8 @@ class OpenAIServer:
                  metrics: Metrics, default_max_tokens: int | None = None):
         if not model_names:
             raise ValueError("the server needs at least one model name")
+        if default_max_tokens is not None and default_max_tokens < 1:
+            raise ValueError(f"default_max_tokens must be at least 1, got {default_max_tokens}")
         self.client, self.tokenizer, self.max_model_len = client, tokenizer, max_model_len
         self.model_names, self.metrics, self.default_max_tokens = model_names, metrics, default_max_tokens
         self.control = ControlTokens.of_tokenizer(self.tokenizer)
@@ -301,15 +303,16 @@ def _max_prompt_chars(tokenizer: Tokenizer, max_model_len: int) -> int | None:
     every byte of its input (no normalizer, no pre-tokenizer that drops text, no added token that swallows the
     spaces beside it): each token then stands for at most as many characters as its vocabulary entry has UTF-8
     bytes. None for other tokenizers: no bound is safe there."""
-    spec = json.loads(tokenizer.backend.to_str())
-    normalizer, pre_tokenizer = spec.get("normalizer"), json.dumps(spec.get("pre_tokenizer"))
+    backend = tokenizer.backend
+    normalizer = json.loads(backend.normalizer.__getstate__()) if backend.normalizer else None
+    pre_tokenizer = backend.pre_tokenizer.__getstate__().decode() if backend.pre_tokenizer else ""
     keeps_every_byte = (
-        normalizer in (None, {"type": "Sequence", "normalizers": []}) and spec["model"]["type"] == "BPE"
+        normalizer in (None, {"type": "Sequence", "normalizers": []}) and type(backend.model).__name__ == "BPE"
         and '"ByteLevel"' in pre_tokenizer and '"Removed"' not in pre_tokenizer
-        and not any(t.get("lstrip") or t.get("rstrip") for t in spec.get("added_tokens", [])))
+        and not any(t.lstrip or t.rstrip for t in backend.get_added_tokens_decoder().values()))
     if not keeps_every_byte:
         return None
-    return max_model_len * max(len(token.encode()) for token in tokenizer.backend.get_vocab(with_added_tokens=True))
+    return max_model_len * max((len(token.encode()) for token in backend.get_vocab(with_added_tokens=True)), default=1)
 
 
 def _given(value, default):

@@ -111,9 +111,9 @@ def _frontend_main(pipes: Pipes, tokenizer: Tokenizer, max_model_len: int, model
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, except that at shutdown_timeout after a shutdown begins, the engine loop is stopped: it fails
-    each request still running, whose stream then ends with an error event and [DONE] (a whole answer: a 500), where
-    uvicorn's own timeout, STREAM_END_GRACE later, cancels the request's task and cuts its body short."""
+    """uvicorn's server, except that shutdown_timeout after a shutdown begins, the engine loop is stopped: it fails
+    each request still running, whose stream then ends with an error event and [DONE] (a whole answer: a 500),
+    rather than being cut short when uvicorn's own timeout, STREAM_END_GRACE later, cancels the request's task."""
 
     def __init__(self, config: uvicorn.Config, shutdown_timeout: float, stop_engine: Callable[[], Awaitable[None]]):
         super().__init__(config)

@@ -88,6 +88,8 @@ def _app(connect: Callable[[], AbstractContextManager[Pipes]], tokenizer: Tokeni
     """public_metrics_and_docs: with an API key, /metrics, /docs, /redoc and /openapi.json answer without it;
     max_request_bytes: larger bodies get 413; default_max_tokens: the cap of a request that sets none (None: the
     rest of the context)."""
+    if max_request_bytes < 1:  # (middleware is made at the first request: checked here to fail at once)
+        raise ValueError(f"max_request_bytes must be at least 1, got {max_request_bytes}")
     metrics = Metrics(ENDPOINTS)
     client = EngineClient(on_engine_lost)
     names = [model_name] if isinstance(model_name, str) else list(model_name)
