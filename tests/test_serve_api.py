@@ -1,7 +1,10 @@
 """The OpenAI API over HTTP, served as `dsv3 serve` serves it (the front-end in a process of its own): every bad
 request is a 4xx with an OpenAI error body, fuzzed bodies never get a 5xx, a failing engine step fails only its
-requests, tools go through the chat template; and the in-process app (create_app) answers the same."""
+requests, tools go through the chat template; and the in-process app (create_app) answers the same. The app's
+limits and options: body size, prompt length before tokenizing, API key on metrics and docs, model names, default
+max_tokens."""
 
+import asyncio
 import json
 import socket
 import threading
@@ -16,9 +19,11 @@ from hypothesis import strategies as st
 fastapi = pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
+from starlette.concurrency import run_in_threadpool  # noqa: E402
 
 from dsv3.engine.llm import LLM  # noqa: E402
 from dsv3.serve.frontend import Frontend  # noqa: E402
+from dsv3.serve.command import default_model_names  # noqa: E402
 from dsv3.serve.openai_api import create_app  # noqa: E402
 from dsv3.serve.protocol import ChatCompletionRequest  # noqa: E402
 
@@ -83,6 +88,12 @@ def inprocess(chat_checkpoint, llm):
         yield client
 
 
+@pytest.fixture(scope="module")
+def spare_engine(chat_checkpoint, llm):
+    """An engine for apps made with options, one at a time (made after `llm`, under its one torch thread)."""
+    return tiny_llm(chat_checkpoint).engine
+
+
 def assert_idle(engine):
     """No request left behind: nothing queued or running, every cache block free."""
     assert not engine.requests and not engine.scheduler.running and not engine.scheduler.waiting
@@ -127,6 +138,15 @@ BAD_REQUESTS = [
     (CHAT, chat(tools=["get_weather"]), 400, "tools.0", "valid"),
     (CHAT, chat(tools=[WEATHER_TOOL], tool_choice="required"), 400, "tool_choice", "auto"),
     (CHAT, chat(frequency_penalty=0.5), 400, "frequency_penalty", "not supported"),
+    (CHAT, chat(response_format={"type": "json_object"}), 400, "response_format", "'json_object' is not supported"),
+    (CHAT, chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}), 400,
+     "response_format", "'json_schema' is not supported"),
+    (CHAT, chat(response_format="json"), 400, "response_format", "valid"),
+    (CHAT, b'{"model": "tiny-chat", "messages": [{"role": "user", "content": "\\ud800"}]}', 400, "messages.0.content",
+     "surrogate"),
+    (CHAT, b'{"model": "tiny-chat", "messages": [{"role": "user", "content": [{"type": "text", "text": "a\\udfff"}]}]}',
+     400, "messages.0.content.0.text", "surrogate"),
+    (CHAT, b'{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}', 400, "model", "surrogate"),
     (CHAT, chat(messages=[{"role": "user", "content": "word " * 100}]), 400, "messages", "context"),
     (COMPLETIONS, {"model": MODEL}, 400, "prompt", "required"),
     (COMPLETIONS, completion(prompt=[]), 400, "prompt", "empty"),
@@ -137,6 +157,11 @@ BAD_REQUESTS = [
     (COMPLETIONS, completion(echo=True), 400, "echo", "not supported"),
     (COMPLETIONS, completion(logprobs=21), 400, "logprobs", "between 0 and 20"),
     (COMPLETIONS, completion(prompt=["a"] * 200, n=2), 400, "n", "at most 256"),
+    (COMPLETIONS, b'{"model": "tiny-chat", "prompt": "\\ud800"}', 400, "prompt", "surrogate"),
+    (COMPLETIONS, b'{"model": "tiny-chat", "prompt": ["ok", "\\ud800 x"]}', 400, "prompt.1", "surrogate"),
+    (COMPLETIONS, b'{"model": "tiny-chat", "prompt": "hi", "stop": {"\\ud800": 1}}', 400, "stop", "surrogate"),
+    (COMPLETIONS, completion(response_format={"type": "json_object"}), 400, "response_format", "not supported"),
+    (COMPLETIONS, completion(prompt="word " * 20_000), 400, "prompt", "more than the 64-token context can hold"),
 ]
 
 
@@ -178,6 +203,10 @@ def test_models_health_and_one_of_each_answer(client):
     texts = client.post(COMPLETIONS, json=completion(prompt=["a b", "c d"], n=2, logprobs=1)).json()["choices"]
     assert [c["index"] for c in texts] == [0, 1, 2, 3]
     assert all(len(c["logprobs"]["tokens"]) == len(c["logprobs"]["top_logprobs"]) for c in texts)
+
+
+def test_response_format_text_is_accepted(client):
+    assert client.post(CHAT, json=chat(response_format={"type": "text"})).status_code == 200
 
 
 def test_without_max_tokens_the_answer_may_fill_the_context(client):
@@ -354,3 +383,114 @@ def test_fuzzed_completion_bodies_never_get_a_5xx(client, llm, body):
        content_type=st.sampled_from(["application/json", "text/plain", "", "application/x-www-form-urlencoded"]))
 def test_fuzzed_raw_bytes_never_get_a_5xx(client, path, raw, content_type):
     check_answer(client.post(path, content=raw, headers={"content-type": content_type}))
+
+
+# ---- limits and options of the app ------------------------------------------------------------------------------
+def test_a_prompt_too_long_for_the_context_is_refused_before_it_is_tokenized(inprocess, monkeypatch):
+    """A text of more characters than max_model_len tokens can stand for is refused by its length; a text of long
+    tokens that fits is not (the bound is each token's longest possible text, not an average)."""
+    tokenizer = inprocess.app.state.server.tokenizer
+    encoded, encode = [], tokenizer.encode
+    monkeypatch.setattr(tokenizer, "encode", lambda text, **kw: encoded.append(len(text)) or encode(text, **kw))
+    huge = "word " * 200_000
+    for path, body, param in [(COMPLETIONS, completion(prompt=huge), "prompt"),
+                              (CHAT, chat(messages=[{"role": "user", "content": huge}]), "messages")]:
+        r = inprocess.post(path, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        assert "context can hold" in r.json()["error"]["message"]
+    assert not any(n >= len(huge) for n in encoded), encoded
+    vocab = tokenizer.backend.get_vocab()
+    longest = tokenizer.decode([max(vocab.values(), key=lambda i: len(tokenizer.decode([i])))])
+    long_tokens = longest * (50 // len(encode(longest, add_special_tokens=False)))
+    assert len(long_tokens) > 64 * 64 and len(encode(long_tokens)) < 64  # over 64 characters a token, yet it fits
+    r = inprocess.post(COMPLETIONS, json=completion(prompt=long_tokens, max_tokens=1))
+    assert r.status_code == 200, r.text
+
+
+def test_the_length_bound_is_only_for_tokenizers_that_keep_every_character(llm):
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, normalizers, pre_tokenizers
+
+    from dsv3.serve.completions import _max_prompt_chars
+    from dsv3.tokenizer import Tokenizer
+
+    assert _max_prompt_chars(llm.tokenizer, 64) == 64 * 256  # DeepSeek's longest entry: 128 spaces, 2 bytes each
+    backend = Backend(models.BPE())
+    for pre_tokenizer, normalizer in [(pre_tokenizers.Whitespace(), None),  # drops the spaces
+                                      (pre_tokenizers.ByteLevel(), normalizers.Strip())]:
+        backend.pre_tokenizer, backend.normalizer = pre_tokenizer, normalizer
+        assert _max_prompt_chars(Tokenizer(backend, None, None, add_bos_token=False), 64) is None
+
+
+def test_tokenizing_a_long_prompt_leaves_the_event_loop_running(llm):
+    """The server tokenizes in a worker thread (run_in_threadpool); the tokenizer must let go of the GIL meanwhile,
+    or the event loop, /health and every stream wait for it (a 5 MB prompt: 7 s)."""
+    text = "word " * 200_000
+
+    async def loop_turns_while_tokenizing():
+        work, turns = asyncio.ensure_future(run_in_threadpool(llm.tokenizer.encode, text)), 0
+        while not work.done():
+            await asyncio.sleep(0.001)
+            turns += 1
+        return turns, len(await work)
+
+    turns, num_tokens = asyncio.run(loop_turns_while_tokenizing())
+    assert num_tokens > 200_000 and turns >= 10, turns  # holding the GIL, encode let the loop turn once or twice
+
+
+def test_a_body_over_the_limit_gets_413_before_it_is_read(spare_engine):
+    with TestClient(create_app(spare_engine, MODEL, max_request_bytes=2000)) as http:
+        as_json = {"content-type": "application/json"}
+        body = json.dumps(completion(user="x" * 1900)).encode()  # (an unused field)
+        assert len(body) < 2000 and http.post(COMPLETIONS, content=body, headers=as_json).status_code == 200
+        too_big = json.dumps(completion(user="x" * 2100)).encode()
+        chunked = (too_big[i:i + 500] for i in range(0, len(too_big), 500))  # no Content-Length: counted as it comes
+        for content in (too_big, chunked):
+            r = http.post(COMPLETIONS, content=content, headers=as_json)
+            assert r.status_code == 413, r.text
+            error = r.json()["error"]
+            assert "2,000 bytes" in error["message"] and error["type"] == "invalid_request_error"
+        assert_idle(spare_engine)
+
+
+@pytest.mark.parametrize("public", [False, True])
+def test_with_an_api_key_metrics_and_docs_need_it_unless_made_public(spare_engine, public):
+    with TestClient(create_app(spare_engine, MODEL, api_key="sk-test", public_metrics_and_docs=public)) as http:
+        key = {"Authorization": "Bearer sk-test"}
+        assert http.get("/health").status_code == 200
+        assert http.get("/v1/models").status_code == 401 and http.get("/v1/models", headers=key).status_code == 200
+        for path in ("/metrics", "/docs", "/redoc", "/openapi.json"):
+            r = http.get(path)
+            assert r.status_code == (200 if public else 401), (path, r.text)
+            assert http.get(path, headers=key).status_code == 200
+        if not public:
+            assert r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_a_model_may_be_served_under_several_names(spare_engine):
+    with TestClient(create_app(spare_engine, ["DeepSeek-V3", "dsv3"])) as http:
+        assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["DeepSeek-V3", "dsv3"]
+        assert http.get("/v1/models/dsv3").json()["id"] == "dsv3"
+        for name in ("DeepSeek-V3", "dsv3"):
+            r = http.post(CHAT, json=chat(model=name))
+            assert r.status_code == 200 and r.json()["model"] == name, r.text
+        r = http.post(CHAT, json=chat(model=MODEL))
+        assert r.status_code == 404 and "'DeepSeek-V3' or 'dsv3'" in r.json()["error"]["message"]
+
+
+def test_the_default_model_names_are_the_checkpoint_directory_s(tmp_path, monkeypatch):
+    checkpoint = tmp_path / "ckpt-0123"
+    checkpoint.mkdir()
+    (tmp_path / "DeepSeek-V3").symlink_to(checkpoint)
+    assert default_model_names(str(tmp_path / "DeepSeek-V3")) == ["DeepSeek-V3", "ckpt-0123"]
+    assert default_model_names(f"{checkpoint}/") == ["ckpt-0123"]
+    monkeypatch.chdir(checkpoint)
+    assert default_model_names(".") == ["ckpt-0123"]
+    assert default_model_names(None) == ["dsv3"]
+
+
+def test_default_max_tokens_caps_only_requests_that_set_none(spare_engine):
+    with TestClient(create_app(spare_engine, MODEL, default_max_tokens=3)) as http:
+        for body, expected in [({}, 3), ({"max_tokens": 5}, 5), ({"prompt": [0] * 62}, 2)]:
+            r = http.post(COMPLETIONS, json={"model": MODEL, "prompt": [0, 5, 6], "ignore_eos": True, **body})
+            assert r.json()["usage"]["completion_tokens"] == expected, (body, r.text)

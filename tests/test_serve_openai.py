@@ -245,6 +245,28 @@ def test_when_the_front_end_dies_the_engine_loop_drops_its_requests_and_ends(llm
     assert seq.finish_reason == "abort" and len(seq.output_token_ids) < 100 and frontend.process.exitcode == -9
 
 
+def test_a_stream_still_running_at_the_shutdown_timeout_ends_with_an_error_event_and_done(llm, monkeypatch):
+    """On SIGTERM, uvicorn lets running requests go on for the shutdown timeout (serving's: 2 s), then cancels them,
+    which would cut a stream mid-body; the engine loop is stopped first, so the stream ends as an error."""
+    real_step = llm.engine.step
+
+    def slow_step():  # 200 tokens take 10 s or more: the stream outlives the timeout
+        time.sleep(0.05)
+        return real_step()
+
+    monkeypatch.setattr(llm.engine, "step", slow_step)
+    body = {"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with serving(llm.engine) as (base, frontend), httpx.stream("POST", f"{base}/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        frontend.stop()
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+    error = json.loads(rest[-2].removeprefix("data: "))["error"]
+    assert error["message"] == "the server is shutting down" and error["type"] == "server_error"
+    assert len(rest) < 150 and frontend.process.exitcode == 0
+
+
 def test_the_front_end_process_loads_no_model():
     """What the front-end process imports (its entry point's module, the app, uvicorn, the tokenizer it is sent)
     pulls in neither the model nor the engine: it holds no GPU memory and has no CUDA to initialize."""
@@ -260,7 +282,8 @@ def test_dsv3_serve_checks_the_api_key_and_stops_cleanly_on_sigterm(chat_checkpo
         port = s.getsockname()[1]
     base = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "dsv3", "serve", "--model", str(chat_checkpoint), "--port", str(port),
-               "--api-key", "sk-test", "--served-model-name", MODEL, "--max-num-seqs", "4", "--shutdown-timeout", "1"]
+               "--api-key", "sk-test", "--served-model-name", MODEL, "DeepSeek-V3", "--max-num-seqs", "4",
+               "--shutdown-timeout", "1", "--max-request-bytes", "4000", "--default-max-tokens", "2"]
     proc = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
@@ -273,20 +296,27 @@ def test_dsv3_serve_checks_the_api_key_and_stops_cleanly_on_sigterm(chat_checkpo
             except httpx.TransportError:
                 time.sleep(0.2)
         assert httpx.get(f"{base}/v1/models").status_code == 401
+        assert httpx.get(f"{base}/metrics").status_code == 401 and httpx.get(f"{base}/docs").status_code == 401
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{base}/v1", api_key="sk-wrong", max_retries=0).models.list()
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="sk-test", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list()] == [MODEL, "DeepSeek-V3"]
         answer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
         assert answer.usage.completion_tokens >= 1
+        answer = client.completions.create(model="DeepSeek-V3", prompt="hi", extra_body={"ignore_eos": True})
+        assert answer.usage.completion_tokens == 2  # --default-max-tokens
+        with pytest.raises(openai.APIStatusError) as too_big:
+            client.completions.create(model=MODEL, prompt="hi", max_tokens=1, user="x" * 4000)
+        assert too_big.value.status_code == 413
         # SIGTERM in the middle of a stream: the server stops taking requests, lets the stream run for up to
-        # --shutdown-timeout seconds, cancels it, stops the engine loop and exits with status 0.
+        # --shutdown-timeout seconds, stops the engine loop (which ends the stream with an error event) and exits
+        # with status 0.
         stream = client.completions.create(model=MODEL, prompt="Once", max_tokens=250, stream=True,
                                            extra_body={"ignore_eos": True})
         next(iter(stream))
         proc.send_signal(signal.SIGTERM)
-        with pytest.raises(Exception):  # the stream ends early or is cut; either way it does not hang
-            pieces = list(stream)
-            assert len(pieces) >= 250
+        with pytest.raises(openai.APIError, match="shutting down"):
+            list(stream)
         assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:

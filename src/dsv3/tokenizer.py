@@ -181,7 +181,9 @@ class Tokenizer:
         # BOS is added here, not by tokenizer.json's post-processor: DeepSeek's is a plain ByteLevel one that
         # adds nothing, and others may add BOS themselves. Never prepend a second BOS (e.g. text that already
         # starts with the BOS token, as a rendered chat template does).
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        # encode_batch, unlike encode, lets go of the GIL while it works: a long text tokenized in a worker thread
+        # (the server's) then leaves the other threads running.
+        ids = self.backend.encode_batch([text], add_special_tokens=False)[0].ids
         if add_special_tokens and self.add_bos_token and ids[:1] != [self.bos_token_id]:
             ids.insert(0, self.bos_token_id)
         return ids

@@ -9,3 +9,7 @@ engine_loop.py  the one thread that owns and steps the engine         client.py 
 
 Nothing is imported here, so `dsv3 --help` does not pull in FastAPI.
 """
+
+# The largest request body a server reads (dsv3 serve --max-request-bytes): room for a whole context of 160K tokens
+# as token ids, or as text (about 4 characters a token) even if all of it is written in JSON's \uXXXX escapes.
+MAX_REQUEST_BYTES = 8 << 20

@@ -35,22 +35,38 @@ ChoicePieces = Callable[[SequenceUpdate], tuple[dict[str, Any] | None, dict[str,
 
 
 class OpenAIServer:
-    def __init__(self, client: EngineClient, tokenizer: Tokenizer, max_model_len: int, model_name: str,
-                 metrics: Metrics):
+    """model_names: the names a request may give (one model under each); default_max_tokens: the cap of a request
+    that sets none (None: the rest of the context)."""
+
+    def __init__(self, client: EngineClient, tokenizer: Tokenizer, max_model_len: int, model_names: list[str],
+                 metrics: Metrics, default_max_tokens: int | None = None):
+        if not model_names:
+            raise ValueError("the server needs at least one model name")
+        if default_max_tokens is not None and default_max_tokens < 1:
+            raise ValueError(f"default_max_tokens must be at least 1, got {default_max_tokens}")
         self.client, self.tokenizer, self.max_model_len = client, tokenizer, max_model_len
-        self.model_name, self.metrics = model_name, metrics
+        self.model_names, self.metrics, self.default_max_tokens = model_names, metrics, default_max_tokens
         self.control = ControlTokens.of_tokenizer(self.tokenizer)
+        self.max_prompt_chars = _max_prompt_chars(tokenizer, max_model_len)
         self.created = int(time.time())
         self.token_text = functools.lru_cache(maxsize=1 << 16)(lambda i: self.tokenizer.decode([i]))
 
-    def model_card(self) -> dict[str, Any]:
-        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "dsv3",
+    def model_card(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "dsv3",
                 "max_model_len": self.max_model_len}
 
     def check_model(self, model: str) -> None:
-        if model != self.model_name:
-            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
-                           "model", "model_not_found")
+        if model not in self.model_names:
+            served = " or ".join(map(repr, self.model_names))
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {served}", "model",
+                           "model_not_found")
+
+    def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+        """A prompt's token ids; a text longer than the context could hold is refused before it is tokenized."""
+        if self.max_prompt_chars is not None and len(text) > self.max_prompt_chars:
+            raise APIError(400, f"the prompt has {len(text):,} characters, more than the {self.max_model_len}-token "
+                                "context can hold", param)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     # ---- chat ---------------------------------------------------------------------------------------------------
     def render_chat(self, body: ChatCompletionRequest) -> tuple[str, list[int]]:
@@ -62,7 +78,7 @@ class OpenAIServer:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools, **kwargs)
         except Exception as e:  # the template runs on what the client sent: whatever it raises is a bad request
             raise APIError(400, f"cannot render the messages with the chat template: {e}", "messages") from None
-        return text, self.tokenizer.encode(text, add_special_tokens=False)
+        return text, self.encode(text, "messages", add_special_tokens=False)
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         self.check_model(body.model)
@@ -132,7 +148,7 @@ class OpenAIServer:
             prompts = [prompts]
         if not prompts:
             raise APIError(400, "prompt is empty", "prompt")
-        return [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        return [self.encode(p, "prompt") if isinstance(p, str) else list(p) for p in prompts]
 
     async def complete(self, body: CompletionRequest, request: Request) -> Response:
         self.check_model(body.model)
@@ -178,7 +194,7 @@ class OpenAIServer:
         """One set per choice (n of them); the seed of choice i is seed + i so that choices differ."""
         room = self.max_model_len - prompt_len
         if max_tokens is None:
-            max_tokens = max(room, 1)
+            max_tokens = max(min(room, self.default_max_tokens or room), 1)
         elif 0 < room < max_tokens:
             raise APIError(400, f"{max_tokens_field} is {max_tokens}, but the prompt has {prompt_len} tokens and the "
                                 f"context is {self.max_model_len}: at most {room} new tokens fit",
@@ -280,6 +296,23 @@ async def _guarded(events: AsyncIterator[str]) -> AsyncIterator[str]:
     except Exception as e:
         log.exception("streaming a response failed")
         yield _sse(APIError(500, f"{type(e).__name__}: {e}", kind="server_error").body()) + DONE
+
+
+def _max_prompt_chars(tokenizer: Tokenizer, max_model_len: int) -> int | None:
+    """The most characters a prompt of max_model_len tokens can have, if the tokenizer is a byte-level BPE that keeps
+    every byte of its input (no normalizer, no pre-tokenizer that drops text, no added token that swallows the
+    spaces beside it): each token then stands for at most as many characters as its vocabulary entry has UTF-8
+    bytes. None for other tokenizers: no bound is safe there."""
+    backend = tokenizer.backend
+    normalizer = json.loads(backend.normalizer.__getstate__()) if backend.normalizer else None
+    pre_tokenizer = backend.pre_tokenizer.__getstate__().decode() if backend.pre_tokenizer else ""
+    keeps_every_byte = (
+        normalizer in (None, {"type": "Sequence", "normalizers": []}) and type(backend.model).__name__ == "BPE"
+        and '"ByteLevel"' in pre_tokenizer and '"Removed"' not in pre_tokenizer
+        and not any(t.lstrip or t.rstrip for t in backend.get_added_tokens_decoder().values()))
+    if not keeps_every_byte:
+        return None
+    return max_model_len * max((len(token.encode()) for token in backend.get_vocab(with_added_tokens=True)), default=1)
 
 
 def _given(value, default):

@@ -2,13 +2,15 @@
 
 Types and shapes are checked here; value ranges (temperature >= 0, top_p in (0, 1], ...) by SamplingParams, the
 one place that knows them. Unknown fields are ignored, as other OpenAI-compatible servers do; known fields dsv3
-cannot honour are refused by name."""
+cannot honour are refused by name. A string anywhere in a body must be valid Unicode: JSON's escapes can write a
+lone UTF-16 surrogate ("\\ud800"), which neither the tokenizer nor a JSON answer can encode."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 SEED_RANGE = dict(ge=-(2 ** 63), lt=2 ** 64)  # what torch.Generator.manual_seed takes
 
@@ -78,6 +80,10 @@ class StreamOptions(Body):
     include_usage: bool = False
 
 
+class ResponseFormat(Body):
+    type: str
+
+
 class GenerationRequest(Body):
     """Fields shared by /v1/chat/completions and /v1/completions."""
     model: str
@@ -93,12 +99,30 @@ class GenerationRequest(Body):
     ignore_eos: bool = False                    # vLLM's extension: fixed-length answers for benchmarks
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
+    response_format: ResponseFormat | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def refuse_invalid_unicode(cls, data: Any) -> Any:
+        param = _lone_surrogate_in(data)
+        if param is not None:  # ctx's param names the field (see openai_api._validation_error)
+            raise PydanticCustomError("invalid_unicode", "a string holds a lone UTF-16 surrogate (such as \\ud800), "
+                                      "which is not valid Unicode", {"param": param})
+        return data
 
     @field_validator("frequency_penalty", "presence_penalty")
     @classmethod
     def refuse_penalties(cls, value: float | None, info: ValidationInfo) -> float | None:
         if value:
             raise ValueError(f"{info.field_name} is not supported by this server; leave it out or set it to 0")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def refuse_structured_output(cls, value: ResponseFormat | None) -> ResponseFormat | None:
+        if value is not None and value.type != "text":
+            raise ValueError(f"type {value.type!r} is not supported by this server (it has no structured output); "
+                             "leave response_format out or set its type to 'text'")
         return value
 
     @property
@@ -142,3 +166,33 @@ class CompletionRequest(GenerationRequest):
         if value:
             raise ValueError(f"{info.field_name} is not supported by this server")
         return value
+
+
+def _lone_surrogate_in(data: Any) -> str | None:
+    """Where in a JSON value a string (or a key) is not valid Unicode, named as OpenAI names a parameter
+    ('messages.0.content'; 'body' for the top level); None if nowhere. A loop, not recursion: bodies may nest as deep
+    as JSON allows."""
+    todo: list[tuple[Any, str]] = [(data, "")]
+    while todo:
+        value, path = todo.pop()
+        if isinstance(value, str):
+            if not _is_unicode(value):
+                return path or "body"
+            continue
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, item in items:
+            if isinstance(key, str) and not _is_unicode(key):
+                return path or "body"
+            if isinstance(item, (str, list, dict)):  # not numbers: a prompt of token ids may hold a million
+                todo.append((item, f"{path}.{key}" if path else str(key)))
+    return None
+
+
+def _is_unicode(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
