@@ -223,18 +223,25 @@ def test_a_client_that_leaves_frees_its_sequence_at_once(server, llm, monkeypatc
     assert seq.finish_reason == "abort" and len(seq.output_token_ids) < 100
 
 
+LONG_STREAM = {"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 200, "ignore_eos": True, "stream": True}
+
+
+def slow_down(engine, monkeypatch, seconds: float) -> None:
+    """Each engine step takes `seconds` longer, so that a stream lasts while the test acts on the server."""
+    real_step = engine.step
+
+    def slow_step():
+        time.sleep(seconds)
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", slow_step)
+
+
 def test_when_the_front_end_dies_the_engine_loop_drops_its_requests_and_ends(llm, monkeypatch):
     """Each process sees the other's end of the pipe close: here the engine loop cancels what the dead front-end
     had asked for, frees the cache and returns (as `dsv3 serve` would, with the front-end's status)."""
-    real_step = llm.engine.step
-
-    def slow_step():
-        time.sleep(0.02)
-        return real_step()
-
-    monkeypatch.setattr(llm.engine, "step", slow_step)
-    body = {"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 200, "ignore_eos": True, "stream": True}
-    with serving(llm.engine) as (base, frontend), httpx.stream("POST", f"{base}/v1/completions", json=body) as r:
+    slow_down(llm.engine, monkeypatch, 0.02)
+    with serving(llm.engine) as (base, frontend), httpx.stream("POST", f"{base}/v1/completions", json=LONG_STREAM) as r:
         lines = r.iter_lines()
         next(line for line in lines if line.startswith("data: "))
         (seq,) = llm.engine.requests.values()
@@ -248,15 +255,8 @@ def test_when_the_front_end_dies_the_engine_loop_drops_its_requests_and_ends(llm
 def test_a_stream_still_running_at_the_shutdown_timeout_ends_with_an_error_event_and_done(llm, monkeypatch):
     """On SIGTERM, uvicorn lets running requests go on for the shutdown timeout (serving's: 2 s), then cancels them,
     which would cut a stream mid-body; the engine loop is stopped first, so the stream ends as an error."""
-    real_step = llm.engine.step
-
-    def slow_step():  # 200 tokens take 10 s or more: the stream outlives the timeout
-        time.sleep(0.05)
-        return real_step()
-
-    monkeypatch.setattr(llm.engine, "step", slow_step)
-    body = {"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 200, "ignore_eos": True, "stream": True}
-    with serving(llm.engine) as (base, frontend), httpx.stream("POST", f"{base}/v1/completions", json=body) as r:
+    slow_down(llm.engine, monkeypatch, 0.05)  # 200 tokens take 10 s or more: the stream outlives the timeout
+    with serving(llm.engine) as (base, frontend), httpx.stream("POST", f"{base}/v1/completions", json=LONG_STREAM) as r:
         lines = r.iter_lines()
         next(line for line in lines if line.startswith("data: "))
         frontend.stop()
