@@ -95,12 +95,14 @@ def serve(args) -> int:
         model, tokenizer = random_model(args.shape, device, dtype)
     built = time.perf_counter()
     # As `dsv3 serve --max-num-seqs N --prefill-delay-factor F` makes it.
-    engine = LLMEngine(model, tokenizer, max_num_seqs=args.max_num_seqs, prefill_delay_factor=args.prefill_delay_factor)
+    engine = LLMEngine(model, tokenizer, max_num_seqs=args.max_num_seqs, prefill_delay_factor=args.prefill_delay_factor,
+                       **({"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}))
     info = {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
             "vocab": min(tokenizer.vocab_size, model.config.vocab_size), "build_s": built - start,
             "engine_s": time.perf_counter() - built, "pool_tokens": engine.cache_tokens,
             "graphs": list(engine.runner.graphs), "max_num_seqs": args.max_num_seqs,
             "prefill_delay_factor": args.prefill_delay_factor, "api_servers": args.api_servers,
+            "max_num_batched_tokens": engine.scheduler.max_num_batched_tokens,
             "served_by": "bench/serve.py's child (LLMEngine)",
             "parameters": sum(p.numel() for p in model.parameters())}
     Path(args.serve_only).write_text(json.dumps(info))
@@ -121,7 +123,7 @@ def checkpoint_info(args) -> dict:
             "vocab": cfg.vocab_size, "build_s": float("nan"), "engine_s": float("nan"), "pool_tokens": "?",
             "graphs": "as dsv3 serve captures them", "max_num_seqs": args.max_num_seqs,
             "prefill_delay_factor": args.prefill_delay_factor, "api_servers": args.api_servers,
-            "served_by": "dsv3 serve"}
+            "max_num_batched_tokens": args.max_num_batched_tokens, "served_by": "dsv3 serve"}
 
 
 # ---- the client -------------------------------------------------------------------------------------------------
@@ -261,6 +263,7 @@ def start_server(args, info_path: str) -> tuple[subprocess.Popen, str]:
     engine_flags = ["--max-num-seqs", str(args.max_num_seqs), "--prefill-delay-factor", str(args.prefill_delay_factor)]
     engine_flags += ["--device", args.device] if args.device else []
     engine_flags += ["--api-servers", str(args.api_servers)]
+    engine_flags += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)] if args.max_num_batched_tokens else []
     if args.model:
         child = [sys.executable, "-m", "dsv3", "serve", "--model", args.model, "--port", str(port),
                  "--served-model-name", args.name, "--log-level", "warning", *engine_flags]
@@ -297,6 +300,7 @@ def main() -> None:
     ap.add_argument("--prefill-delay-factor", type=float, default=None,
                     help="the engine's admission delay (default: dsv3 serve's)")
     ap.add_argument("--tag", default="", help="a suffix for the results files")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="(default: dsv3 serve's)")
     ap.add_argument("--api-servers", type=int, default=None, help="front-end processes (default: dsv3 serve's)")
     ap.add_argument("--client-processes", type=int, default=8,
                     help=f"client processes, each with up to {CLIENTS_PER_PROCESS} streams")
