@@ -81,6 +81,10 @@ PIECES = ["<think>", "</think>", "think", "<", ">", "/", "Hello", " world", "\n"
 @settings(max_examples=300, deadline=None)
 @example(pieces=["<", "<think>", "think", ">"], reasoning=False, opened=False, tools=False, structured=False)  # found
 @example(pieces=["<think>"] * 3 + ["think", ">", "<"], reasoning=True, opened=False, tools=True, structured=True)  # found
+@example(pieces=["<", "<", "<think>", "think", ">", "<think>"], reasoning=False, opened=False, tools=False,
+         structured=False)  # found: a tail held back, stripped later
+@example(pieces=["<", "think", "<", "<think>", "think", ">", ">"], reasoning=False, opened=False, tools=False,
+         structured=False)  # found: a held-back tail, once stripped, joins what stood before it into a tag
 @given(pieces=st.lists(st.sampled_from(PIECES), max_size=30), reasoning=st.booleans(), opened=st.booleans(),
        tools=st.booleans(), structured=st.booleans())
 def test_streamed_pieces_join_to_the_whole_answer(pieces, reasoning, opened, tools, structured):

@@ -61,11 +61,14 @@ class ControlTokens:
         return text
 
     def complete_part(self, text: str) -> str:
-        """Text without a tail that may be the start of a control token (more tokens may complete it)."""
-        for k in range(min(self.longest - 1, len(text)), 0, -1):
-            if text[-k:] in self.prefixes:
-                return text[:-k]
-        return text
+        """Text without a tail that may be the start of a control token (more tokens may complete it), again and
+        again: once a held tail has joined later text into a tag and been stripped, what stood before it may join
+        what follows into another ('<think' + '<' + '<think>' + 'think>' + '>' strips to nothing)."""
+        while True:
+            k = next((k for k in range(min(self.longest - 1, len(text)), 0, -1) if text[-k:] in self.prefixes), 0)
+            if not k:
+                return text
+            text = text[:-k]
 
 
 def parse_tool_call(kind: str, body: str) -> ToolCall:
