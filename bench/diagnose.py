@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -21,11 +20,12 @@ from overhead import replay_ms
 from dsv3.config import ModelConfig
 from dsv3.engine.llm import LLMEngine
 from dsv3.engine.sampling import SamplingParams
+from dsv3.kernels import dispatch
 from dsv3.model import DeepseekV3ForCausalLM, init_weights
 
 
 def compare(raw: dict, dtype: torch.dtype, kernels: str, std: float) -> str:
-    os.environ["DSV3_KERNELS"] = kernels
+    before = dispatch.configure(kernels=kernels)
     cfg = ModelConfig.from_dict(raw)
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -39,7 +39,7 @@ def compare(raw: dict, dtype: torch.dtype, kernels: str, std: float) -> str:
     top1 = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
     del model, hf
     torch.cuda.empty_cache()
-    os.environ["DSV3_KERNELS"] = "auto"
+    dispatch.configure(kernels=before.kernels)
     return f"{str(dtype):15} kernels={kernels:9} std={std}: logits rel err {err:.2e}, top-1 agreement {top1:.3f}"
 
 

@@ -218,10 +218,12 @@ def decode(model, cfg, batch: int, show_timeline: bool = False) -> None:
         print(f"decode batch {batch}: the same step replayed 100 times: {differ} differ from the first", flush=True)
         print(f"decode batch {batch}: the graph's own argmax equals the logits' argmax: "
               f"{torch.equal(engine.runner.last_argmax, replayed.argmax(-1))}", flush=True)
-        (overlap, dispatch.OVERLAP), (launch, pdl.ENABLED) = (dispatch.OVERLAP, False), (pdl.ENABLED, False)
+        before, (launch, pdl.ENABLED) = dispatch.configure(overlap=False), (pdl.ENABLED, False)
+        overlap = before.overlap
         step.graph_size = 0
         one_stream = engine.runner.execute(step)[1]
-        dispatch.OVERLAP, pdl.ENABLED = overlap, launch
+        dispatch.configure(overlap=overlap)
+        pdl.ENABLED = launch
     print(f"decode batch {batch}: graph (overlap {overlap}, PDL {launch}) against eager on one stream without PDL: "
           f"logits max abs diff "
           f"{(replayed - one_stream).abs().max().item():.3g}, argmax equal "

@@ -11,6 +11,7 @@ comparison in bf16, at the model's shapes, is bench/kernels.py.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import inspect
 import json
@@ -644,7 +645,14 @@ def test_dispatch_rejects_unknown_kernel_choice(monkeypatch):
 
     monkeypatch.setenv("DSV3_KERNELS", "fast")
     with pytest.raises(ValueError, match="DSV3_KERNELS"):
-        dispatch.use_triton(torch.zeros(1))
+        dispatch.KernelOptions.from_env()
+    monkeypatch.setenv("DSV3_KERNELS", "reference")
+    assert dispatch.KernelOptions.from_env().kernels == "reference"
+    before = dispatch.configure(kernels="reference")  # read once: later changes to the environment do nothing
+    try:
+        assert dispatch.OPTIONS.kernels == "reference" and not dispatch.use_fast(torch.zeros(1))
+    finally:
+        dispatch.configure(**dataclasses.asdict(before))
 
 
 def test_dispatch_imports_without_triton():

@@ -1,15 +1,18 @@
 """The one place the model chooses between a fast kernel and its reference twin.
 
 CUDA tensors take the Triton kernels when Triton is installed; everything else (CPU runs, tests, CI)
-takes the PyTorch path. DSV3_KERNELS=reference forces the PyTorch path everywhere, for A/B runs.
+takes the PyTorch path. The switches for A/B runs (DSV3_KERNELS=reference: the PyTorch path everywhere;
+DSV3_OVERLAP=0, DSV3_SHARED_INLINE=0) are read once, into the frozen `OPTIONS`; `configure(...)` replaces it.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import dataclasses
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,42 +24,57 @@ if importlib.util.find_spec("triton") is not None:
 else:
     fp8_gemm = gemv = glue = mla_decode_kernel = moe_kernel = None
 
-# DeepSeek's scheme (activations to e4m3 per 128 columns) runs on the FP8 tensor cores; False keeps
-# bf16 activations and computes the reference's function. Both measured alike on an H100 in decode
-# (bench/results/2026-11-22-NVIDIA-H100-80GB-HBM3-kernels.md); torch._scaled_mm quantizes them too.
-QUANTIZE_ACTIVATIONS = True
+@dataclass(frozen=True)
+class KernelOptions:
+    kernels: str = "auto"              # 'reference': the PyTorch path everywhere (DSV3_KERNELS)
+    # Independent work of a small batch (the shared experts beside the router and routed experts; kv_a_proj beside
+    # q_proj) on a second CUDA stream: at decode sizes each kernel is too short to use the whole GPU (DSV3_OVERLAP).
+    overlap: bool = True
+    # One token: the shared experts inside the routed experts' launches, shared_experts_inline (DSV3_SHARED_INLINE).
+    shared_inline: bool = True
+    # DeepSeek's scheme (activations to e4m3 per 128 columns) on the FP8 tensor cores; False keeps bf16 activations
+    # and computes the reference's function. Both measured alike on an H100 in decode
+    # (bench/results/2026-11-22-NVIDIA-H100-80GB-HBM3-kernels.md); torch._scaled_mm quantizes them too.
+    quantize_activations: bool = True
+
+    def __post_init__(self):
+        if self.kernels not in ("auto", "reference"):
+            raise ValueError(f"DSV3_KERNELS must be 'auto' or 'reference', got {self.kernels!r}")
+
+    @classmethod
+    def from_env(cls) -> KernelOptions:
+        return cls(kernels=os.environ.get("DSV3_KERNELS", "auto"), overlap=os.environ.get("DSV3_OVERLAP", "1") != "0",
+                   shared_inline=os.environ.get("DSV3_SHARED_INLINE", "1") != "0")
 
 
-# Independent work of a small batch (the shared experts beside the router and routed experts; kv_a_proj beside
-# q_proj) runs on a second CUDA stream: at decode sizes each kernel is too short to use the whole GPU.
-# DSV3_OVERLAP=0 turns it off, for A/B runs.
-OVERLAP = os.environ.get("DSV3_OVERLAP", "1") != "0"
+OPTIONS = KernelOptions.from_env()
 OVERLAP_MAX_TOKENS = 256
-# One token: the shared experts inside the routed experts' launches (shared_experts_inline). DSV3_SHARED_INLINE=0
-# turns it off, for A/B runs.
-SHARED_INLINE = os.environ.get("DSV3_SHARED_INLINE", "1") != "0"
 _side_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def configure(**changes) -> KernelOptions:
+    """Replace some of OPTIONS (bench/ A/B runs); returns the options before, to restore them."""
+    global OPTIONS
+    before, OPTIONS = OPTIONS, dataclasses.replace(OPTIONS, **changes)
+    return before
 
 
 def use_fast(t: torch.Tensor) -> bool:
     """CUDA, not forced off, no gradient wanted (the fast paths have no backward) and no autocast (it
     changes the reference's dtypes op by op, which the kernels do not follow)."""
-    choice = os.environ.get("DSV3_KERNELS", "auto")
-    if choice not in ("auto", "reference"):
-        raise ValueError(f"DSV3_KERNELS must be 'auto' or 'reference', got {choice!r}")
-    return (t.is_cuda and choice == "auto" and not (t.requires_grad and torch.is_grad_enabled())
+    return (t.is_cuda and OPTIONS.kernels == "auto" and not (t.requires_grad and torch.is_grad_enabled())
             and not torch.is_autocast_enabled("cuda"))
 
 
 def runs_fp8(device: torch.device) -> bool:
     """Whether FP8 weights run on their own kernels here (the FP8 GEMV and GEMM: Triton on compute capability
     8.9+, the first with FP8 tensor cores) rather than the reference's dequantize-at-every-call."""
-    return (device.type == "cuda" and fp8_gemm is not None and os.environ.get("DSV3_KERNELS", "auto") == "auto"
+    return (device.type == "cuda" and fp8_gemm is not None and OPTIONS.kernels == "auto"
             and torch.cuda.get_device_capability(device) >= (8, 9))
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    return use_fast(t) and fp8_gemm is not None  # use_fast first: it checks DSV3_KERNELS even without Triton
+    return use_fast(t) and fp8_gemm is not None
 
 
 def fp8_dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -101,7 +119,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -
     if use_fast(x) and scaled_mm.supported(x, weight, scale_inv):
         return scaled_mm.fp8_linear(x, weight, scale_inv)
     if use_triton(x):
-        return fp8_gemm.fp8_linear(x, weight, scale_inv, quantize_activations=QUANTIZE_ACTIVATIONS)
+        return fp8_gemm.fp8_linear(x, weight, scale_inv, quantize_activations=OPTIONS.quantize_activations)
     return reference.fp8_linear(x, weight, scale_inv)
 
 
@@ -163,7 +181,7 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tenso
     output of shared_mlp's weights); only where fused_experts_available (and shared_experts_inline for
     shared_mlp)."""
     return moe_kernel.fused_experts(x, local_ids, weights, gate_up, gate_up_scale, down, down_scale,
-                                    quantize_activations=QUANTIZE_ACTIVATIONS, all_local=all_local, shared=shared,
+                                    quantize_activations=OPTIONS.quantize_activations, all_local=all_local, shared=shared,
                                     join=join, shared_mlp=shared_mlp)
 
 
@@ -173,7 +191,7 @@ def shared_experts_inline(x: torch.Tensor, gate_up: torch.Tensor, gate_up_scale:
     """One token on the GPU: the shared experts run as more experts in the routed experts' two GEMV launches
     (kernels/moe.py one_token_gemv), instead of three kernels of their own beside them, whose programs
     queued behind the routed ones (moonlight-16b batch 1 on an H100, bench/NOTES.md)."""
-    return (SHARED_INLINE and fused_experts_available(x, gate_up, 1)
+    return (OPTIONS.shared_inline and fused_experts_available(x, gate_up, 1)
             and moe_kernel.one_token_gemv(x, gate_up, gate_up_scale, down, all_local, shared_mlp))
 
 
@@ -245,7 +263,7 @@ class Fork:
     stream (and so for every use of those tensors) when it forks again."""
 
     def __init__(self, x: torch.Tensor):
-        on = OVERLAP and x.is_cuda and use_fast(x) and x.numel() <= OVERLAP_MAX_TOKENS * x.shape[-1]
+        on = OPTIONS.overlap and x.is_cuda and use_fast(x) and x.numel() <= OVERLAP_MAX_TOKENS * x.shape[-1]
         if on and x.device not in _side_streams:
             _side_streams[x.device] = torch.cuda.Stream(x.device)
         self.stream = _side_streams[x.device] if on else None
