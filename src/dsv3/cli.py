@@ -12,14 +12,7 @@ import threading
 from contextlib import contextmanager
 
 from dsv3 import __version__
-
-
-def add_model_options(p: argparse.ArgumentParser, **defaults) -> None:
-    """--model, then one flag per EngineConfig field (defaults: this command's, else the dataclass's)."""
-    from dsv3.engine.config import add_engine_options
-
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded model)")
-    add_engine_options(p, **defaults)
+from dsv3.engine.config import add_model_options, build_llm
 
 
 def add_sampling_options(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -29,13 +22,6 @@ def add_sampling_options(p: argparse.ArgumentParser, temperature: float) -> None
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-
-
-def build_llm(args):
-    from dsv3.engine.config import EngineConfig
-    from dsv3.engine.llm import LLM
-
-    return LLM(args.model, EngineConfig.from_args(args), progress=True)
 
 
 def sampling(args):

@@ -88,6 +88,20 @@ class EngineConfig:
         return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
+def add_model_options(p: argparse.ArgumentParser, **defaults) -> None:
+    """--model, then one flag per EngineConfig field (defaults: this command's, else the dataclass's): the options
+    of every command that runs a model (generate, chat, bench, serve)."""
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded model)")
+    add_engine_options(p, **defaults)
+
+
+def build_llm(args: argparse.Namespace):
+    """The dsv3.LLM that add_model_options' flags describe."""
+    from dsv3.engine.llm import LLM
+
+    return LLM(args.model, EngineConfig.from_args(args), progress=True)
+
+
 def add_engine_options(p: argparse.ArgumentParser, **defaults) -> None:
     """One flag per EngineConfig field (--max-num-seqs for max_num_seqs); defaults: a command's own defaults."""
     for f in dataclasses.fields(EngineConfig):

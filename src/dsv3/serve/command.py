@@ -9,7 +9,7 @@ import argparse
 import os
 from pathlib import Path
 
-from dsv3.cli import add_model_options, build_llm
+from dsv3.engine.config import add_model_options, build_llm
 from dsv3.serve import MAX_REQUEST_BYTES
 
 # Engine options where serving wants other defaults than offline generation: requests arrive one by one, and
