@@ -20,6 +20,7 @@ from overhead import replay_ms
 from dsv3.config import ModelConfig
 from dsv3.engine.llm import LLMEngine
 from dsv3.engine.sampling import SamplingParams
+from dsv3.engine.sequence import ScheduledItem
 from dsv3.kernels import dispatch
 from dsv3.model import DeepseekV3ForCausalLM, init_weights
 
@@ -97,7 +98,7 @@ def profile_decode(layers: int) -> None:
     replay = replay_ms(engine.runner.graphs[1])
     print(f"moonlight shape, {layers} layers, batch 1: engine step {step_ms:.2f} ms, graph replay {replay:.2f} ms "
           f"({replay / layers * 1e3:.0f} us a layer)")
-    items = [(seq, seq.num_cached_tokens, seq.all_token_ids[seq.num_cached_tokens:], 1)]
+    items = [ScheduledItem(seq, seq.num_cached_tokens, seq.all_token_ids[seq.num_cached_tokens:], 1)]
     step = engine.runner.pack(items, rows_mode=True)
     step.graph_size = 0  # eager, to see the kernels
     with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

@@ -22,6 +22,7 @@ from bench import SHAPES, random_fp8_weights, random_prompts
 from dsv3.config import ModelConfig
 from dsv3.engine.llm import LLMEngine
 from dsv3.engine.sampling import SamplingParams
+from dsv3.engine.sequence import ScheduledItem
 from dsv3.kernels import dispatch, pdl
 from dsv3.model import DeepseekV3ForCausalLM, init_weights
 
@@ -195,7 +196,7 @@ def decode(model, cfg, batch: int, show_timeline: bool = False) -> None:
     graph = engine.runner.graphs[next(b for b in engine.runner.graphs if b >= batch)]
     replay = replay_ms(graph)
     # Each sequence's last known token again (a step may be in flight): a real decode step's shapes.
-    items = [(s, len(s.all_token_ids) - 1, s.all_token_ids[-1:], 1) for s in seqs]
+    items = [ScheduledItem(s, len(s.all_token_ids) - 1, s.all_token_ids[-1:], 1) for s in seqs]
     t0 = time.perf_counter()
     for _ in range(50):
         engine.runner.pack(items, rows_mode=True)
@@ -257,7 +258,7 @@ def prefill(model, cfg, batch: int, length: int) -> None:
     step_s = min(step(2), step(3))
     seqs = [engine.add_request(p, params) for p in random_prompts(batch, length, cfg.vocab_size, seed=4)]
     scheduled = engine.scheduler.schedule()
-    items = [(s, 0, s.all_token_ids[:n], 1) for s, n in scheduled]
+    items = [ScheduledItem(s, 0, s.all_token_ids[:n], 1) for s, n in scheduled]
     t0 = time.perf_counter()
     packed = engine.runner.pack(items, rows_mode=False)
     sync()

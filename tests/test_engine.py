@@ -7,6 +7,7 @@ import torch
 from dsv3.config import ModelConfig
 from dsv3.engine.llm import LLMEngine
 from dsv3.engine.sampling import SamplingParams, filter_top_k_top_p, sample
+from dsv3.engine.sequence import ScheduledItem
 from dsv3.model import DeepseekV3ForCausalLM, init_weights
 from helpers import tiny_config
 
@@ -194,7 +195,8 @@ def test_a_graph_steps_inputs_land_in_its_static_buffer(model):
                                        sources=[-1] * size, rows=list(range(size)), context_lens=[1] * size,
                                        tables=[]), dest)
     runner.graphs, runner.static = {size: None}, {size: (static, None, None)}
-    items = [(SimpleNamespace(block_table=[3, 7]), 5, [11], 1), (SimpleNamespace(block_table=[2]), 2, [-1], 1)]
+    items = [ScheduledItem(SimpleNamespace(block_table=[3, 7]), 5, [11], 1),
+             ScheduledItem(SimpleNamespace(block_table=[2]), 2, [-1], 1)]
     step = runner.pack(items, rows_mode=True, sources=[-1, 6])
     assert step.graph_size == size and step.ids.data_ptr() == dest.data_ptr()
     assert step.ids.tolist() == [11, -1, 0, 0] and step.positions.tolist() == [5, 2, 0, 0]

@@ -14,7 +14,7 @@ from dsv3.engine.sampling import SamplingParams, sample
 from dsv3.engine.scheduler import Scheduler
 from dsv3.engine.speculative import MTPProposer, SpeculationPolicy, verify
 from dsv3.kernels import dispatch
-from dsv3.engine.sequence import RequestOutput, Sequence, Status, TokenLogprob
+from dsv3.engine.sequence import RequestOutput, ScheduledItem, Sequence, Status, TokenLogprob
 from dsv3.model import DeepseekV3ForCausalLM
 from dsv3.parallel import SINGLE, Parallel, init_from_env
 from dsv3.tokenizer import Tokenizer
@@ -26,7 +26,7 @@ PENDING = -1  # a token sampled on the device that the host has not read yet
 @dataclass
 class Launched:
     """A step on its way: the tokens it samples stay on the device until `LLMEngine._resolve` reads them."""
-    items: list                   # (sequence, first position, tokens, rows kept) as packed
+    items: list[ScheduledItem]    # as packed
     done: list[Sequence]          # the sequences that sample a token, in the order of `tokens`
     tokens: torch.Tensor | None   # (len(done),) on the device: the runner's last_tokens until the next step
     host: list[torch.Tensor]      # tokens (and logprob tensors) copied to the host, complete once `ready` is
@@ -173,10 +173,10 @@ class LLMEngine:
             if prev is None and self.scheduler.waiting:  # cannot happen unless the cache is smaller than one prompt
                 raise RuntimeError("no request fits the latent cache")
             return changed
-        for seq, _, tokens, keep in launched.items:
-            if not seq.finished:  # (a sequence that just stopped computed its last token for nothing)
-                self.scheduler.computed(seq, len(tokens))   # after _resolve: a pending token is known now
-                seq.pending += bool(keep)
+        for item in launched.items:
+            if not item.seq.finished:  # (a sequence that just stopped computed its last token for nothing)
+                self.scheduler.computed(item.seq, len(item.tokens))   # after _resolve: a pending token is known now
+                item.seq.pending += bool(item.keep)
         if self.async_scheduling:
             self.in_flight = launched
             return changed
@@ -210,15 +210,15 @@ class LLMEngine:
         for seq, n in scheduled:
             first = seq.num_cached_tokens
             tokens = (seq.all_token_ids[first:] + [PENDING] * seq.pending)[:n]
-            items.append((seq, first, tokens, 1 if first + n >= seq.num_tokens else 0))
+            items.append(ScheduledItem(seq, first, tokens, 1 if first + n >= seq.num_tokens else 0))
             sources.append(prev.rows[seq.seq_id] if tokens[-1] == PENDING else -1)
         _, logits = self.runner.run(self.runner.pack(items, rows_mode, sources=sources))
         self.stats["steps"] += 1
         self.stats["prefill_steps"] += not rows_mode
-        done = [seq for seq, _, _, keep in items if keep]
+        done = [item.seq for item in items if item.keep]
         return self._sampled(items, done, logits)
 
-    def _sampled(self, items: list, done: list[Sequence], logits: torch.Tensor) -> Launched:
+    def _sampled(self, items: list[ScheduledItem], done: list[Sequence], logits: torch.Tensor) -> Launched:
         """Sample the done sequences' tokens (and their logprobs) and start copying them to the host."""
         if not done:
             return Launched(items, done, None, [], None)
@@ -272,7 +272,8 @@ class LLMEngine:
         for seq, n in scheduled:
             first = seq.num_cached_tokens
             completes = first + n >= seq.num_tokens
-            items.append((seq, first, (seq.all_token_ids[first:] + seq.draft)[:n], 1 + len(seq.draft) if completes else 0))
+            items.append(ScheduledItem(seq, first, (seq.all_token_ids[first:] + seq.draft)[:n],
+                                       1 + len(seq.draft) if completes else 0))
         fused = rows_mode and self._fuses(items)
         step = self.runner.pack(items, rows_mode, greedy_draft=fused)
         hidden, out = self.runner.run(step)
@@ -280,39 +281,39 @@ class LLMEngine:
         self.stats["prefill_steps"] += not rows_mode
         if fused:  # out: the (2, N) tokens of verification and drafting
             self._verify_and_draft(items, out)
-            return [item[0] for item in items]
+            return [item.seq for item in items]
         if any(seq.draft for seq, _ in scheduled):
             valid = self._verify(items, out)
         else:
             valid = self._sample(items, out)
         self._draft(items, valid, step, rows_mode)
-        return [item[0] for item in items if item[3]]
+        return [item.seq for item in items if item.keep]
 
     def _fuses(self, items: list) -> bool:
         """Whether this rows-mode step can verify and draft in one forward (`MTPProposer.fused`)."""
         policy = self.spec_policy
         return (self.proposer.fused and policy.wants(self._decoding())
-                and all(seq.params.greedy and seq.params.logprobs is None for seq, *_ in items)
-                and any(policy.pays(seq) for seq, *_ in items))
+                and all(seq.params.greedy and seq.params.logprobs is None for seq in (item.seq for item in items))
+                and any(policy.pays(item.seq) for item in items))
 
-    def _verify_and_draft(self, items: list, tokens: torch.Tensor) -> None:
+    def _verify_and_draft(self, items: list[ScheduledItem], tokens: torch.Tensor) -> None:
         """tokens (2, N): the main model's argmax and the MTP draft at every row of a greedy_draft step.
         A sequence's next draft is the one at its last valid row (the real token plus accepted drafts)."""
         target, drafted = tokens.tolist()
         starts = [0]
         for _, _, rows, _ in items:
             starts.append(starts[-1] + len(rows))
-        for (seq, *_), start, v in zip(items, starts, self._verify(items, None, target)):
+        for seq, start, v in zip((item.seq for item in items), starts, self._verify(items, None, target)):
             if not seq.finished and self.spec_policy.pays(seq) and self.blocks.can_append(seq, 1):
                 self.blocks.append(seq, 0)
                 seq.draft, seq.draft_probs = [drafted[start + v - 1]], [None]
 
-    def _verify(self, items: list, logits: torch.Tensor | None, argmax: list[int] | None = None) -> list[int]:
+    def _verify(self, items: list[ScheduledItem], logits: torch.Tensor | None, argmax: list[int] | None = None) -> list[int]:
         """Apply what `verify` lets stand of each sequence's drafts; returns the valid tokens per item.
         argmax: the kept rows' argmaxes when the caller has them (then logits may be None: all greedy)."""
         if argmax is None:
             argmax = logits.argmax(dim=-1).tolist()  # one device read for every greedy window
-        stood = iter(verify([seq for seq, *_, keep in items if keep], logits, argmax))
+        stood = iter(verify([item.seq for item in items if item.keep], logits, argmax))
         valid = []
         for seq, _, tokens, keep in items:
             if not keep:
@@ -342,7 +343,7 @@ class LLMEngine:
             valid.append(real + len(accepted))
         return valid
 
-    def _draft(self, items: list, valid: list[int], step, rows_mode: bool) -> None:
+    def _draft(self, items: list[ScheduledItem], valid: list[int], step, rows_mode: bool) -> None:
         """Give the proposer this step's valid positions (it fills the MTP module's cache there), and
         store the drafts of every sequence that will decode next."""
         if not self.spec_policy.wants(self._decoding()):
@@ -354,7 +355,7 @@ class LLMEngine:
             if seq.finished or v == 0 or not self.spec_policy.pays(seq):  # one that stopped drafting needs no MTP cache
                 continue
             wants = bool(keep) and seq.params.logprobs is None and self.blocks.can_append(seq, k)
-            mtp_items.append((seq, first, seq.all_token_ids[first + 1:first + 1 + v], int(wants)))
+            mtp_items.append(ScheduledItem(seq, first, seq.all_token_ids[first + 1:first + 1 + v], int(wants)))
             hidden_rows += range(start, start + v)
             if wants:
                 self.blocks.append(seq, k - 1)
@@ -363,11 +364,11 @@ class LLMEngine:
             for seq, (draft, probs) in zip(drafting, self.proposer.propose(mtp_items, hidden_rows, rows_mode)):
                 seq.draft, seq.draft_probs = draft, probs
 
-    def _sample(self, items: list, logits: torch.Tensor) -> list[int]:
+    def _sample(self, items: list[ScheduledItem], logits: torch.Tensor) -> list[int]:
         """No drafts in this step: one token for every sequence that completes, sampled together."""
-        for seq, _, tokens, _ in items:
-            self.scheduler.computed(seq, len(tokens))
-        done = [seq for seq, _, _, keep in items if keep]
+        for item in items:
+            self.scheduler.computed(item.seq, len(item.tokens))
+        done = [item.seq for item in items if item.keep]
         for seq in done:
             seq.pending += 1
         self._resolve(self._sampled(items, done, logits))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dsv3.engine.sequence import Sequence
+from dsv3.engine.sequence import ScheduledItem
 from dsv3.kernels import dispatch
 from dsv3.model import DeepseekV3ForCausalLM, PagedBatch
 from dsv3.parallel import SINGLE, Parallel
@@ -104,9 +104,9 @@ class ModelRunner:
                          [b for b in GRAPH_BATCH_SIZES if b <= max_draft_rows])
 
     # ---- packing ----------------------------------------------------------------------------------
-    def pack(self, items: list[tuple[Sequence, int, list[int], int]], rows_mode: bool, graph: bool = True,
+    def pack(self, items: list[ScheduledItem], rows_mode: bool, graph: bool = True,
              greedy_draft: bool = False, sources: list[int] | None = None) -> StepInputs:
-        """(sequence, first position, tokens, logits wanted for its last ... rows) -> device tensors.
+        """Each ScheduledItem (sequence, first position, tokens, logits wanted for its last `keep` rows) -> device tensors.
 
         rows_mode (no sequence is prefilling): every token is its own attention row, with its own
         context length over its sequence's blocks; plain decode and draft verification both take the
@@ -141,7 +141,7 @@ class ModelRunner:
             context_lens += [1] * pad
             fields = self.graph_fields(graph_size)
         else:
-            fields = Fields(len(ids), len(rows), len(tables), max(len(seq.block_table) for seq, *_ in items))
+            fields = Fields(len(ids), len(rows), len(tables), max(len(item.seq.block_table) for item in items))
         values = dict(ids=ids, positions=positions, slots=slots, sources=fill, rows=rows, context_lens=context_lens,
                       tables=tables)
         step = self.stage(fields, values, self.static[graph_size][0].buffer if graph_size else None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -88,3 +89,11 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+class ScheduledItem(NamedTuple):
+    """One sequence's part of a step, as the engine hands it to the runner (ModelRunner.pack)."""
+    seq: Sequence
+    first: int           # the position of its first token this step
+    tokens: list[int]    # the tokens it computes (PENDING where the step before's token is not read yet)
+    keep: int            # rows at its end whose logits are wanted: 0 for a prefill chunk that completes nothing

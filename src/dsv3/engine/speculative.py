@@ -56,7 +56,7 @@ import torch
 
 from dsv3.engine.runner import ModelRunner
 from dsv3.engine.sampling import SamplingParams, probabilities
-from dsv3.engine.sequence import Sequence
+from dsv3.engine.sequence import ScheduledItem, Sequence
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
@@ -116,7 +116,7 @@ class MTPProposer:
         self.runner, self.k, self.depths = runner, k, len(runner.model.mtp_layers)
         self.fused = k == 1
 
-    def propose(self, items: list[tuple[Sequence, int, list[int], int]], hidden_rows: list[int], rows_mode: bool
+    def propose(self, items: list[ScheduledItem], hidden_rows: list[int], rows_mode: bool
                 ) -> list[tuple[list[int], list[torch.Tensor | None]]]:
         """Run the MTP module over the positions of the last forward (filling its cache) and draft.
 
@@ -125,7 +125,7 @@ class MTPProposer:
         hidden states that each item's positions continue. Returns k drafts and the distributions they
         were drawn from (None when greedy) for every item that drafts, in order.
         """
-        drafting = [seq for seq, _, _, wants in items if wants]
+        drafting = [item.seq for item in items if item.keep]
         drafts = [([], []) for _ in drafting]
         for depth in range(self.k):
             step = self.runner.pack(items, rows_mode, graph=False)
@@ -139,8 +139,9 @@ class MTPProposer:
                 tokens.append(token)
                 probs.append(q)
             # The next depth continues from each drafting sequence's last row, one position further.
-            hidden_rows = [end - 1 for end, (*_, wants) in zip(step.batch.query_starts[1:], items) if wants]
-            items = [(seq, seq.num_tokens - 1 + depth, [tokens[-1]], 1) for seq, (tokens, _) in zip(drafting, drafts)]
+            hidden_rows = [end - 1 for end, item in zip(step.batch.query_starts[1:], items) if item.keep]
+            items = [ScheduledItem(seq, seq.num_tokens - 1 + depth, [tokens[-1]], 1)
+                     for seq, (tokens, _) in zip(drafting, drafts)]
             rows_mode = True
         return drafts
 
