@@ -178,11 +178,11 @@ def load_part(base: str, name: str, prompts: list[list[int]], new: int, concurre
     return results, time.process_time() - cpu
 
 
-def load_processes(pool, base: str, name: str, prompts: list[list[int]], new: int, concurrency: int
+def load_processes(pool, processes: int, base: str, name: str, prompts: list[list[int]], new: int, concurrency: int
                    ) -> tuple[list[dict], float, float]:
     """`concurrency` requests in flight over the pool's client processes (one Python process parsing hundreds of
     streams is itself the bottleneck): results, wall seconds, and the busiest process's CPU fraction."""
-    parts = min(pool._max_workers, max(1, concurrency // CLIENTS_PER_PROCESS))
+    parts = min(processes, max(1, concurrency // CLIENTS_PER_PROCESS))
     shares = [prompts[i::parts] for i in range(parts)]
     each = [concurrency // parts + (i < concurrency % parts) for i in range(parts)]
     start = time.perf_counter()
@@ -332,14 +332,15 @@ def main() -> None:
     try:
         # Warm-up: the largest batch once (prefill chunks, Triton autotuning at new sizes), short answers.
         warm = random_prompts(max(levels), args.prompt, info["vocab"], seed=1)
-        results, seconds, _ = load_processes(pool, base, args.name, warm, min(args.new, 16), max(levels))
+        results, seconds, _ = load_processes(pool, args.client_processes, base, args.name, warm, min(args.new, 16),
+                                             max(levels))
         sent, warm_errors = len(warm), sum("error" in r for r in results)
         print(f"warm-up: {len(warm)} requests in {seconds:.1f}s, {warm_errors} errors", flush=True)
         for c in levels:
             # Seeds differ by level, so no prompt shares a prefix (cache hit) with an earlier one.
             prompts = random_prompts(args.requests or max(2 * c, 16), args.prompt, info["vocab"], seed=1000 + c)
             before = scrape(base, settle)
-            results, seconds, cpu = load_processes(pool, base, args.name, prompts, args.new, c)
+            results, seconds, cpu = load_processes(pool, args.client_processes, base, args.name, prompts, args.new, c)
             rows.append(summary(c, results, seconds, cpu * seconds, before, scrape(base, settle)))
             sent += len(prompts)
             print({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)

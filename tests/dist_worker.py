@@ -21,6 +21,6 @@ if not llm.follower:
     outs = llm.generate(ids.tolist(), dsv3.SamplingParams(max_tokens=8, temperature=0))
     llm.close()
     json.dump({"logits": logits.tolist(), "tokens": [o.token_ids for o in outs],
-               "par": [par.tp_size, par.ep_size]}, open(out, "w"))
+               "par": [par.tp_size, par.ep_size], "llm_par": [llm.par.tp_size, llm.par.ep_size]}, open(out, "w"))
 torch.distributed.barrier()
 torch.distributed.destroy_process_group()

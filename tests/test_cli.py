@@ -110,3 +110,10 @@ def test_a_reader_that_goes_away_ends_generate_quietly():
     done.stdout.close()
     err = done.stderr.read()
     assert done.wait(timeout=120) == 1 and err == ""
+
+
+def test_a_bad_kernel_setting_is_one_line():
+    """DSV3_KERNELS is read once, at import: a bad value is still one line naming it, exit 2."""
+    done = subprocess.run([sys.executable, "-m", "dsv3", "generate", "hi"], capture_output=True, text=True,
+                          env={**os.environ, "DSV3_KERNELS": "fast"}, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "DSV3_KERNELS" in done.stderr

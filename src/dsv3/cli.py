@@ -230,7 +230,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    top = parser()
+    try:
+        top = parser()
+    except ValueError as e:  # a bad setting read at import (DSV3_KERNELS, ...): one line, not a traceback
+        print(f"dsv3: {e}", file=sys.stderr)
+        return 2
     args, unknown = top.parse_known_args(argv)
     if unknown:  # argparse would blame the top-level parser and print its usage, not the subcommand's
         top.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")

@@ -105,7 +105,7 @@ def plan_load(model: nn.Module, keys: set[str]) -> dict[str, list[Route]]:
         shard = getattr(dest, "shard", None)
         if PACKED.fullmatch(name) and name in keys and name.endswith("gate_up_proj") and shard and shard.dim == 1:
             raise CheckpointError(f"{name}: fused expert tensors cannot be split by the intermediate dim; "
-                                  "use expert parallel (DSV3_EXPERTS=ep) for this checkpoint")
+                                  "use expert parallel (--experts ep, or DSV3_EXPERTS=ep) for this checkpoint")
         if PACKED.fullmatch(name) and name not in keys:
             more, others = expert_routes(name, dest, weight)
             for key, rs in more.items():

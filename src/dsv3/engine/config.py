@@ -27,9 +27,10 @@ class EngineConfig:
                 "dequantize"})
     skip_tokenizer_init: bool = field(default=False, metadata={
         "help": "load no tokenizer: token-id prompts only (also the case when the checkpoint has no tokenizer.json)"})
-    experts: str = field(default="ep", metadata={
+    experts: str | None = field(default=None, metadata={
         "choices": EXPERT_CHOICES,
-        "help": "under torchrun: split the routed experts by expert (ep) or each expert's intermediate dim (tp)"})
+        "help": "under torchrun: split the routed experts by expert (ep) or each expert's intermediate dim (tp) "
+                "(default: $DSV3_EXPERTS, else ep)"})
     # the batch and the latent cache
     max_num_seqs: int = field(default=256, metadata={"help": "requests decoded together at most"})
     max_num_batched_tokens: int = field(default=8192, metadata={
@@ -58,7 +59,7 @@ class EngineConfig:
 
     def __post_init__(self):
         for name, choices in (("fp8", FP8_CHOICES), ("experts", EXPERT_CHOICES)):
-            if getattr(self, name) not in choices:
+            if getattr(self, name) not in choices and not (name == "experts" and self.experts is None):
                 raise ValueError(f"EngineConfig.{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
         if self.dtype is not None and self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")

@@ -12,9 +12,9 @@ from dsv3.engine.config import EngineConfig
 from dsv3.engine.runner import ModelRunner
 from dsv3.engine.sampling import SamplingParams, sample
 from dsv3.engine.scheduler import Scheduler
+from dsv3.engine.sequence import RequestOutput, ScheduledItem, Sequence, Status, TokenLogprob
 from dsv3.engine.speculative import MTPProposer, SpeculationPolicy, verify
 from dsv3.kernels import dispatch
-from dsv3.engine.sequence import RequestOutput, ScheduledItem, Sequence, Status, TokenLogprob
 from dsv3.model import DeepseekV3ForCausalLM
 from dsv3.parallel import SINGLE, Parallel, init_from_env
 from dsv3.tokenizer import Tokenizer
@@ -458,7 +458,8 @@ class LLM:
         if dtype is None:  # float32 on the CPU: bf16 there is slow and would break exact batch invariance
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.path = path
-        self.par = init_from_env(options.experts == "ep")  # torchrun sets the ranks; one process is the plain case
+        # torchrun sets the ranks; one process is the plain case. experts None: $DSV3_EXPERTS decides.
+        self.par = init_from_env(None if options.experts is None else options.experts == "ep")
         if self.par.distributed and device.type == "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
         self.model = load_model(path, dtype=dtype, device=device, par=self.par, keep_fp8=keeps_fp8(options.fp8, device),
