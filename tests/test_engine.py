@@ -60,6 +60,29 @@ def test_batched_greedy_equals_full_forward(model, expected, options):
     assert engine.blocks.num_free == engine.blocks.num_blocks  # the cache returns to its baseline
 
 
+@pytest.mark.parametrize("options", [
+    dict(max_num_batched_tokens=512),   # every prompt in one step, in rows mode
+    dict(max_num_batched_tokens=7),     # chunks beside decode rows
+])
+def test_prefilling_steps_in_rows_mode_equal_full_forward(model, expected, options):
+    """On a GPU, a prefilling step whose attention is cheap per row runs in rows mode (every prompt token its own
+    attention row, the absorbed form, under the decode graphs); here eagerly: the same tokens, also staggered
+    arrivals (decode rows beside prompt chunks) and a prefix-cache hit (a chunk that starts mid-prompt)."""
+    engine = LLMEngine(model, None, num_blocks=64, block_size=4, **options)
+    engine.rows_mode_keys = 10**9
+    modes = []
+    launch = engine.runner.pack
+    engine.runner.pack = lambda items, rows_mode, **kw: modes.append(rows_mode) or launch(items, rows_mode, **kw)
+    seqs, _ = run_staggered(engine, PROMPTS, [GREEDY] * len(PROMPTS))
+    assert [s.output_token_ids for s in seqs] == expected
+    again = run(engine, [PROMPTS[2]], GREEDY)[0]
+    assert engine.blocks.prefix_hits > 0 and again.output_token_ids == expected[2]
+    assert all(modes) and engine.stats["prefill_steps"] > len(PROMPTS)
+    engine.rows_mode_keys = 0  # a step whose prompt attention is too long for rows mode takes the expanded form
+    assert run(engine, [PROMPTS[1][::-1]], GREEDY)[0].output_token_ids == reference_greedy(model, PROMPTS[1][::-1], 12)
+    assert not all(modes)
+
+
 def test_alone_equals_in_a_batch(model):
     engine = LLMEngine(model, None, num_blocks=64, block_size=4)
     alone = [run(engine, [p], GREEDY)[0].output_token_ids for p in PROMPTS]

@@ -9,7 +9,7 @@ import torch
 
 from dsv3.engine.cache import BlockManager, allocate_latent_cache, blocks_that_fit
 from dsv3.engine.config import EngineConfig
-from dsv3.engine.runner import ModelRunner
+from dsv3.engine.runner import MIXED_GRAPH_SIZES, ModelRunner
 from dsv3.engine.sampling import SamplingParams, sample
 from dsv3.engine.scheduler import Scheduler
 from dsv3.engine.sequence import RequestOutput, ScheduledItem, Sequence, Status, TokenLogprob
@@ -21,6 +21,11 @@ from dsv3.tokenizer import Tokenizer
 
 
 PENDING = -1  # a token sampled on the device that the host has not read yet
+# A step that prefills runs in rows mode (every prompt token its own attention row over the latent cache, the
+# absorbed form, replayed as a CUDA graph beside the decode rows) while its prompt rows attend at most this many
+# cached tokens in all: that kernel reads each row's whole context for the row, which for long prompts costs
+# more than the eager prefill's launches (moonlight-16b: ~2.5x its kernels' time in a mixed step) save.
+ROWS_MODE_KEYS = 1 << 20
 
 
 @dataclass
@@ -77,7 +82,10 @@ class LLMEngine:
                                    options.prefill_delay_factor)
         draft_rows = 2 * min(max_num_seqs, speculative_max_batch) if speculative_tokens == 1 else 0
         self.runner = ModelRunner(model, self.latent_caches, block_size, self.max_model_len,
-                                  max_num_seqs * (1 + speculative_tokens), options.cuda_graphs, par, draft_rows)
+                                  max_num_seqs * (1 + speculative_tokens), options.cuda_graphs, par, draft_rows,
+                                  min(options.max_num_batched_tokens, MIXED_GRAPH_SIZES[-1]))
+        # Where no graph replays (the CPU, cuda_graphs off), prefilling steps stay on the expanded form; tests set it.
+        self.rows_mode_keys = ROWS_MODE_KEYS if self.runner.graphs else 0
         self.proposer = MTPProposer(self.runner, speculative_tokens) if speculative_tokens else None
         self.spec_policy = SpeculationPolicy(speculative_max_batch)
         eos = list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
@@ -205,7 +213,7 @@ class LLMEngine:
     def _launch(self, scheduled: list[tuple[Sequence, int]], prev: Launched | None) -> Launched:
         """Pack, run and sample a step without reading anything back; pending tokens come from prev,
         whose tokens are still in the runner's last_tokens (the step takes them on the device)."""
-        rows_mode = all(seq.num_uncomputed == 1 for seq, _ in scheduled)
+        rows_mode = self._rows_mode(scheduled)
         items, sources = [], []
         for seq, n in scheduled:
             first = seq.num_cached_tokens
@@ -214,9 +222,17 @@ class LLMEngine:
             sources.append(prev.rows[seq.seq_id] if tokens[-1] == PENDING else -1)
         _, logits = self.runner.run(self.runner.pack(items, rows_mode, sources=sources))
         self.stats["steps"] += 1
-        self.stats["prefill_steps"] += not rows_mode
+        self.stats["prefill_steps"] += any(len(item.tokens) > 1 or not item.keep for item in items)
         done = [item.seq for item in items if item.keep]
         return self._sampled(items, done, logits)
+
+    def _rows_mode(self, scheduled: list[tuple[Sequence, int]]) -> bool:
+        """Decode-only steps run in rows mode; so does a prefilling step whose prompt rows attend at most
+        rows_mode_keys cached tokens in all, if a graph holds all its rows (ROWS_MODE_KEYS says why)."""
+        keys = sum(n * seq.num_cached_tokens + n * (n + 1) // 2 for seq, n in scheduled if seq.num_uncomputed != 1)
+        if not keys:
+            return True
+        return keys <= self.rows_mode_keys and self.runner.fits_graph(sum(n for _, n in scheduled))
 
     def _sampled(self, items: list[ScheduledItem], done: list[Sequence], logits: torch.Tensor) -> Launched:
         """Sample the done sequences' tokens (and their logprobs) and start copying them to the host."""

@@ -7,6 +7,9 @@ small copy or kernel between two steps costs a few microseconds, a step of batch
 
 On a GPU, decode steps (one token per sequence) replay CUDA graphs captured once per batch size
 (as nano-vllm and vLLM do): a decode step of a small batch is otherwise dominated by kernel launches.
+So do mixed steps that the engine runs in rows mode (decode rows beside short prompt chunks, every token its
+own attention row), in graphs of up to MIXED_GRAPH_SIZES[-1] rows: eagerly, such a step spent ~2.5x its
+kernels' time launching them. Graphs with more rows than keep logits gather the kept rows inside the graph.
 A graph's inputs are views of one static buffer that `pack` copies into directly; the graph itself
 fills in the pending tokens (`fill_pending`) and takes the greedy argmax of its logits. Rows beyond
 the real batch are padding: they write to a scratch block nobody owns and are ignored.
@@ -30,6 +33,7 @@ from dsv3.parallel import SINGLE, Parallel
 
 HEADER = 13  # ints that announce a broadcast step
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
+MIXED_GRAPH_SIZES = (384, 512, 768, 1024, 1536, 2048)  # rows of mixed steps: decode rows plus prompt tokens
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,9 @@ class StepInputs:
 class ModelRunner:
     def __init__(self, model: DeepseekV3ForCausalLM, latent_caches: list[torch.Tensor], block_size: int,
                  max_model_len: int, max_graph_rows: int, cuda_graphs: bool = True, par: Parallel = SINGLE,
-                 max_draft_rows: int = 0):
+                 max_draft_rows: int = 0, max_mixed_rows: int = 0):
+        """max_graph_rows: the most rows whose logits a step keeps (every row of a decode step); max_mixed_rows:
+        the most rows of a rows-mode mixed step to capture graphs for (0: decode steps only)."""
         self.model, self.latent_caches, self.block_size, self.par = model, latent_caches, block_size, par
         self.device = next(model.parameters()).device
         self.scratch_block = latent_caches[0].shape[0] - 1  # the cache's last block is never handed out
@@ -94,14 +100,19 @@ class ModelRunner:
         # The tokens of the last step's kept rows: its greedy argmax, into which sampling writes the rest.
         # The next step takes its pending tokens from here (fill_pending), without the host reading them.
         self.last_tokens = torch.zeros(max(max_graph_rows, max_draft_rows, 1), dtype=torch.int64, device=self.device)
+        self.max_kept = max_graph_rows
         self.last_argmax: torch.Tensor | None = None  # (R,) a view of last_tokens, set by every forward
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.draft_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.static: dict[int, tuple[StepInputs, torch.Tensor, torch.Tensor]] = {}
         self.static_drafts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if cuda_graphs and self.device.type == "cuda":
-            self.capture([b for b in GRAPH_BATCH_SIZES if b <= max_graph_rows],
+            self.capture([b for b in GRAPH_BATCH_SIZES + MIXED_GRAPH_SIZES if b <= max(max_graph_rows, max_mixed_rows)],
                          [b for b in GRAPH_BATCH_SIZES if b <= max_draft_rows])
+
+    def fits_graph(self, rows: int) -> bool:
+        """Whether a rows-mode step of this many rows replays a graph (always, where nothing is captured: eager)."""
+        return not self.graphs or rows <= max(self.graphs)
 
     # ---- packing ----------------------------------------------------------------------------------
     def pack(self, items: list[ScheduledItem], rows_mode: bool, graph: bool = True,
@@ -126,10 +137,10 @@ class ModelRunner:
             fill += [-1] * (n - 1) + [sources[k] if sources else -1]
             if rows_mode:
                 context_lens += [p + 1 for p in span]
-                tables += [seq.block_table] * n
+                tables.append((seq.block_table, n))
             else:
                 context_lens.append(first + n)
-                tables.append(seq.block_table)
+                tables.append((seq.block_table, 1))
             rows += range(starts[-1] + n - keep, starts[-1] + n)
             starts.append(starts[-1] + n)
         graphs = self.draft_graphs if greedy_draft else self.graphs
@@ -141,7 +152,7 @@ class ModelRunner:
             context_lens += [1] * pad
             fields = self.graph_fields(graph_size)
         else:
-            fields = Fields(len(ids), len(rows), len(tables), max(len(item.seq.block_table) for item in items))
+            fields = Fields(len(ids), len(rows), len(context_lens), max(len(item.seq.block_table) for item in items))
         values = dict(ids=ids, positions=positions, slots=slots, sources=fill, rows=rows, context_lens=context_lens,
                       tables=tables)
         step = self.stage(fields, values, self.static[graph_size][0].buffer if graph_size else None)
@@ -152,7 +163,7 @@ class ModelRunner:
         return step
 
     def graph_fields(self, size: int) -> Fields:
-        return Fields(size, size, size, self.max_blocks)
+        return Fields(size, min(size, self.max_kept), size, self.max_blocks)
 
     @torch.inference_mode()  # (a graph's static buffer is an inference tensor: it was made while capturing)
     def stage(self, fields: Fields, values: dict[str, list], dest: torch.Tensor | None = None) -> StepInputs:
@@ -167,8 +178,10 @@ class ModelRunner:
         kept[:len(values["rows"])] = values["rows"]
         table = views["tables"].numpy()
         table[:] = self.scratch_block
-        for i, blocks in enumerate(values["tables"]):
-            table[i, :len(blocks)] = blocks
+        row = 0
+        for blocks, repeat in values["tables"]:  # (a sequence's table, its attention rows): one write per sequence
+            table[row:row + repeat, :len(blocks)] = blocks
+            row += repeat
         if dest is None and self.device.type != "cuda":
             buffer = host                                    # already where the model reads it
         else:
@@ -225,9 +238,9 @@ class ModelRunner:
                 self.draft_graphs[step.graph_size].replay()
                 self.last_hidden = hidden[:n]
                 return hidden[:n], tokens[:, :n]
-            self.graphs[step.graph_size].replay()  # also wrote the argmax of every row into last_tokens
+            self.graphs[step.graph_size].replay()  # also wrote the argmax of its logits' rows into last_tokens
             self.last_hidden = hidden[:n]
-            if step.rows_prefix:
+            if step.rows_prefix or step.graph_size > self.max_kept:  # (the latter's logits are the kept rows')
                 self.last_argmax = self.last_tokens[:kept]
                 return hidden[:n], logits[:kept]
             logits = logits[step.rows]
@@ -262,13 +275,13 @@ class ModelRunner:
         for size in sorted(set(sizes) | set(draft_sizes), reverse=True):
             fields = self.graph_fields(size)
             values = dict(ids=[0] * size, positions=[0] * size, slots=[self.scratch_block * self.block_size] * size,
-                          sources=[-1] * size, rows=list(range(size)), context_lens=[1] * size, tables=[])
+                          sources=[-1] * size, rows=list(range(fields.r)), context_lens=[1] * size, tables=[])
             static = self.stage(fields, values, torch.empty(fields.nbytes, dtype=torch.uint8, device=self.device))
             static.graph_size = size
 
             def forward():
                 hidden = self.model.model(self.fill_pending(static.ids, static.sources), static.positions, static.batch)
-                return hidden, self.model.logits(hidden)
+                return hidden, self.model.logits(hidden if size <= self.max_kept else hidden[static.rows])
 
             for _ in range(2):  # warm up outside the graph (Triton autotuning, cuBLAS handles)
                 hidden, _ = forward()
@@ -279,7 +292,7 @@ class ModelRunner:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     hidden, logits = forward()
-                    dispatch.argmax(logits, out=self.last_tokens[:size])
+                    dispatch.argmax(logits, out=self.last_tokens[:len(logits)])
                 pool = graph.pool()
                 self.graphs[size] = graph
                 self.static[size] = (static, hidden, logits)

@@ -4,8 +4,8 @@ When the cache runs out, the newest running sequence is preempted: its blocks ar
 recomputed later from its tokens (nothing is lost).
 
 Admission can wait a little (`prefill_delay_factor`, vLLM's scheduler delay): while sequences decode, a step
-that prefills costs several decode steps (on a GPU it runs eagerly, outside the decode graphs), and requests that
-arrive one by one would each bring one such step. Holding the waiting ones until the oldest has waited
+that prefills costs several decode steps (on a GPU one with long prompts runs eagerly, outside the graphs), and
+requests that arrive one by one would each bring one such step. Holding the waiting ones until the oldest has waited
 `prefill_delay_factor` times the last prefilling step's duration lets one step prefill them together. Nothing
 waits when no sequence runs, nor once the waiting prompts fill the step's token budget.
 """
