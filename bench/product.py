@@ -147,8 +147,9 @@ def table(args) -> None:
              "Engine: bench.py's decode phase (prompt 128, 128 new tokens, greedy; prefill not counted). Serve: "
              "bench/serve.py, streamed /v1/completions, 128 in / 128 out, every request timed whole (prefill and "
              "HTTP included), concurrency = batch.", "",
-             "| serve run | clients | engine tok/s | serve tok/s | serve / engine | TTFT p50 ms | ITL mean ms | errors |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| serve run | clients | requests a client | engine tok/s | serve tok/s | serve / engine | TTFT p50 ms | "
+             "ITL mean ms | errors |",
+             "|---|---|---|---|---|---|---|---|---|"]
     rows = []
     for path in args.serve:
         serve = json.loads(Path(path).read_text())
@@ -158,7 +159,8 @@ def table(args) -> None:
             e = decode.get(r["concurrency"])
             ratio = r["output_tokens_per_s"] / e["tokens_per_s"] if e else float("nan")
             rows.append({"serve": path, "clients": r["concurrency"], "ratio": ratio})
-            lines.append(f"| {label} | {r['concurrency']} | {e['tokens_per_s'] if e else float('nan'):,.0f} | "
+            lines.append(f"| {label} | {r['concurrency']} | {r['requests'] / r['concurrency']:.0f} | "
+                         f"{e['tokens_per_s'] if e else float('nan'):,.0f} | "
                          f"{r['output_tokens_per_s']:,.0f} | {ratio:.0%} | {r['ttft_p50_ms']:.0f} | "
                          f"{r['itl_mean_ms']:.1f} | {r['errors']} |")
     write({"engine": args.engine, "serve": args.serve, "rows": rows},

@@ -293,7 +293,11 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="a checkpoint directory instead of --shape")
     ap.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     ap.add_argument("--concurrency", default="1,8,64,256")
-    ap.add_argument("--requests", type=int, default=None, help="per concurrency (default: max(2 x concurrency, 16))")
+    ap.add_argument("--requests", type=int, default=None,
+                    help="per concurrency (default: max(--requests-per-client x concurrency, 16))")
+    ap.add_argument("--requests-per-client", type=int, default=2,
+                    help="the closed loop's length: with 2, the ramp up and down of the batch is a large part of a "
+                         "level; 8 comes near the steady state that bench.py's full batch measures")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--max-num-seqs", type=int, default=None, help="engine batch (default: the largest concurrency)")
@@ -338,7 +342,7 @@ def main() -> None:
         print(f"warm-up: {len(warm)} requests in {seconds:.1f}s, {warm_errors} errors", flush=True)
         for c in levels:
             # Seeds differ by level, so no prompt shares a prefix (cache hit) with an earlier one.
-            prompts = random_prompts(args.requests or max(2 * c, 16), args.prompt, info["vocab"], seed=1000 + c)
+            prompts = random_prompts(args.requests or max(args.requests_per_client * c, 16), args.prompt, info["vocab"], seed=1000 + c)
             before = scrape(base, settle)
             results, seconds, cpu = load_processes(pool, args.client_processes, base, args.name, prompts, args.new, c)
             rows.append(summary(c, results, seconds, cpu * seconds, before, scrape(base, settle)))
