@@ -341,6 +341,11 @@ def main() -> None:
         sent, warm_errors = len(warm), sum("error" in r for r in results)
         print(f"warm-up: {len(warm)} requests in {seconds:.1f}s, {warm_errors} errors", flush=True)
         for c in levels:
+            # Each level warmed once at its own batch, untimed: a new number of prompts a step is a new prefill shape
+            # that Triton would otherwise compile inside the timed part (the 8-client row once varied 682-1,073 tok/s).
+            warm = random_prompts(c, args.prompt, info["vocab"], seed=500 + c)
+            results, _, _ = load_processes(pool, args.client_processes, base, args.name, warm, min(args.new, 16), c)
+            sent, warm_errors = sent + len(warm), warm_errors + sum("error" in r for r in results)
             # Seeds differ by level, so no prompt shares a prefix (cache hit) with an earlier one.
             prompts = random_prompts(args.requests or max(args.requests_per_client * c, 16), args.prompt, info["vocab"], seed=1000 + c)
             before = scrape(base, settle)
