@@ -269,6 +269,39 @@ def test_admission_delay_holds_prompts_to_prefill_them_together():
     assert big in [s for s, _ in scheduler.schedule()]
 
 
+def test_admission_delay_holds_no_prompt_that_a_graph_would_prefill():
+    """With a `graphed` predicate (the engine's: would the step replay a CUDA graph), prompts that fit the graph
+    with the decoding rows are admitted at once; larger ones are still held."""
+    from dsv3.engine.cache import BlockManager
+    from dsv3.engine.scheduler import Scheduler
+    from dsv3.engine.sequence import Sequence
+
+    now, asked = [0.0], []
+
+    def graphed(pairs):
+        asked.append([n for _, n in pairs])
+        return sum(n for _, n in pairs) <= 8
+
+    scheduler = Scheduler(BlockManager(64, 4), 8, 16, prefill_delay_factor=2.0, clock=lambda: now[0], graphed=graphed)
+    first = Sequence(list(range(5)), GREEDY)
+    scheduler.add(first, 9)
+    scheduler.schedule()
+    now[0] = 1.0
+    scheduler.computed(first, 5)
+    first.all_token_ids.append(7)                                   # its first new token: it decodes now
+    small = Sequence(list(range(3)), GREEDY)
+    scheduler.add(small, 7)
+    assert [s for s, _ in scheduler.schedule()] == [first, small]   # 1 decode row + 3 prompt rows fit: not held
+    assert asked[-1] == [1, 3]
+    now[0] = 2.0
+    for seq in (first, small):
+        scheduler.computed(seq, seq.num_uncomputed)
+        seq.all_token_ids.append(7)
+    large = Sequence(list(range(7)), GREEDY)
+    scheduler.add(large, 11)
+    assert [s for s, _ in scheduler.schedule()] == [first, small]   # 2 + 7 rows would run eagerly: held
+
+
 def test_admission_delay_changes_no_output(model, expected):
     params = [GREEDY] * len(PROMPTS)
     engine = LLMEngine(model, None, num_blocks=64, block_size=4, prefill_delay_factor=3.0)

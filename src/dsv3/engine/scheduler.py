@@ -7,7 +7,9 @@ Admission can wait a little (`prefill_delay_factor`, vLLM's scheduler delay): wh
 that prefills costs several decode steps (on a GPU one with long prompts runs eagerly, outside the graphs), and
 requests that arrive one by one would each bring one such step. Holding the waiting ones until the oldest has waited
 `prefill_delay_factor` times the last prefilling step's duration lets one step prefill them together. Nothing
-waits when no sequence runs, nor once the waiting prompts fill the step's token budget.
+waits when no sequence runs, nor once the waiting prompts fill the step's token budget, nor when `graphed` says the
+step with them all would still replay a CUDA graph (then it costs about what its rows cost, and holding prompts back
+only adds to their time to first token).
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ from dsv3.engine.sequence import Sequence, Status
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 prefill_delay_factor: float = 0.0, clock: Callable[[], float] = time.monotonic):
+                 prefill_delay_factor: float = 0.0, clock: Callable[[], float] = time.monotonic,
+                 graphed: Callable[[list[tuple[Sequence, int]]], bool] | None = None):
         self.blocks = blocks
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.prefill_delay_factor, self.clock = prefill_delay_factor, clock
+        self.graphed = graphed                 # would a step of these (sequence, tokens) replay a graph?
         self.arrival: dict[int, float] = {}    # seq_id -> when it was added (for the admission delay)
         self.last_schedule = (0.0, False)      # when schedule last ran, and whether it admitted a prompt
         self.prefill_latency = 0.0             # how long the last step that admitted prompts took
@@ -71,7 +75,7 @@ class Scheduler:
             n = min(seq.num_uncomputed + len(seq.draft), budget)
             scheduled.append((seq, n))
             budget -= n
-        admitting = self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and self.admit_now(now, budget)
+        admitting = self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and self.admit_now(now, budget, scheduled)
         self.last_schedule = (now, bool(admitting))
         while admitting and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -87,11 +91,14 @@ class Scheduler:
             budget -= n
         return scheduled
 
-    def admit_now(self, now: float, budget: int) -> bool:
+    def admit_now(self, now: float, budget: int, scheduled: list[tuple[Sequence, int]] = ()) -> bool:
         """Whether waiting prompts are admitted this step, or wait to be prefilled together (see the module)."""
         if not self.prefill_delay_factor or not self.running:
             return True
-        if sum(seq.num_uncomputed for seq in self.waiting) >= budget:
+        waiting = sum(seq.num_uncomputed for seq in self.waiting)
+        if waiting >= budget:
+            return True
+        if self.graphed is not None and self.graphed(list(scheduled) + [(seq, seq.num_uncomputed) for seq in self.waiting]):
             return True
         oldest = min(self.arrival.get(seq.seq_id, now) for seq in self.waiting)
         return now - oldest >= self.prefill_delay_factor * self.prefill_latency
