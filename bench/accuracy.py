@@ -47,6 +47,7 @@ def transformers_model(path: Path, dtype: torch.dtype, device: str):
     import transformers
 
     transformers.logging.set_verbosity_error()  # the MTP layer's weights, which it does not load
+    transformers.logging.disable_progress_bar()
 
     hf = transformers.DeepseekV3ForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     return hf.to(device).eval()
@@ -133,7 +134,10 @@ def main() -> None:
     # The positions the prompt's tokens predict (prefill) and those the engine decoded, apart.
     prefill = slice(0, args.prompt_len - 1)
     rows = []
-    for system, logits in (("transformers bf16", hf_logits), ("dsv3 bf16 model(ids)", ours_logits)):
+    # dsv3's logits rounded to bf16 are what its LM head returned before e9e04c0 (cuBLAS and the GEMV rounded
+    # their float32 sums): the same run, before and after that change.
+    for system, logits in (("transformers bf16", hf_logits), ("dsv3 bf16 model(ids)", ours_logits),
+                           ("dsv3 bf16 model(ids), logits rounded to bf16", ours_logits.bfloat16())):
         for where, s in (("prompt", prefill), ("decoded", decoded)):
             rows.append(dict(system=system, positions_of=where,
                              **score(logits[:, s].argmax(-1).flatten(), ref_logits[:, s].flatten(0, 1))))

@@ -95,7 +95,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     if out_dtype != torch.float32:
         raise ValueError(f"linear: out_dtype must be None, x's dtype or float32, got {out_dtype}")
-    if use_fast(x) and bias is None and x.dtype == weight.dtype:
+    if use_fast(x) and bias is None and x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16):
         return torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=torch.float32).view(*x.shape[:-1], -1)
     return reference.linear_float32(x, weight, bias)
 
