@@ -85,13 +85,19 @@ def fp8_dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.d
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """F.linear for 16-bit weights, then cast to out_dtype if given (the GEMV writes it directly, one kernel
-    less); a few rows on the GPU take the GEMV kernel (gemv.py: it overlaps the kernel ahead of it, measured
-    6.0 -> 3.5 us a 2048 x 2048 projection in a chain, cuBLAS 6.0)."""
+    """F.linear for 16-bit weights; out_dtype float32: reference.linear_float32, the float32 sums never rounded to
+    16 bits (the GEMV and cuBLAS write them directly, with no float32 copy of the weight). A few rows on the GPU
+    take the GEMV kernel (gemv.py: it overlaps the kernel ahead of it, measured 6.0 -> 3.5 us a 2048 x 2048
+    projection in a chain, cuBLAS 6.0)."""
     if use_triton(x) and gemv.applies(x, weight):
         return gemv.linear(x, weight, bias, out_dtype=out_dtype)
-    y = F.linear(x, weight, bias)
-    return y if out_dtype is None else y.to(out_dtype)
+    if out_dtype is None or out_dtype == x.dtype:
+        return F.linear(x, weight, bias)
+    if out_dtype != torch.float32:
+        raise ValueError(f"linear: out_dtype must be None, x's dtype or float32, got {out_dtype}")
+    if use_fast(x) and bias is None and x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=torch.float32).view(*x.shape[:-1], -1)
+    return reference.linear_float32(x, weight, bias)
 
 
 def linear_pair(x: torch.Tensor, first: torch.Tensor, second: torch.Tensor

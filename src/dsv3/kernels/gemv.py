@@ -161,8 +161,10 @@ def _gemv(x, w, bias, out, ids, M, N, K, stride_xm, stride_xg, stride_wg, stride
             up = up.to(out.dtype.element_ty).to(tl.float32)
             acc = (gate / (1.0 + tl.exp(-gate))).to(out.dtype.element_ty).to(tl.float32) * up
         # (rounded to x's dtype first: a float32 out holds the 16-bit result, as F.linear(...).float() would)
-        tl.store(out + m * stride_om + g * stride_og + col0 + n, acc.to(x.dtype.element_ty).to(out.dtype.element_ty),
-                 mask=n_ok)
+        if out.dtype.element_ty == tl.float32:                  # the float32 sums themselves (the LM head's logits)
+            tl.store(out + m * stride_om + g * stride_og + col0 + n, acc, mask=n_ok)
+        else:
+            tl.store(out + m * stride_om + g * stride_og + col0 + n, acc.to(out.dtype.element_ty), mask=n_ok)
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> bool:
@@ -229,8 +231,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for x (..., K) with at most MAX_ROWS rows; see `applies`. With scale, weight is
-    FP8 and the result reference.fp8_linear's (plus bias). out_dtype: the result, rounded to x's dtype, in
-    this dtype (the LM head's float32 logits)."""
+    FP8 and the result reference.fp8_linear's (plus bias). out_dtype float32: the float32 sums, unrounded
+    (reference.linear_float32, the LM head's logits)."""
     flat = x.reshape(-1, 1, x.shape[-1])
     out = torch.empty(flat.shape[0], 1, weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
     _launch(flat, weight.unsqueeze(0), bias, out, scale=scale.unsqueeze(0) if scale is not None else None)
