@@ -79,8 +79,8 @@ def invariance(device: str, n_prompts: int, new: int) -> list[dict]:
         accepted = spec.stats["spec_accepted"] / max(spec.stats["spec_drafted"], 1)
         del spec
         for name, outs in scenarios.items():
-            rows.append(dict(part="invariance", mode=mode, scenario=name, identical=sum(a == b for a, b in zip(outs, alone)),
-                             of=n_prompts, **({"acceptance": accepted} if name.startswith("MTP") else {})))
+            same = sum(a == b for a, b in zip(outs, alone))
+            rows.append(dict(part="invariance", mode=mode, scenario=name, identical=same, of=n_prompts, **({"acceptance": accepted} if name.startswith("MTP") else {})))
             print(rows[-1], flush=True)
         print(f"{mode}: {time.perf_counter() - t0:.1f}s", flush=True)
     return rows

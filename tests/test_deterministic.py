@@ -268,10 +268,11 @@ def check_fixed_kernels(gen: torch.Generator) -> dict[str, float]:
         return mla_decode.mla_decode_fixed(q, q_pe, cache, tables, ctx, 32, 0.3)
 
     out["mla_decode/row_mismatches"] = _rows_alone_vs_together(attend, q, q_pe, tables, ctx)
-    out["mla_decode/rel_err"] = rel_err(attend(q, q_pe, tables, ctx),
-                                        reference.mla_decode(q.double(), q_pe.double(), cache.double(), tables, ctx, 32, 0.3))
+    ref = reference.mla_decode(q.double(), q_pe.double(), cache.double(), tables, ctx, 32, 0.3)
+    out["mla_decode/rel_err"] = rel_err(attend(q, q_pe, tables, ctx), ref)
     # The router: 40 tokens together and alone (the default launch changes its tiles at 16 rows).
-    x, gate, bias = torch.randn(40, 512, generator=gen), torch.randn(16, 512, generator=gen) * 0.05, torch.rand(16) * 0.1
+    x, gate = torch.randn(40, 512, generator=gen), torch.randn(16, 512, generator=gen) * 0.05
+    bias = torch.rand(16, generator=gen) * 0.1
     route = lambda a: glue.route(a, gate, bias, 4, 4, 2, True, 2.5, fixed=True)  # noqa: E731
     out["route/row_mismatches"] = _rows_alone_vs_together(route, x)
     out["route/ids_mismatches"] = float((route(x)[1] != reference.route(x, gate, bias, 4, 4, 2, True, 2.5)[1]).sum())

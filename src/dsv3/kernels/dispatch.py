@@ -7,7 +7,7 @@ DSV3_OVERLAP=0, DSV3_SHARED_INLINE=0) are read once, into the frozen `OPTIONS`; 
 
 The deterministic mode (`KernelOptions.deterministic`, the engine's `--deterministic`) makes every row's result
 independent of the other rows of its batch: on a GPU every matmul takes one fixed-launch GEMM
-(fp8_gemm.fixed_matmul), attention a fixed number of KV splits, the router a fixed launch; on the CPU, where a
+(fp8_gemm.fixed_linear), attention a fixed number of KV splits, the router a fixed launch; on the CPU, where a
 BLAS product's result can depend on its number of rows, each row's products are computed alone.
 """
 
@@ -156,7 +156,9 @@ def linear_pair(x: torch.Tensor, first: torch.Tensor, second: torch.Tensor
 def per_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """See reference.per_head; decode sizes take the GEMV kernel."""
     if OPTIONS.deterministic:
-        return fp8_gemm.fixed_per_head(x, weight) if use_triton(x) else _by_row(lambda row: reference.per_head(row, weight), x)
+        if use_triton(x):
+            return fp8_gemm.fixed_per_head(x, weight)
+        return _by_row(lambda row: reference.per_head(row, weight), x)
     if use_triton(x) and gemv.applies(x, weight):
         return gemv.per_head(x, weight)
     return reference.per_head(x, weight)
@@ -188,9 +190,10 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch
             out = mla_decode_kernel.mla_decode_fixed(q_latent, q_rope, latent_cache, block_tables, context_lens,
                                                      kv_lora_rank, softmax_scale)
         else:
-            out = _by_row(lambda q, r, tables, lens: reference.mla_decode(q, r, latent_cache, tables, lens, kv_lora_rank,
-                                                                         softmax_scale),
-                          q_latent, q_rope, block_tables, context_lens)
+            def one(q: torch.Tensor, r: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+                return reference.mla_decode(q, r, latent_cache, tables, lens, kv_lora_rank, softmax_scale)
+
+            out = _by_row(one, q_latent, q_rope, block_tables, context_lens)
         return out if w_uv is None else per_head(out, w_uv)
     if use_triton(q_latent):
         return mla_decode_kernel.mla_decode(q_latent, q_rope, latent_cache, block_tables, context_lens,
