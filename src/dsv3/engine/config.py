@@ -51,6 +51,10 @@ class EngineConfig:
     prefill_delay_factor: float = field(default=0.0, metadata={
         "help": "while requests decode, hold new prompts until the oldest waited this many times the last "
                 "prefilling step, so one step prefills them together (0: admit at once; serve's default differs)"})
+    deterministic: bool = field(default=False, metadata={
+        "help": "batch-invariant results: a request's tokens and logits do not depend on what else is in the batch, "
+                "on prefill chunking, prefix-cache hits or speculation (every matmul one fixed-tile GEMM, attention "
+                "a fixed split, prompts prefilled as decode rows); slower, see the README's Deterministic mode"})
     # speculative decoding
     speculative_tokens: int = field(default=0, metadata={
         "help": "draft this many tokens with the checkpoint's MTP module (0: off)"})

@@ -83,7 +83,9 @@ class LLMEngine:
         draft_rows = 2 * min(max_num_seqs, speculative_max_batch) if speculative_tokens == 1 else 0
         self.runner = ModelRunner(model, self.latent_caches, block_size, self.max_model_len,
                                   max_num_seqs * (1 + speculative_tokens), options.cuda_graphs, par, draft_rows,
-                                  min(options.max_num_batched_tokens, MIXED_GRAPH_SIZES[-1]))
+                                  min(options.max_num_batched_tokens, MIXED_GRAPH_SIZES[-1]),
+                                  deterministic=options.deterministic)
+        self.deterministic = options.deterministic
         # Where no graph replays (the CPU, cuda_graphs off), prefilling steps stay on the expanded form; tests set it.
         self.rows_mode_keys = ROWS_MODE_KEYS if self.runner.graphs else 0
         self.proposer = MTPProposer(self.runner, speculative_tokens) if speculative_tokens else None
@@ -228,7 +230,11 @@ class LLMEngine:
 
     def _rows_mode(self, scheduled: list[tuple[Sequence, int]]) -> bool:
         """Decode-only steps run in rows mode; so does a prefilling step whose prompt rows attend at most
-        rows_mode_keys cached tokens in all, if a graph holds all its rows (ROWS_MODE_KEYS says why)."""
+        rows_mode_keys cached tokens in all, if a graph holds all its rows (ROWS_MODE_KEYS says why). In the
+        deterministic mode every step does: a prompt token then takes exactly the path of a decoded one, so
+        chunking, prefix-cache hits and the batch around it change nothing (eagerly beyond the graphs' rows)."""
+        if self.deterministic:
+            return True
         keys = sum(n * seq.num_cached_tokens + n * (n + 1) // 2 for seq, n in scheduled if seq.num_uncomputed != 1)
         if not keys:
             return True
@@ -283,18 +289,19 @@ class LLMEngine:
             if self.scheduler.waiting:
                 raise RuntimeError("no request fits the latent cache")
             return []
-        rows_mode = all(seq.num_uncomputed == 1 for seq, _ in scheduled)
+        decoding = all(seq.num_uncomputed == 1 for seq, _ in scheduled)
+        rows_mode = self.deterministic or decoding
         items = []
         for seq, n in scheduled:
             first = seq.num_cached_tokens
             completes = first + n >= seq.num_tokens
             items.append(ScheduledItem(seq, first, (seq.all_token_ids[first:] + seq.draft)[:n],
                                        1 + len(seq.draft) if completes else 0))
-        fused = rows_mode and self._fuses(items)
+        fused = decoding and self._fuses(items)  # (prompt rows would feed the MTP module their argmax, not the prompt)
         step = self.runner.pack(items, rows_mode, greedy_draft=fused)
         hidden, out = self.runner.run(step)
         self.stats["steps"] += 1
-        self.stats["prefill_steps"] += not rows_mode
+        self.stats["prefill_steps"] += not decoding
         if fused:  # out: the (2, N) tokens of verification and drafting
             self._verify_and_draft(items, out)
             return [item.seq for item in items]

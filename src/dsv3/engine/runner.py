@@ -90,10 +90,12 @@ class StepInputs:
 class ModelRunner:
     def __init__(self, model: DeepseekV3ForCausalLM, latent_caches: list[torch.Tensor], block_size: int,
                  max_model_len: int, max_graph_rows: int, cuda_graphs: bool = True, par: Parallel = SINGLE,
-                 max_draft_rows: int = 0, max_mixed_rows: int = 0):
+                 max_draft_rows: int = 0, max_mixed_rows: int = 0, deterministic: bool = False):
         """max_graph_rows: the most rows whose logits a step keeps (every row of a decode step); max_mixed_rows:
-        the most rows of a rows-mode mixed step to capture graphs for (0: decode steps only)."""
+        the most rows of a rows-mode mixed step to capture graphs for (0: decode steps only). deterministic:
+        every forward, and every graph's capture, runs under dispatch's deterministic mode."""
         self.model, self.latent_caches, self.block_size, self.par = model, latent_caches, block_size, par
+        self.deterministic = deterministic
         self.device = next(model.parameters()).device
         self.scratch_block = latent_caches[0].shape[0] - 1  # the cache's last block is never handed out
         self.max_blocks = -(-max_model_len // block_size)
@@ -227,6 +229,10 @@ class ModelRunner:
         """(hidden (N, D), logits of the kept rows (R, vocab)), and their argmax in last_argmax; a greedy_draft
         step returns instead of the logits its (2, N) tokens: the main model's argmax and the MTP draft at
         every row. A graph's inputs are already in place: pack wrote them into its static buffer."""
+        with dispatch.using(deterministic=self.deterministic):
+            return self._execute(step)
+
+    def _execute(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
         n, kept = step.batch.query_starts[-1], len(step.rows)
         if step.mtp_depth >= 0:  # MTP graphs are not captured: the module is one block
             hidden = self.model.mtp_hidden(self.last_hidden[step.hidden_rows], step.ids, step.positions,
@@ -270,7 +276,12 @@ class ModelRunner:
     def capture(self, sizes: list[int], draft_sizes: list[int]) -> None:
         """One graph per batch size, largest first so the smaller ones reuse its memory pool; for the sizes
         in draft_sizes, a second graph that also drafts (greedy_draft). A graph starts from its inputs'
-        static buffer and ends with the argmax of every row in last_tokens."""
+        static buffer and ends with the argmax of every row in last_tokens. Captured under the kernel options
+        the eager steps run with: a graph keeps the kernels it was captured with."""
+        with dispatch.using(deterministic=self.deterministic):
+            self._capture(sizes, draft_sizes)
+
+    def _capture(self, sizes: list[int], draft_sizes: list[int]) -> None:
         pool = None
         for size in sorted(set(sizes) | set(draft_sizes), reverse=True):
             fields = self.graph_fields(size)

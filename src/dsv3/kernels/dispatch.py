@@ -2,7 +2,13 @@
 
 CUDA tensors take the Triton kernels when Triton is installed; everything else (CPU runs, tests, CI)
 takes the PyTorch path. The switches for A/B runs (DSV3_KERNELS=reference: the PyTorch path everywhere;
-DSV3_OVERLAP=0, DSV3_SHARED_INLINE=0) are read once, into the frozen `OPTIONS`; `configure(...)` replaces it.
+DSV3_OVERLAP=0, DSV3_SHARED_INLINE=0) are read once, into the frozen `OPTIONS`; `configure(...)` replaces it,
+`using(...)` for the length of a `with` block.
+
+The deterministic mode (`KernelOptions.deterministic`, the engine's `--deterministic`) makes every row's result
+independent of the other rows of its batch: on a GPU every matmul takes one fixed-launch GEMM
+(fp8_gemm.fixed_linear), attention a fixed number of KV splits, the router a fixed launch; on the CPU, where a
+BLAS product's result can depend on its number of rows, each row's products are computed alone.
 """
 
 from __future__ import annotations
@@ -10,8 +16,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import dataclasses
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +42,9 @@ class KernelOptions:
     # and computes the reference's function. Both measured alike on an H100 in decode
     # (bench/results/2026-11-22-NVIDIA-H100-80GB-HBM3-kernels.md); torch._scaled_mm quantizes them too.
     quantize_activations: bool = True
+    # Batch-invariant results (the module docstring): each row's values do not depend on what else is in its
+    # batch. The engine sets it around its forwards (EngineConfig.deterministic), CUDA graph capture included.
+    deterministic: bool = False
 
     def __post_init__(self):
         if self.kernels not in ("auto", "reference"):
@@ -57,6 +66,43 @@ def configure(**changes) -> KernelOptions:
     global OPTIONS
     before, OPTIONS = OPTIONS, dataclasses.replace(OPTIONS, **changes)
     return before
+
+
+@contextmanager
+def using(**changes) -> Iterator[KernelOptions]:
+    """OPTIONS with some fields replaced inside the block, restored after it (even on an error)."""
+    before = configure(**changes)
+    try:
+        yield OPTIONS
+    finally:
+        configure(**dataclasses.asdict(before))
+
+
+def _by_row(fn: Callable, *rows: torch.Tensor):
+    """fn on row i of each tensor of `rows` (along dim 0) alone, the results concatenated (fn returns a tensor
+    or a tuple of them): the deterministic mode's CPU path. CPU BLAS picks its kernel, and so the summation
+    order, by the shape, so a row computed beside others may round differently from the same row alone; each
+    row is copied out first, so that it is read at the same alignment however it was cut from the batch."""
+    n = rows[0].shape[0]
+    if n <= 1:
+        return fn(*rows)
+    outs = [fn(*(t[i:i + 1].clone() for t in rows)) for i in range(n)]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outs))
+    return torch.cat(outs)
+
+
+def _fixed_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor | None, bias: torch.Tensor | None,
+                  out_dtype: torch.dtype | None) -> torch.Tensor:
+    """The deterministic mode's x W^T (+ b): the fixed-launch GEMM on the GPU, row by row elsewhere."""
+    if use_triton(x):
+        y = fp8_gemm.fixed_linear(x, weight, scale_inv, out_dtype=out_dtype,
+                                  quantize_activations=OPTIONS.quantize_activations)
+        return y if bias is None else y + bias
+    w = weight if scale_inv is None else reference.fp8_dequantize(weight, scale_inv, x.dtype)
+    flat = x.reshape(-1, x.shape[-1])
+    y = _by_row(lambda row: F.linear(row, w, bias), flat).view(*x.shape[:-1], w.shape[0])
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def use_fast(t: torch.Tensor) -> bool:
@@ -89,6 +135,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     16 bits (the GEMV and cuBLAS write them directly, with no float32 copy of the weight). A few rows on the GPU
     take the GEMV kernel (gemv.py: it overlaps the kernel ahead of it, measured 6.0 -> 3.5 us a 2048 x 2048
     projection in a chain, cuBLAS 6.0)."""
+    if OPTIONS.deterministic:
+        return _fixed_linear(x, weight, None, bias, out_dtype)
     if use_triton(x) and gemv.applies(x, weight):
         return gemv.linear(x, weight, bias, out_dtype=out_dtype)
     if out_dtype is None or out_dtype == x.dtype:
@@ -104,6 +152,8 @@ def linear_pair(x: torch.Tensor, first: torch.Tensor, second: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(x first^T, x second^T) as one GEMV launch (gemv.linear_pair) where the GEMV applies to both, else None:
     the caller runs the two linears itself."""
+    if OPTIONS.deterministic:
+        return None
     if use_triton(x) and gemv.applies(x, first) and gemv.applies(x, second) and first.shape[1] == second.shape[1]:
         return gemv.linear_pair(x, first, second)
     return None
@@ -111,6 +161,10 @@ def linear_pair(x: torch.Tensor, first: torch.Tensor, second: torch.Tensor
 
 def per_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """See reference.per_head; decode sizes take the GEMV kernel."""
+    if OPTIONS.deterministic:
+        if use_triton(x):
+            return fp8_gemm.fixed_per_head(x, weight)
+        return _by_row(lambda row: reference.per_head(row, weight), x)
     if use_triton(x) and gemv.applies(x, weight):
         return gemv.per_head(x, weight)
     return reference.per_head(x, weight)
@@ -120,6 +174,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -
     """Decode sizes: the GEMV kernel, with the weights dequantized in its registers (reference.fp8_linear's
     function). Else cuBLASLt's blockwise FP8 GEMM where it applies (measured 1.7-4.6x faster than the Triton
     kernel at M >= 64), else the Triton kernel, else the reference."""
+    if OPTIONS.deterministic:
+        return _fixed_linear(x, weight, scale_inv, None, None)
     if use_triton(x) and gemv.applies(x, weight, scale_inv):
         return gemv.linear(x, weight, scale=scale_inv)
     if use_fast(x) and scaled_mm.supported(x, weight, scale_inv):
@@ -132,7 +188,19 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -
 def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch.Tensor, block_tables: torch.Tensor,
                context_lens: torch.Tensor, kv_lora_rank: int, softmax_scale: float,
                w_uv: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention over the latent cache, (S, H, C); given w_uv (H, v, C), projected per head: (S, H, v)."""
+    """Attention over the latent cache, (S, H, C); given w_uv (H, v, C), projected per head: (S, H, v).
+    Deterministic: a fixed number of KV splits merged in a fixed order (mla_decode_kernel.DETERMINISTIC_SPLITS),
+    each row over exactly its own context on the CPU, and W_UV through per_head's fixed GEMM."""
+    if OPTIONS.deterministic:
+        if use_triton(q_latent):
+            out = mla_decode_kernel.mla_decode_fixed(q_latent, q_rope, latent_cache, block_tables, context_lens,
+                                                     kv_lora_rank, softmax_scale)
+        else:
+            def one(q: torch.Tensor, r: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+                return reference.mla_decode(q, r, latent_cache, tables, lens, kv_lora_rank, softmax_scale)
+
+            out = _by_row(one, q_latent, q_rope, block_tables, context_lens)
+        return out if w_uv is None else per_head(out, w_uv)
     if use_triton(q_latent):
         return mla_decode_kernel.mla_decode(q_latent, q_rope, latent_cache, block_tables, context_lens,
                                             kv_lora_rank, softmax_scale, w_uv=w_uv)
@@ -157,6 +225,10 @@ def grouped_mm(x: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -> 
     """Rows of x grouped by expert; see reference.grouped_mm. Uses torch's grouped GEMM where it runs."""
     if weights.dtype == torch.float8_e4m3fn:
         raise TypeError("grouped_mm takes dequantized expert weights")
+    if OPTIONS.deterministic:  # (reads counts on the host: the CPU's path, or 32-bit experts on a GPU)
+        *parts, rest = x.split(counts.tolist() + [x.shape[0] - int(counts.sum())])   # rest: rows of no group
+        return torch.cat([_fixed_linear(part, w, None, None, None) for w, part in zip(weights, parts)]
+                         + [rest.new_zeros(len(rest), weights.shape[1])])
     if _grouped_mm_aligned(x, weights):
         offsets = torch.cumsum(counts, 0).to(torch.int32)
         return torch._grouped_mm(x, weights.transpose(1, 2), offs=offsets)
@@ -175,6 +247,8 @@ def fused_experts_available(x: torch.Tensor, gate_up: torch.Tensor, pairs: int) 
     time to read all experts). Prefill-sized bf16 batches stay on the grouped GEMM, 10-20% faster there."""
     if not use_triton(x) or x.dtype not in (torch.bfloat16, torch.float16):  # the kernels are checked in 16 bits
         return False
+    if OPTIONS.deterministic:  # the fixed GEMM at every batch size
+        return True
     return gate_up.dtype == torch.float8_e4m3fn or pairs <= FUSED_MAX_PAIRS_PER_EXPERT * gate_up.shape[0]
 
 
@@ -188,7 +262,7 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tenso
     shared_mlp)."""
     return moe_kernel.fused_experts(x, local_ids, weights, gate_up, gate_up_scale, down, down_scale,
                                     quantize_activations=OPTIONS.quantize_activations, all_local=all_local, shared=shared,
-                                    join=join, shared_mlp=shared_mlp)
+                                    join=join, shared_mlp=shared_mlp, fixed=OPTIONS.deterministic)
 
 
 def shared_experts_inline(x: torch.Tensor, gate_up: torch.Tensor, gate_up_scale: torch.Tensor | None,
@@ -197,7 +271,7 @@ def shared_experts_inline(x: torch.Tensor, gate_up: torch.Tensor, gate_up_scale:
     """One token on the GPU: the shared experts run as more experts in the routed experts' two GEMV launches
     (kernels/moe.py one_token_gemv), instead of three kernels of their own beside them, whose programs
     queued behind the routed ones (moonlight-16b batch 1 on an H100, bench/NOTES.md)."""
-    return (OPTIONS.shared_inline and fused_experts_available(x, gate_up, 1)
+    return (OPTIONS.shared_inline and not OPTIONS.deterministic and fused_experts_available(x, gate_up, 1)
             and moe_kernel.one_token_gemv(x, gate_up, gate_up_scale, down, all_local, shared_mlp))
 
 
@@ -221,7 +295,11 @@ def mla_rope_and_cache(q_pe: torch.Tensor, kv: torch.Tensor, rope: torch.Tensor,
 def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
           norm_topk_prob: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_triton(x) and use_triton(weight):
-        return glue.route(x, weight, bias, top_k, n_group, topk_group, norm_topk_prob, scaling)
+        return glue.route(x, weight, bias, top_k, n_group, topk_group, norm_topk_prob, scaling,
+                          fixed=OPTIONS.deterministic)
+    if OPTIONS.deterministic:
+        return _by_row(lambda row: reference.route(row, weight, bias, top_k, n_group, topk_group, norm_topk_prob,
+                                                   scaling), x.reshape(-1, x.shape[-1]))
     return reference.route(x, weight, bias, top_k, n_group, topk_group, norm_topk_prob, scaling)
 
 

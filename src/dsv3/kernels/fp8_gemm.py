@@ -45,13 +45,19 @@ def _k_step(x, w, scale, QUANTIZE_A: tl.constexpr, HAS_SCALE: tl.constexpr):
 @triton.jit
 def _block_scaled_matmul(a, b, b_scale, c, a_rows, block_group, M, N, K, scale_block_n,
                          stride_am, stride_bg, stride_bn, stride_sg, stride_sn, stride_sk, stride_cm,
+                         stride_ah, stride_bk, stride_ch,
                          HAS_SCALE: tl.constexpr, QUANTIZE_A: tl.constexpr, GATHER: tl.constexpr, SWIGLU: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                          USE_GDC: tl.constexpr):
     """c[m] = a[rows[m]] @ b[g]^T, g the group of m's block; b (G, N, K), its scales (G, N/bn, K/BLOCK_K).
     SWIGLU: b is (G, 2N, K), gate rows then up rows, and c[m] = silu(gate) * up, each rounded to c's dtype
-    first as reference.silu_mul rounds them (the experts' SwiGLU product without a kernel of its own)."""
+    first as reference.silu_mul rounds them (the experts' SwiGLU product without a kernel of its own).
+    Programs (., h) take head h: a, b and c start at h times their head strides (per_head's batched products)."""
     pdl.start(USE_GDC)
+    head = tl.program_id(1).to(tl.int64)
+    a += head * stride_ah
+    b += head * stride_bg
+    c += head * stride_ch
     # Blocks of GROUP_M row tiles sweep the columns together, so their B tiles are shared in L2.
     pid = tl.program_id(0)
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -76,7 +82,7 @@ def _block_scaled_matmul(a, b, b_scale, c, a_rows, block_group, M, N, K, scale_b
         k_end = K
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a + source.to(tl.int64)[:, None] * stride_am + ks[None, :]                   # (BLOCK_M, BLOCK_K)
-    b_ptrs = b + cols.to(tl.int64)[:, None] * stride_bn + ks[None, :]                     # (BLOCK_N, BLOCK_K)
+    b_ptrs = b + cols.to(tl.int64)[:, None] * stride_bn + ks[None, :] * stride_bk         # (BLOCK_N, BLOCK_K)
     s_ptrs = b_scale + (cols // scale_block_n) * stride_sn                                # (BLOCK_N,)
     up_ptrs = b_ptrs + N * stride_bn                                                      # SWIGLU's up rows
     up_s_ptrs = b_scale + ((cols + N) // scale_block_n) * stride_sn
@@ -88,12 +94,12 @@ def _block_scaled_matmul(a, b, b_scale, c, a_rows, block_group, M, N, K, scale_b
     for k0 in range(0, k_end, BLOCK_K):
         k_ok = ks < K - k0
         x = tl.load(a_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(b_ptrs + k0, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(b_ptrs + k0 * stride_bk, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_SCALE:
             scale = tl.load(s_ptrs + (k0 // BLOCK_K) * stride_sk, mask=col_ok, other=0.0)
         acc += _k_step(x, w, scale, QUANTIZE_A, HAS_SCALE)
         if SWIGLU:
-            w_up = tl.load(up_ptrs + k0, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            w_up = tl.load(up_ptrs + k0 * stride_bk, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
             if HAS_SCALE:
                 up_scale = tl.load(up_s_ptrs + (k0 // BLOCK_K) * stride_sk, mask=col_ok, other=0.0)
             acc_up += _k_step(x, w_up, up_scale, QUANTIZE_A, HAS_SCALE)
@@ -114,24 +120,31 @@ def gemm_config(m: int, n: int) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
 
 
+# The deterministic mode's one launch for every matmul, whatever its number of rows: each output row is then
+# its own input row's product, summed in the same order (no split-K) in a tile of the same shape.
+FIXED_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4)
+
+
 def block_scaled_matmul(a: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor | None, out_rows: int,
                         a_rows: torch.Tensor | None = None, block_group: torch.Tensor | None = None,
-                        quantize_activations: bool = True, config: dict | None = None, swiglu: bool = False
-                        ) -> torch.Tensor:
+                        quantize_activations: bool = True, config: dict | None = None, swiglu: bool = False,
+                        out_dtype: torch.dtype | None = None, heads: bool = False) -> torch.Tensor:
     """(out_rows, N) = rows of a times weight[group]^T; weight (G, N, K) e4m3 with scales (G, N/bn, K/bk), or bf16.
 
     Without a_rows, row m of the output is row m of a and G = 1. With them, output row m is
     a[a_rows[m]] (left unwritten when -1) times weight[block_group[m // BLOCK_M]], and config must
     carry the BLOCK_M the rows were laid out for. swiglu: weight holds gate then up rows, and the
-    result is silu(gate) * up, (out_rows, N / 2).
+    result is silu(gate) * up, (out_rows, N / 2). heads (16 bits only): a is (M, H, K) and weight (H, N, K),
+    the result (M, H, N), head h's rows times weight[h]^T. The weight's last two dims may have any strides
+    (16 bits; W_UK^T is a transposed view). out_dtype: the result's (default a's), rounded once from float32.
     """
     if a.stride(-1) != 1:
         a = a.contiguous()
     groups, n, k = weight.shape
-    if weight.stride(-1) != 1:
-        raise ValueError("block_scaled_matmul needs the weight's last dim contiguous")
     has_scale = scale_inv is not None
     if has_scale:
+        if weight.stride(-1) != 1:
+            raise ValueError("block_scaled_matmul needs an FP8 weight's last dim contiguous")
         bn, bk = block_length(n, scale_inv.shape[-2]), block_length(k, scale_inv.shape[-1])
         block_k = bk
         quantize = quantize_activations
@@ -145,12 +158,19 @@ def block_scaled_matmul(a: torch.Tensor, weight: torch.Tensor, scale_inv: torch.
         if n % 2:
             raise ValueError(f"swiglu needs gate and up rows of equal count, got {n} rows")
         n //= 2
-    out = torch.empty(out_rows, n, dtype=a.dtype, device=a.device)
-    grid = (triton.cdiv(out_rows, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
+    n_heads = a.shape[1] if heads else 1
+    if heads and (has_scale or a.dim() != 3 or n_heads != groups):
+        raise ValueError(f"heads: a (M, H, K) and a 16-bit weight (H, N, K); got {tuple(a.shape)} and "
+                         f"{tuple(weight.shape)} {weight.dtype}")
+    out = torch.empty(out_rows, *([n_heads] if heads else []), n, dtype=out_dtype or a.dtype, device=a.device)
+    if out_rows == 0:
+        return out
+    grid = (triton.cdiv(out_rows, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), n_heads)
     sg, sn, sk = (scale_inv.stride(0), scale_inv.stride(1), scale_inv.stride(2)) if has_scale else (0, 0, 0)
     _block_scaled_matmul[grid](
         a, weight, scale_inv, out, a_rows if a_rows is not None else a, block_group if block_group is not None else a,
         out_rows, n, k, bn, a.stride(0), weight.stride(0), weight.stride(1), sg, sn, sk, out.stride(0),
+        a.stride(1) if heads else 0, weight.stride(2), out.stride(1) if heads else 0,
         HAS_SCALE=has_scale, QUANTIZE_A=quantize, GATHER=a_rows is not None, SWIGLU=swiglu, BLOCK_K=block_k,
         GROUP_M=8, **config,
         **pdl.launch(a))
@@ -164,6 +184,22 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, q
     y = block_scaled_matmul(flat, weight.unsqueeze(0), scale_inv.unsqueeze(0), flat.shape[0],
                             quantize_activations=quantize_activations, config=config)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def fixed_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor | None = None,
+                 out_dtype: torch.dtype | None = None, quantize_activations: bool = True) -> torch.Tensor:
+    """x W^T for a 16-bit W (N, K), or an e4m3 one with its block scales, in FIXED_CONFIG's launch (the
+    deterministic mode): F.linear's (reference.fp8_linear's) function, each row independent of the others."""
+    flat = x.reshape(-1, x.shape[-1])                                                     # (M, K)
+    y = block_scaled_matmul(flat, weight.unsqueeze(0), None if scale_inv is None else scale_inv.unsqueeze(0),
+                            flat.shape[0], quantize_activations=quantize_activations, config=FIXED_CONFIG,
+                            out_dtype=out_dtype)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def fixed_per_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """reference.per_head (x (M, H, K), weight (H, N, K) -> (M, H, N)) in FIXED_CONFIG's launch."""
+    return block_scaled_matmul(x, weight.to(x.dtype), None, x.shape[0], config=FIXED_CONFIG, heads=True)
 
 
 @triton.jit

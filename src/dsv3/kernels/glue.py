@@ -232,18 +232,21 @@ def _route(logits, bias, scores, weights, ids, stride_ls, stride_l, stride_s, sc
 
 
 def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
-          norm_topk_prob: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Same arguments and result as reference.route: the logits GEMM, then one program a token."""
+          norm_topk_prob: bool, scaling: float, fixed: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same arguments and result as reference.route: the logits GEMM, then one program a token. fixed (the
+    deterministic mode): the decode launch for every number of rows, so each token's logits are summed in
+    the same order whatever the batch."""
     x, weight = _rows(x), _rows(weight)
     rows, dim = x.shape
     n_experts = weight.shape[0]
     # Decode: W spread over programs, also along K (moonlight: 4 programs took 7.4 us of a 2.4 us read), one
     # tile of K a program, loaded before the wait.
-    block_m, block_e, block_k = (16, 16, 128) if rows <= 16 else (64, 16 if rows <= 1024 else 64, 64)
-    splits = max(1, min(8, dim // 256)) if rows <= 1024 else 1
+    small = rows <= 16 or fixed
+    block_m, block_e, block_k = (16, 16, 128) if small else (64, 16 if rows <= 1024 else 64, 64)
+    splits = max(1, min(8, dim // 256)) if rows <= 1024 or fixed else 1
     split_len = triton.cdiv(triton.cdiv(dim, splits), block_k) * block_k
     splits = triton.cdiv(dim, split_len)
-    one_tile = rows <= 16 and split_len <= 512
+    one_tile = small and split_len <= 512
     block_k = triton.next_power_of_2(split_len) if one_tile else block_k
     logits = torch.empty(splits, rows, n_experts, dtype=torch.float32, device=x.device)
     _router_logits[(triton.cdiv(rows, block_m), triton.cdiv(n_experts, block_e), splits)](

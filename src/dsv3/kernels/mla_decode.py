@@ -166,8 +166,8 @@ def choose_splits(batch: int, head_blocks: int, max_context: int, device: torch.
 def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch.Tensor, block_tables: torch.Tensor,
                context_lens: torch.Tensor, kv_lora_rank: int, softmax_scale: float, *,
                num_splits: int | None = None, block_h: int | None = None, block_n: int | None = None,
-               num_warps: int | None = None, num_stages: int | None = None, w_uv: torch.Tensor | None = None
-               ) -> torch.Tensor:
+               num_warps: int | None = None, num_stages: int | None = None, w_uv: torch.Tensor | None = None,
+               early_tile: bool | None = None) -> torch.Tensor:
     """Same arguments and result as reference.mla_decode; the keywords after * tune the launch. Given w_uv
     (H, v, C): the output projected per head, reference.per_head(result, w_uv), with the merge of the
     splits inside that product at decode sizes (gemv.per_head_merged)."""
@@ -189,6 +189,7 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch
     head_blocks = triton.cdiv(heads, block_h)
     max_context = block_tables.shape[1] * latent_cache.shape[1]
     few = block_h <= 16 and batch * head_blocks <= 4
+    early_tile = few if early_tile is None else early_tile
     if few and block_n is None:
         # A chain of batch-1 decodes with the W_UV product, 16 heads, under PDL (tune_decode.py --mla-chain,
         # H100): 64-token tiles, 8 warps and one stage took 7.0 us a link over 170 tokens (3 splits with
@@ -225,7 +226,7 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch
         q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1),
         latent_cache.stride(0), latent_cache.stride(1), block_tables.stride(0),
         partial.stride(0), partial.stride(1), stride_ps, stride_lb, stride_lh,
-        C=c, R=r, BLOCK_H=block_h, BLOCK_N=block_n, SPLIT=splits > 1, EARLY_TILE=few, num_warps=num_warps,
+        C=c, R=r, BLOCK_H=block_h, BLOCK_N=block_n, SPLIT=splits > 1, EARLY_TILE=early_tile, num_warps=num_warps,
         num_stages=num_stages,
         **pdl.launch(q_latent))
     project = w_uv is not None and gemv.applies(q_latent, w_uv)
@@ -239,3 +240,18 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch
     if w_uv is None:
         return out
     return gemv.per_head(out, w_uv) if project else reference.per_head(out, w_uv)
+
+
+# The deterministic mode's split count, whatever the batch: four parts of each row's context, merged in order.
+DETERMINISTIC_SPLITS = 4
+
+
+def mla_decode_fixed(q_latent: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch.Tensor,
+                     block_tables: torch.Tensor, context_lens: torch.Tensor, kv_lora_rank: int, softmax_scale: float
+                     ) -> torch.Tensor:
+    """reference.mla_decode in one launch for every batch size (the deterministic mode): DETERMINISTIC_SPLITS
+    splits of 32-token tiles, merged by _mla_decode_merge, so a row's result depends on its own context alone
+    (mla_decode chooses splits, tiles and warps by the batch). A prompt token prefilled as a row gets the same
+    values as when it is decoded."""
+    return mla_decode(q_latent, q_rope, latent_cache, block_tables, context_lens, kv_lora_rank, softmax_scale,
+                      num_splits=DETERMINISTIC_SPLITS, block_n=32, num_stages=2, early_tile=False)

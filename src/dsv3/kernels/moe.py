@@ -23,7 +23,7 @@ import triton.language as tl
 from dsv3.kernels import gemv, pdl
 
 from dsv3.kernels import reference
-from dsv3.kernels.fp8_gemm import block_scaled_matmul, gemm_config
+from dsv3.kernels.fp8_gemm import FIXED_CONFIG, block_scaled_matmul, gemm_config
 
 # One program walks the pairs twice, so past a few thousand pairs (prefill) the PyTorch layout, a
 # few dozen parallel kernels, is faster; below, launches dominate. An estimate, not measured.
@@ -148,17 +148,22 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tenso
                   down: torch.Tensor, down_scale: torch.Tensor | None, quantize_activations: bool = True,
                   block_m: int | None = None, all_local: bool = False, shared: torch.Tensor | None = None,
                   join: Callable[[], None] | None = None,
-                  shared_mlp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                  shared_mlp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                  fixed: bool = False) -> torch.Tensor:
     """Same arguments and result as reference.routed_experts. all_local: every id is an expert of this
     rank (no expert parallel); one token then needs no layout kernel: its pair j is block j. shared: the
     shared experts' output, added in the weighted sum's kernel (reference.moe_combine, in x's dtype);
     join() runs before that kernel is queued (the shared experts may run on another stream).
     shared_mlp: instead, the shared experts' gate, up and down weights, run in the same launches as the
-    routed experts (only where one_token_gemv applies), the result as with shared."""
+    routed experts (only where one_token_gemv applies), the result as with shared. fixed (the deterministic
+    mode): both GEMMs in fp8_gemm.FIXED_CONFIG's launch whatever the batch, so a pair's row is the same product
+    however many tokens share its expert (and never the one-token GEMV)."""
     tokens, k = local_ids.shape
     n_experts = gate_up.shape[0]
     pairs = tokens * k
-    if one_token_gemv(x, gate_up, gate_up_scale, down, all_local, shared_mlp, down_scale):
+    if fixed and shared_mlp is not None:
+        raise ValueError("fused_experts: the fixed launch does not run the shared experts inside (shared_mlp)")
+    if not fixed and one_token_gemv(x, gate_up, gate_up_scale, down, all_local, shared_mlp, down_scale):
         # Each expert's rows as a GEMV (gemv.routed), pair j's output in row j, the shared experts' after them.
         extra_up, extra_down = (gemv.Extra.shared_experts(*shared_mlp, inter=down.shape[2]) if shared_mlp is not None
                                 else (None, None))
@@ -170,14 +175,14 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tenso
     # experts at batch 256 (8 pairs an expert), H100: 4.04 ms a layer in 16-row blocks against 7.36 in 64-row ones
     # (bench/results/*-tune-moe-fp8-b256-2aff41e.txt).
     small = 8 if gate_up_scale is not None else 4
-    block_m = block_m or (16 if pairs <= small * n_experts else 64)
+    block_m = FIXED_CONFIG["BLOCK_M"] if fixed else block_m or (16 if pairs <= small * n_experts else 64)
     if tokens == 1 and all_local:
         token_at, row_at, row_of_pair = _one_token_layout(k, block_m, x.device)
         block_expert = local_ids.view(-1)
     else:
         token_at, row_at, block_expert, row_of_pair = expert_blocks(local_ids.flatten(), n_experts, block_m, k)
     capacity = token_at.numel()
-    config = gemm_config(block_m, gate_up.shape[1])                                    # its BLOCK_M is block_m
+    config = FIXED_CONFIG if fixed else gemm_config(block_m, gate_up.shape[1])          # its BLOCK_M is block_m
 
     act = block_scaled_matmul(x, gate_up, gate_up_scale, capacity, token_at, block_expert,
                               quantize_activations, config, swiglu=True)               # (capacity, I): SwiGLU'd

@@ -192,12 +192,17 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def expert_sum(ys: torch.Tensor, order: torch.Tensor, mine: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The routed sum after the grouped GEMMs: row i of ys is pair order[i] (pair p = token p // k, choice
-    p % k); out[t] = sum over t's choices on this rank (mine) of weight * that pair's row, in float32. (N, D)."""
+    p % k); out[t] = sum over t's choices on this rank (mine) of weight * that pair's row, in float32. (N, D).
+    Summed in choice order, as the kernel sums: a token's result does not depend on the other tokens."""
     n, k = weights.shape
     acc = torch.promote_types(ys.dtype, torch.float32)                            # float64 stays float64
-    w = torch.where(mine, weights.flatten(), 0.0)[order]
-    ys = torch.where(w[:, None] != 0, ys.to(acc) * w[:, None], 0.0)              # rows of other ranks: 0
-    return torch.zeros(n, ys.shape[1], dtype=acc, device=ys.device).index_add_(0, order // k, ys)
+    row_of_pair = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    w = torch.where(mine, weights.flatten(), 0.0).view(n, k, 1)
+    y = ys[row_of_pair].to(acc).view(n, k, -1)                                    # (N, k, D), pairs in choice order
+    out = torch.zeros(n, ys.shape[1], dtype=acc, device=ys.device)
+    for j in range(k):
+        out += torch.where(w[:, j] != 0, y[:, j] * w[:, j], 0.0)                 # rows of other ranks: 0
+    return out
 
 
 def moe_combine(routed: torch.Tensor, shared: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
