@@ -312,7 +312,7 @@ def test_rows_that_continue_a_speculative_step_move_where_its_draft_stood(model)
     a, b, c = (Sequence(list(range(n)), GREEDY) for n in (7, 4, 3))
     a.block_table, b.block_table, c.block_table = [5, 9, 2], [3, 11], [7]
     # Step n's record: pair 0 (b) rejected its draft, pair 1 (a) accepted it.
-    runner.last_speculation[:, :2] = torch.tensor([[0, 1], [11, 21], [12, 22], [13, 23]])
+    runner.last_speculation[:2] = torch.tensor([[0, 11, 12, 13], [1, 21, 22, 23]])
     packed = runner.pack([ScheduledItem(a, 6, [-1, -1], 2), ScheduledItem(b, 3, [-1, -1], 2),
                           ScheduledItem(c, 1, [4, 5], 2)], True, greedy_draft=True, continues=[1, 0, -1])
     with torch.inference_mode():  # (as the runner's steps run)

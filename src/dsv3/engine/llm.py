@@ -36,7 +36,7 @@ class Launched:
     tokens: torch.Tensor | None   # (len(done),) on the device: the runner's last_tokens until the next step
     host: list[torch.Tensor]      # tokens (and logprob tensors) copied to the host, complete once `ready` is
     ready: torch.cuda.Event | None
-    speculative: bool = False     # host[0]: the runner's last_speculation record (4, len(done)), one pair per sequence
+    speculative: bool = False     # host[0]: the runner's last_speculation record (len(done), 4), a row per sequence
     rows: dict[int, int] = field(init=False)  # seq_id -> its row of `tokens` (of the record, if speculative)
 
     def __post_init__(self):
@@ -102,7 +102,7 @@ class LLMEngine:
         self.async_scheduling = options.async_scheduling
         self.in_flight: Launched | None = None
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "prefill_steps": 0, "spec_drafted": 0,
-                      "spec_accepted": 0, "spec_off_steps": 0, "spec_off_sequences": 0}
+                      "spec_accepted": 0, "spec_off_steps": 0, "spec_off_sequences": 0, "spec_async_steps": 0}
 
     def _blocks_for_memory(self, num_layers: int, block_size: int, fraction: float, max_num_seqs: int) -> int:
         """On a GPU, what free memory holds; on the CPU, enough for max_num_seqs full-length sequences."""
@@ -301,7 +301,7 @@ class LLMEngine:
         rows = 2 * len(running)
         if prev is not None and not prev.speculative or not policy.wants(len(running)):
             return False
-        if rows > min(self.options.max_num_batched_tokens, 2 * self.runner.last_speculation.shape[1]):
+        if rows > min(self.options.max_num_batched_tokens, 2 * self.runner.last_speculation.shape[0]):
             return False
         if self.device.type == "cuda" and not any(size >= rows for size in self.runner.draft_graphs):
             return False
@@ -336,7 +336,8 @@ class LLMEngine:
         if items:
             self.runner.run(self.runner.pack(items, True, greedy_draft=True, continues=pairs))
             self.stats["steps"] += 1
-            host, ready = self._to_host([self.runner.last_speculation[:, :len(items)]])
+            self.stats["spec_async_steps"] += 1
+            host, ready = self._to_host([self.runner.last_speculation[:len(items)]])
             launched = Launched(items, [item.seq for item in items], None, host, ready, speculative=True)
         changed = self._resolve(prev) if prev is not None else []  # the device runs `launched` meanwhile
         if launched is not None:
@@ -352,7 +353,7 @@ class LLMEngine:
         """Apply a speculative step's record (per sequence: whether its draft stood, the draft, the token after,
         the next draft). The step after it, if launched, has already moved these sequences' rows on the device."""
         changed = []
-        for seq, (stood, draft, token, next_draft) in zip(launched.done, launched.host[0].T.tolist()):
+        for seq, (stood, draft, token, next_draft) in zip(launched.done, launched.host[0].tolist()):
             if seq.finished:  # stopped by the step before, or aborted, while this one was computed
                 continue
             seq.pending -= 1

@@ -113,7 +113,7 @@ class ModelRunner:
         self.last_argmax: torch.Tensor | None = None  # (R,) a view of last_tokens, set by every forward
         # What the last greedy_draft step verified, per pair of rows (a sequence's token and its draft): whether
         # the draft stood, the draft, the token after the window, the next draft (`record_speculation`).
-        self.last_speculation = torch.zeros(4, max(max_draft_rows // 2, 1), dtype=torch.int64, device=self.device)
+        self.last_speculation = torch.zeros(max(max_draft_rows // 2, 1), 4, dtype=torch.int64, device=self.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.draft_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.static: dict[int, tuple[StepInputs, torch.Tensor, torch.Tensor]] = {}
@@ -297,12 +297,12 @@ class ModelRunner:
         the draft, the token after the window (the argmax at the draft if it stood, else at the token) and the
         draft made there. ids (N,): the step's input tokens; tokens (2, N): greedy_draft's. Steps whose rows
         are not pairs (prefills, the synchronous path) leave a record nobody reads."""
-        pairs = min(ids.shape[0] // 2, self.last_speculation.shape[1])
+        pairs = min(ids.shape[0] // 2, self.last_speculation.shape[0])
         target, drafted, draft = tokens[0, :2 * pairs], tokens[1, :2 * pairs], ids[1:2 * pairs:2]
         stood = draft == target[0::2]
         record = torch.stack([stood.long(), draft, torch.where(stood, target[1::2], target[0::2]),
-                              torch.where(stood, drafted[1::2], drafted[0::2])])  # (4, pairs)
-        self.last_speculation[:, :pairs].copy_(record)
+                              torch.where(stood, drafted[1::2], drafted[0::2])], dim=1)  # (pairs, 4)
+        self.last_speculation[:pairs].copy_(record)
 
     def continue_speculation(self, step: StepInputs) -> None:
         """Move the rows that continue the speculative step before (continues >= 0) where its verification
@@ -312,15 +312,15 @@ class ModelRunner:
         (inside the draft graphs); rows that do not continue keep theirs."""
         continues, batch = step.continues, step.batch
         on = continues >= 0
-        record = self.last_speculation[:, continues.clamp(min=0) // 2]   # (4, N): each row's pair
-        shift = record[0] * on
+        record = self.last_speculation[continues.clamp(min=0) // 2]   # (N, 4): each row's pair
+        shift = record[:, 0] * on
         step.positions.add_(shift)
         batch.context_lens.add_(shift.to(batch.context_lens.dtype))
         tables = batch.block_tables
         block = (step.positions // self.block_size).clamp(max=tables.shape[1] - 1)
         slots = tables.gather(1, block[:, None])[:, 0].long() * self.block_size + step.positions % self.block_size
         batch.slot_mapping.copy_(torch.where(on, slots, batch.slot_mapping))
-        step.ids.copy_(torch.where(on, torch.where(continues % 2 == 0, record[2], record[3]), step.ids))
+        step.ids.copy_(torch.where(on, torch.where(continues % 2 == 0, record[:, 2], record[:, 3]), step.ids))
 
     # ---- CUDA graphs ------------------------------------------------------------------------------
     @torch.inference_mode()
