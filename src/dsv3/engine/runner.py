@@ -298,11 +298,7 @@ class ModelRunner:
         draft made there. ids (N,): the step's input tokens; tokens (2, N): greedy_draft's. Steps whose rows
         are not pairs (prefills, the synchronous path) leave a record nobody reads."""
         pairs = min(ids.shape[0] // 2, self.last_speculation.shape[0])
-        target, drafted, draft = tokens[0, :2 * pairs], tokens[1, :2 * pairs], ids[1:2 * pairs:2]
-        stood = draft == target[0::2]
-        record = torch.stack([stood.long(), draft, torch.where(stood, target[1::2], target[0::2]),
-                              torch.where(stood, drafted[1::2], drafted[0::2])], dim=1)  # (pairs, 4)
-        self.last_speculation[:pairs].copy_(record)
+        dispatch.record_speculation(ids, tokens, self.last_speculation[:pairs])
 
     def continue_speculation(self, step: StepInputs) -> None:
         """Move the rows that continue the speculative step before (continues >= 0) where its verification
@@ -310,17 +306,9 @@ class ModelRunner:
         further (their cache slots and context lengths with them), and their tokens are the step's token after
         the window and its next draft. In place on the step's inputs, on the device: no host sync, fixed shapes
         (inside the draft graphs); rows that do not continue keep theirs."""
-        continues, batch = step.continues, step.batch
-        on = continues >= 0
-        record = self.last_speculation[continues.clamp(min=0) // 2]   # (N, 4): each row's pair
-        shift = record[:, 0] * on
-        step.positions.add_(shift)
-        batch.context_lens.add_(shift.to(batch.context_lens.dtype))
-        tables = batch.block_tables
-        block = (step.positions // self.block_size).clamp(max=tables.shape[1] - 1)
-        slots = tables.gather(1, block[:, None])[:, 0].long() * self.block_size + step.positions % self.block_size
-        batch.slot_mapping.copy_(torch.where(on, slots, batch.slot_mapping))
-        step.ids.copy_(torch.where(on, torch.where(continues % 2 == 0, record[:, 2], record[:, 3]), step.ids))
+        b = step.batch
+        dispatch.continue_speculation(step.ids, step.positions, b.slot_mapping, b.context_lens, b.block_tables,
+                                      step.continues, self.last_speculation, self.block_size)
 
     # ---- CUDA graphs ------------------------------------------------------------------------------
     @torch.inference_mode()
