@@ -294,7 +294,9 @@ class LLMEngine:
         """Whether this step speculates asynchronously (`_speculative_async_step`): greedy with one draft made
         in the verifying forward (`MTPProposer.fused`), every running sequence decoding with a draft (perhaps
         still on the device), no request waiting, room in the cache and in max_model_len for two positions
-        more each, and a captured graph that holds the step's two rows a sequence (on the CPU: eagerly)."""
+        more each, and a captured graph that holds the step's two rows a sequence (on the CPU: eagerly).
+        Here a sequence whose drafts rarely stand (SpeculationPolicy.pays) keeps drafting: its draft costs
+        no forward of its own, and a batch that holds it still steps asynchronously."""
         running, prev, policy = self.scheduler.running, self.in_flight, self.spec_policy
         if not (self.async_scheduling and self.proposer.fused and running) or self.scheduler.waiting:
             return False
@@ -309,7 +311,7 @@ class LLMEngine:
         for seq in running:
             p = seq.params
             if not (len(seq.draft) == 1 and seq.num_uncomputed == 1 and p.greedy and p.logprobs is None
-                    and policy.pays(seq) and seq.num_tokens + 2 <= self.max_model_len):
+                    and seq.num_tokens + 2 <= self.max_model_len):
                 return False
             blocks += self.blocks.blocks_needed(seq.num_tokens + 2) - len(seq.block_table)
         return blocks <= self.blocks.num_free
@@ -359,7 +361,7 @@ class LLMEngine:
             seq.pending -= 1
             self._apply_verified(seq, 1, [draft] if stood else [], token)
             if not seq.finished:
-                seq.draft, seq.draft_probs = ([next_draft], [None]) if self.spec_policy.pays(seq) else ([], [])
+                seq.draft, seq.draft_probs = [next_draft], [None]
             changed.append(seq)
         return changed
 
