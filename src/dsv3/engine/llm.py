@@ -403,13 +403,16 @@ class LLMEngine:
 
     def _verify_and_draft(self, items: list[ScheduledItem], tokens: torch.Tensor) -> None:
         """tokens (2, N): the main model's argmax and the MTP draft at every row of a greedy_draft step.
-        A sequence's next draft is the one at its last valid row (the real token plus accepted drafts)."""
+        A sequence's next draft is the one at its last valid row (the real token plus accepted drafts). With
+        async scheduling every sequence keeps it, so that the next steps can be asynchronous ones (where a
+        draft costs no forward of its own); otherwise only those whose drafts pay."""
         target, drafted = tokens.tolist()
         starts = [0]
         for _, _, rows, _ in items:
             starts.append(starts[-1] + len(rows))
         for seq, start, v in zip((item.seq for item in items), starts, self._verify(items, None, target)):
-            if not seq.finished and self.spec_policy.pays(seq) and self.blocks.can_append(seq, 1):
+            pays = self.async_scheduling or self.spec_policy.pays(seq)
+            if not seq.finished and pays and self.blocks.can_append(seq, 1):
                 self.blocks.append(seq, 0)
                 seq.draft, seq.draft_probs = [drafted[start + v - 1]], [None]
 
