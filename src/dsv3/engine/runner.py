@@ -189,8 +189,9 @@ class ModelRunner:
         static buffer, if given) and view it as a step: decode-only, every row kept, until pack says."""
         host = torch.empty(fields.nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
         views = fields.views(host)
-        for name in ("ids", "positions", "slots", "sources", "continues", "context_lens"):
+        for name in ("ids", "positions", "slots", "sources", "context_lens"):
             views[name].numpy()[:] = values[name]
+        views["continues"].numpy()[:] = values.get("continues", -1)  # (none given: no row continues)
         kept = views["rows"].numpy()
         kept[:] = 0
         kept[:len(values["rows"])] = values["rows"]
@@ -320,8 +321,7 @@ class ModelRunner:
         for size in sorted(set(sizes) | set(draft_sizes), reverse=True):
             fields = self.graph_fields(size)
             values = dict(ids=[0] * size, positions=[0] * size, slots=[self.scratch_block * self.block_size] * size,
-                          sources=[-1] * size, continues=[-1] * size, rows=list(range(fields.r)),
-                          context_lens=[1] * size, tables=[])
+                          sources=[-1] * size, rows=list(range(fields.r)), context_lens=[1] * size, tables=[])
             static = self.stage(fields, values, torch.empty(fields.nbytes, dtype=torch.uint8, device=self.device))
             static.graph_size = size
 
@@ -355,7 +355,7 @@ class ModelRunner:
                 try:
                     with torch.cuda.graph(graph, pool=pool):
                         hidden, tokens = draft_forward()
-                except RuntimeError as error:  # speculative steps of this size then run synchronously, eagerly
+                except Exception as error:  # noqa: BLE001 (speculative steps of this size then run synchronously)
                     warnings.warn(f"no CUDA graph for speculative steps of {size} rows: {error}")
                     torch.cuda.synchronize()
                     continue
