@@ -304,6 +304,47 @@ def test_asynchronous_speculation_equals_plain_decoding(trained):
     assert engine.stats["spec_accepted"] > 0.3 * engine.stats["spec_drafted"]
 
 
+def stand_in_draft_graphs(engine, sizes):
+    """Draft graphs on the CPU: each size's static inputs, as capture makes them, and a replay that runs what
+    the graph would (ModelRunner.speculative_forward) on them into its static outputs."""
+    from types import SimpleNamespace
+
+    runner = engine.runner
+    for size in sizes:
+        fields = runner.graph_fields(size)
+        static = runner.stage(fields, dict(ids=[0] * size, positions=[0] * size, sources=[-1] * size,
+                                           slots=[runner.scratch_block * runner.block_size] * size,
+                                           rows=list(range(fields.r)), context_lens=[1] * size, tables=[]),
+                              torch.zeros(fields.nbytes, dtype=torch.uint8))
+        hidden = torch.zeros(size, engine.config.hidden_size)
+        tokens = torch.zeros(2, size, dtype=torch.int64)
+
+        def replay(static=static, hidden=hidden, tokens=tokens):
+            h, t = runner.speculative_forward(static)
+            hidden.copy_(h)
+            tokens.copy_(t)
+
+        runner.draft_graphs[size] = SimpleNamespace(replay=replay)
+        runner.static[size], runner.static_drafts[size] = (static, hidden, None), (hidden, tokens)
+
+
+def test_speculative_steps_replayed_from_static_buffers_equal_plain_decoding(trained):
+    """The graph path's bookkeeping on the CPU (stand-in graphs): inputs packed into a size's static buffer,
+    padding rows beside the real ones, block tables max_model_len wide, the record of the step before
+    read inside the replay; batches of 6, 5, ... 1 sequences pad to 16, 8, 4 and 2 rows."""
+    prompts = [[0] + list(range(40 + 7 * i, 60 + 9 * i)) for i in range(6)]
+    params = [SamplingParams(max_tokens=m, temperature=0) for m in (9, 14, 20, 25, 31, 36)]
+    expected = generate(LLMEngine(trained, None, num_blocks=96, block_size=8), prompts, params)
+    engine = LLMEngine(trained, None, num_blocks=96, block_size=8, speculative_tokens=1, max_model_len=128)
+    engine.spec_policy = SpeculationPolicy(32, clock=None)
+    stand_in_draft_graphs(engine, (2, 4, 8, 16))
+    sizes, pack = [], engine.runner.pack
+    engine.runner.pack = lambda *a, **k: (lambda step: sizes.append(step.graph_size) or step)(pack(*a, **k))
+    seen = watch_async(engine)
+    assert generate(engine, prompts, params) == expected
+    assert seen["steps"] > 10 and {16, 8, 4, 2} <= set(sizes)
+
+
 def test_rows_that_continue_a_speculative_step_move_where_its_draft_stood(model):
     """Packed as if the draft in flight was rejected, then corrected from the step's record: the inputs
     equal those of the synchronous step packed knowing the verification (positions, cache slots across a

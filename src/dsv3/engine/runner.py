@@ -269,16 +269,13 @@ class ModelRunner:
             logits = logits[step.rows]
             self.last_argmax = dispatch.argmax(logits, out=self.last_tokens[:kept])
             return hidden[:n], logits
+        elif step.greedy_draft:
+            self.last_hidden, tokens = self.speculative_forward(step)
+            return self.last_hidden, tokens
         else:
-            if step.continuing:
-                self.continue_speculation(step)
             ids = self.fill_pending(step.ids, step.sources) if step.fills else step.ids
             hidden = self.model.model(ids, step.positions, step.batch)   # (N, D)
         self.last_hidden = hidden
-        if step.greedy_draft:
-            tokens = self.greedy_draft(hidden, step.positions, step.batch)
-            self.record_speculation(ids, tokens)
-            return hidden, tokens
         logits = self.model.logits(hidden[step.rows])                    # (R, vocab) float32
         self.last_argmax = dispatch.argmax(logits, out=self.last_tokens[:kept])
         return hidden, logits
@@ -311,6 +308,15 @@ class ModelRunner:
         dispatch.continue_speculation(step.ids, step.positions, b.slot_mapping, b.context_lens, b.block_tables,
                                       step.continues, self.last_speculation, self.block_size)
 
+    def speculative_forward(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a draft graph runs: continue the speculative step before, forward, verify and draft, record."""
+        self.continue_speculation(step)
+        ids = self.fill_pending(step.ids, step.sources)
+        hidden = self.model.model(ids, step.positions, step.batch)
+        tokens = self.greedy_draft(hidden, step.positions, step.batch)
+        self.record_speculation(ids, tokens)
+        return hidden, tokens
+
     # ---- CUDA graphs ------------------------------------------------------------------------------
     @torch.inference_mode()
     def capture(self, sizes: list[int], draft_sizes: list[int]) -> None:
@@ -329,18 +335,10 @@ class ModelRunner:
                 hidden = self.model.model(self.fill_pending(static.ids, static.sources), static.positions, static.batch)
                 return hidden, self.model.logits(hidden if size <= self.max_kept else hidden[static.rows])
 
-            def draft_forward():  # a speculative step: continue the one before, verify, draft, record
-                self.continue_speculation(static)
-                ids = self.fill_pending(static.ids, static.sources)
-                hidden = self.model.model(ids, static.positions, static.batch)
-                tokens = self.greedy_draft(hidden, static.positions, static.batch)
-                self.record_speculation(ids, tokens)
-                return hidden, tokens
-
             for _ in range(2):  # warm up outside the graph (Triton autotuning, cuBLAS handles)
                 forward()
                 if size in draft_sizes:
-                    draft_forward()
+                    self.speculative_forward(static)
             torch.cuda.synchronize()
             if size in sizes:
                 graph = torch.cuda.CUDAGraph()
@@ -354,7 +352,7 @@ class ModelRunner:
                 graph = torch.cuda.CUDAGraph()
                 try:
                     with torch.cuda.graph(graph, pool=pool):
-                        hidden, tokens = draft_forward()
+                        hidden, tokens = self.speculative_forward(static)
                 except Exception as error:  # noqa: BLE001 (speculative steps of this size then run synchronously)
                     warnings.warn(f"no CUDA graph for speculative steps of {size} rows: {error}")
                     torch.cuda.synchronize()
