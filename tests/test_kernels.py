@@ -249,6 +249,32 @@ def check_norms_and_elementwise(gen: torch.Generator) -> dict[str, float]:
     return errors
 
 
+def check_speculation_edges(gen: torch.Generator) -> dict[str, float]:
+    """A speculative step's edges, over more than one block of rows: its continuing rows moved (every input
+    they change, and nothing else), and its pairs of rows verified into the record."""
+    from dsv3.kernels import glue
+
+    n, pairs, width, block_size = 1500, 700, 9, 4
+    record = torch.stack([torch.randint(0, 2, (pairs,), generator=gen)] +
+                         [torch.randint(0, 1000, (pairs,), generator=gen) for _ in range(3)], dim=1)
+    continues = torch.randint(-1, 2 * pairs, (n,), generator=gen).where(torch.rand(n, generator=gen) < 0.7, -1)
+    inputs = [torch.randint(0, 1000, (n,), generator=gen), torch.randint(0, width * block_size - 1, (n,), generator=gen),
+              torch.randint(0, 4000, (n,), generator=gen), torch.randint(1, 40, (n,), generator=gen, dtype=torch.int32),
+              torch.randint(0, 100, (n, width), generator=gen, dtype=torch.int32)]
+    kernel, ref = [t.clone() for t in inputs], [t.clone() for t in inputs]
+    glue.continue_speculation(*kernel, continues, record, block_size)
+    reference.continue_speculation(*ref, continues, record, block_size)
+    errors = {f"continue_speculation/{name}/mismatches": float((k != r).sum()) for name, k, r in
+              zip(("ids", "positions", "slots", "context_lens", "tables"), kernel, ref)}
+    errors["continue_speculation/none_moved/mismatches"] = float(torch.equal(ref[1], inputs[1]))  # (not vacuous)
+    ids, tokens = torch.randint(0, 5, (2 * pairs + 3,), generator=gen), torch.randint(0, 5, (2, 2 * pairs + 3), generator=gen)
+    out, expected = torch.full((pairs, 4), -7), torch.full((pairs, 4), -7)
+    glue.record_speculation(ids, tokens, out)
+    reference.record_speculation(ids, tokens, expected)
+    errors["record_speculation/mismatches"] = float((out != expected).sum())
+    return errors
+
+
 def check_step_edges(gen: torch.Generator) -> dict[str, float]:
     """The engine step's first and last kernels: pending tokens filled in (over one block of rows), and each
     row's argmax, where ties must give the first column (inside one part, across parts, a row of -inf);
@@ -270,6 +296,7 @@ def check_step_edges(gen: torch.Generator) -> dict[str, float]:
         out = torch.full((6,), -7, dtype=torch.int64)
         written = glue.argmax(x, out) is out
         errors[f"argmax/{dtype}/mismatches"] = float((out != reference.argmax(x)).sum()) + (not written)
+    errors.update(check_speculation_edges(gen))
     x, w = torch.randn(3, 300, generator=gen).half(), torch.randn(70, 300, generator=gen).half()
     # The float32 sums themselves (reference.linear_float32): rounded to float16 they would be ~3e-4 away.
     errors["gemv/float32_out/float32"] = rel_err(gemv.linear(x, w, out_dtype=torch.float32),
@@ -540,7 +567,8 @@ BOUNDS = {"one_token/float16": 5e-3, "float16": 2e-3, "empty_context_abs": 0.0, 
 @needs_triton
 @pytest.mark.parametrize("kernel", ["mla_decode", "fp8_linear", "fp8_dequantize", "fused_experts", "expert_sum", "rms_norm",
                                     "silu_mul", "moe_combine", "gemv", "mla_rope_and_cache", "route", "expert_blocks",
-                                    "paged_model", "fill_pending", "argmax"])
+                                    "paged_model", "fill_pending", "argmax", "continue_speculation",
+                                    "record_speculation"])
 def test_triton_kernel_matches_reference(interpreted, kernel):
     checked = {name: err for name, err in interpreted.items() if name.startswith(kernel + "/")}
     assert checked
@@ -570,6 +598,9 @@ def sm90_cases():
         (glue._silu_mul, dict.fromkeys(["gate", "up", "out"], "bf16"), set(), {"BLOCK": 1024}),
         (glue._moe_combine, {"routed": "fp32", "shared": "bf16", "out": "bf16"}, set(), {"BLOCK": 1024}),
         (glue._fill_pending, dict.fromkeys(["ids", "sources", "last", "out"], "i64"), set(), {"BLOCK": 1024}),
+        (glue._continue_speculation, {**dict.fromkeys(["ids", "positions", "slots", "continues", "record"], "i64"),
+                                      **dict.fromkeys(["context_lens", "tables"], "i32")}, set(), {"BLOCK": 1024}),
+        (glue._record_speculation, dict.fromkeys(["ids", "tokens", "record"], "i64"), set(), {"BLOCK": 1024}),
         (glue._argmax_parts, {"x": "fp32", "values": "fp32", "indices": "i64"}, set(), {"BLOCK": glue.ARGMAX_BLOCK}),
         (glue._argmax_rows, {"values": "fp32", "indices": "i64", "out": "i64"}, set(), {"PARTS_POW2": 128}),
         (moe._expert_blocks, dict.fromkeys(["ids", "token_at", "row_at", "block_expert", "row_of_pair"], "i64"), set(),

@@ -7,7 +7,9 @@ import torch
 from dsv3.config import ModelConfig
 from dsv3.engine import speculative
 from dsv3.engine.llm import LLMEngine
+from dsv3.engine.runner import ModelRunner
 from dsv3.engine.sampling import SamplingParams, probabilities
+from dsv3.engine.sequence import ScheduledItem, Sequence
 from dsv3.engine.speculative import MTPProposer, SpeculationPolicy
 from dsv3.model import DeepseekV3ForCausalLM, init_weights
 from helpers import tiny_config
@@ -160,13 +162,18 @@ def test_sampling_with_speculation_runs_and_frees_the_cache(model):
     assert engine.stats["spec_drafted"] > 0
 
 
-def test_drafting_inside_the_verification_forward_equals_two_passes():
-    """The one-forward path (verify and draft together) makes the same drafts as the MTP pass after
-    verification: same tokens, same acceptance, on the trained embedded model where drafts are often right."""
+@pytest.fixture(scope="module")
+def trained():
+    """The trained embedded model, float32: its MTP drafts are often right."""
     from dsv3.checkpoint import load_model
     from dsv3.default_model import default_model_path
 
-    trained = load_model(default_model_path(), dtype=torch.float32, device="cpu")
+    return load_model(default_model_path(), dtype=torch.float32, device="cpu")
+
+
+def test_drafting_inside_the_verification_forward_equals_two_passes(trained):
+    """The one-forward path (verify and draft together) makes the same drafts as the MTP pass after
+    verification: same tokens, same acceptance, on the trained embedded model where drafts are often right."""
     prompts = [[0] + list(range(40 + 7 * i, 60 + 9 * i)) for i in range(3)]
     params = SamplingParams(max_tokens=24, temperature=0)
     runs = {}
@@ -186,10 +193,11 @@ def test_drafting_inside_the_verification_forward_equals_two_passes():
 
 def test_a_sequence_whose_drafts_never_stand_stops_drafting(model):
     """Random MTP weights: drafts are almost never right, so after its probe each sequence decodes plainly
-    (greedy output unchanged) and the engine counts it in its stats."""
+    (greedy output unchanged) and the engine counts it in its stats. (Synchronous steps: in asynchronous ones
+    every sequence drafts, as its draft costs no forward of its own; the batch's policy decides there.)"""
     params = SamplingParams(max_tokens=40, temperature=0)
     plain = generate(LLMEngine(model, None, num_blocks=80, block_size=4), PROMPTS, params)
-    engine = LLMEngine(model, None, num_blocks=80, block_size=4, speculative_tokens=1)
+    engine = LLMEngine(model, None, num_blocks=80, block_size=4, speculative_tokens=1, async_scheduling=False)
     engine.spec_policy = SpeculationPolicy(32, clock=None)  # every batch speculates: only the sequences decide
     seqs = [engine.add_request(p, params) for p in PROMPTS]
     while engine.has_unfinished():
@@ -256,3 +264,130 @@ def test_engine_turns_speculation_off_where_measured_slower(model, wrong):
         assert engine.stats["spec_off_steps"] > 20 and engine.stats["spec_off_sequences"] == 0
     else:
         assert engine.stats["spec_accepted"] > 20
+
+
+def watch_async(engine):
+    """Count the engine's asynchronous speculative steps, and the windows whose accepted draft finished its
+    sequence (the token after it, computed by the same step, dropped)."""
+    seen = {"steps": 0, "stopped_on_draft": 0}
+    launch, apply = engine._speculative_async_step, engine._apply_verified
+
+    def counted_launch():
+        seen["steps"] += 1
+        return launch()
+
+    def counted_apply(seq, drafted, accepted, token):
+        before = len(seq.all_token_ids)
+        apply(seq, drafted, accepted, token)
+        seen["stopped_on_draft"] += bool(accepted) and seq.finished and len(seq.all_token_ids) == before + 1
+
+    engine._speculative_async_step, engine._apply_verified = counted_launch, counted_apply
+    return seen
+
+
+def test_asynchronous_speculation_equals_plain_decoding(trained):
+    """Greedy, one draft, every step launched before the one in flight is read: the tokens are plain
+    decoding's, for prompts of different lengths whose stop tokens and max_tokens fall inside a step's
+    window (the sequence stops on its accepted draft, or on the token after), and the cache is freed."""
+    prompts = [[0] + list(range(40 + 7 * i, 60 + 9 * i)) for i in range(4)] + [[0, 300, 17], [0] + list(range(200, 243))]
+    free = [SamplingParams(max_tokens=40, temperature=0)] * len(prompts)
+    unstopped = generate(LLMEngine(trained, None, num_blocks=96, block_size=8), prompts, free)
+    params = [SamplingParams(max_tokens=m, temperature=0, stop_token_ids=[out[j]] if j is not None else [])
+              for out, m, j in zip(unstopped, (40, 17, 30, 9, 21, 40), (None, None, 11, None, 6, 23))]
+    expected = generate(LLMEngine(trained, None, num_blocks=96, block_size=8), prompts, params)
+    assert [len(out) for out in expected][:2] == [40, 17] and any(len(out) < m.max_tokens for out, m in zip(expected, params))
+    engine = LLMEngine(trained, None, num_blocks=96, block_size=8, speculative_tokens=1)
+    engine.spec_policy = SpeculationPolicy(32, clock=None)
+    seen = watch_async(engine)
+    assert generate(engine, prompts, params) == expected
+    assert seen["steps"] > 10 and seen["stopped_on_draft"] > 0
+    assert engine.stats["spec_accepted"] > 0.3 * engine.stats["spec_drafted"]
+
+
+def stand_in_draft_graphs(engine, sizes):
+    """Draft graphs on the CPU: each size's static inputs, as capture makes them, and a replay that runs what
+    the graph would (ModelRunner.speculative_forward) on them into its static outputs."""
+    from types import SimpleNamespace
+
+    runner = engine.runner
+    for size in sizes:
+        fields = runner.graph_fields(size)
+        static = runner.stage(fields, dict(ids=[0] * size, positions=[0] * size, sources=[-1] * size,
+                                           slots=[runner.scratch_block * runner.block_size] * size,
+                                           rows=list(range(fields.r)), context_lens=[1] * size, tables=[]),
+                              torch.zeros(fields.nbytes, dtype=torch.uint8))
+        hidden = torch.zeros(size, engine.config.hidden_size)
+        tokens = torch.zeros(2, size, dtype=torch.int64)
+
+        def replay(static=static, hidden=hidden, tokens=tokens):
+            h, t = runner.speculative_forward(static)
+            hidden.copy_(h)
+            tokens.copy_(t)
+
+        runner.draft_graphs[size] = SimpleNamespace(replay=replay)
+        runner.static[size], runner.static_drafts[size] = (static, hidden, None), (hidden, tokens)
+
+
+def test_speculative_steps_replayed_from_static_buffers_equal_plain_decoding(trained):
+    """The graph path's bookkeeping on the CPU (stand-in graphs): inputs packed into a size's static buffer,
+    padding rows beside the real ones, block tables max_model_len wide, the record of the step before
+    read inside the replay; batches of 6, 5, ... 1 sequences pad to 16, 8, 4 and 2 rows."""
+    prompts = [[0] + list(range(40 + 7 * i, 60 + 9 * i)) for i in range(6)]
+    params = [SamplingParams(max_tokens=m, temperature=0) for m in (9, 14, 20, 25, 31, 36)]
+    expected = generate(LLMEngine(trained, None, num_blocks=96, block_size=8), prompts, params)
+    engine = LLMEngine(trained, None, num_blocks=96, block_size=8, speculative_tokens=1, max_model_len=128)
+    engine.spec_policy = SpeculationPolicy(32, clock=None)
+    stand_in_draft_graphs(engine, (2, 4, 8, 16))
+    sizes, pack = [], engine.runner.pack
+    engine.runner.pack = lambda *a, **k: (lambda step: sizes.append(step.graph_size) or step)(pack(*a, **k))
+    seen = watch_async(engine)
+    assert generate(engine, prompts, params) == expected
+    assert seen["steps"] > 10 and {16, 8, 4, 2} <= set(sizes)
+
+
+def test_rows_that_continue_a_speculative_step_move_where_its_draft_stood(model):
+    """Packed as if the draft in flight was rejected, then corrected from the step's record: the inputs
+    equal those of the synchronous step packed knowing the verification (positions, cache slots across a
+    block boundary, context lengths, tokens); a row that does not continue keeps its inputs."""
+    runner = ModelRunner(model, LLMEngine(model, None, num_blocks=16, block_size=4).latent_caches, 4, 64, 8,
+                         max_draft_rows=8)
+    a, b, c = (Sequence(list(range(n)), GREEDY) for n in (7, 4, 3))
+    a.block_table, b.block_table, c.block_table = [5, 9, 2], [3, 11], [7]
+    # Step n's record: pair 0 (b) rejected its draft, pair 1 (a) accepted it.
+    runner.last_speculation[:2] = torch.tensor([[0, 11, 12, 13], [1, 21, 22, 23]])
+    packed = runner.pack([ScheduledItem(a, 6, [-1, -1], 2), ScheduledItem(b, 3, [-1, -1], 2),
+                          ScheduledItem(c, 1, [4, 5], 2)], True, greedy_draft=True, continues=[1, 0, -1])
+    with torch.inference_mode():  # (as the runner's steps run)
+        runner.continue_speculation(packed)
+    known = runner.pack([ScheduledItem(a, 7, [22, 23], 2), ScheduledItem(b, 3, [12, 13], 2),
+                         ScheduledItem(c, 1, [4, 5], 2)], True, greedy_draft=True)
+    assert packed.positions.tolist() == known.positions.tolist() == [7, 8, 3, 4, 1, 2]
+    assert packed.batch.slot_mapping.tolist() == known.batch.slot_mapping.tolist() == [39, 8, 15, 44, 29, 30]
+    assert packed.batch.context_lens.tolist() == known.batch.context_lens.tolist()
+    assert packed.ids.tolist() == known.ids.tolist()
+    assert torch.equal(packed.batch.block_tables, known.batch.block_tables)
+
+
+def test_two_ranks_speculate_as_one(tmp_path):
+    """Tensor parallel on two gloo ranks, asynchronous speculation: rank 0 corrects the continuing rows before
+    it broadcasts them, so both ranks run the same inputs; tokens equal one process's plain decoding."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import dsv3
+
+    prompts = [[0] + list(range(40 + 7 * i, 60 + 9 * i)) for i in range(3)]
+    out = tmp_path / "out.json"
+    env = {**os.environ, "DSV3_EXPERTS": "tp", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(Path(__file__).with_name("dist_speculative_worker.py")), str(out), json.dumps(prompts)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(out.read_text())
+    llm = dsv3.LLM(dtype="float32", device="cpu", num_blocks=64, block_size=8)
+    alone = [o.token_ids for o in llm.generate(prompts, dsv3.SamplingParams(max_tokens=24, temperature=0))]
+    assert got["tokens"] == alone
+    assert got["async_steps"] > 10 and got["accepted"] > 0

@@ -36,7 +36,8 @@ class Launched:
     tokens: torch.Tensor | None   # (len(done),) on the device: the runner's last_tokens until the next step
     host: list[torch.Tensor]      # tokens (and logprob tensors) copied to the host, complete once `ready` is
     ready: torch.cuda.Event | None
-    rows: dict[int, int] = field(init=False)  # seq_id -> its row of `tokens`
+    speculative: bool = False     # host[0]: the runner's last_speculation record (len(done), 4), a row per sequence
+    rows: dict[int, int] = field(init=False)  # seq_id -> its row of `tokens` (of the record, if speculative)
 
     def __post_init__(self):
         self.rows = {s.seq_id: i for i, s in enumerate(self.done)}
@@ -46,12 +47,17 @@ class LLMEngine:
     """Continuous batching over a paged latent cache. `add_request` any time; `step` advances every
     running request by one token (or one prefill chunk) and returns the requests that changed.
 
-    Async scheduling (the default, as vLLM's; not for steps that speculate): `step` launches the next forward
+    Async scheduling (the default, as vLLM's): `step` launches the next forward
     before it reads the tokens of the one before, so that scheduling, packing and reading results run
     on the host while the GPU computes. A sequence's newest token is then `PENDING` when the next step
     is packed: that step takes it from the device. A sequence that stops on that token (EOS, a stop
     string) has computed one token too many, which is dropped; one that its length limit stops is not
     scheduled again.
+
+    Greedy speculation with one draft is asynchronous too (`_speculates_async` says when): the next step is
+    packed as if the draft in flight was rejected (one new token, then a new draft, both `PENDING`), and the
+    runner moves its rows on the device where the verification put them (`ModelRunner.continue_speculation`).
+    Other speculative steps read every result before the next is launched (`_speculative_step`).
     """
 
     def __init__(self, model: DeepseekV3ForCausalLM, tokenizer: Tokenizer | None, config: EngineConfig | None = None,
@@ -95,10 +101,10 @@ class LLMEngine:
             eos.append(tokenizer.eos_token_id)
         self.eos_token_ids = {e for e in eos if e is not None}
         self.requests: dict[str, Sequence] = {}
-        self.async_scheduling = options.async_scheduling  # steps that speculate read every result: never asynchronous
+        self.async_scheduling = options.async_scheduling
         self.in_flight: Launched | None = None
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "prefill_steps": 0, "spec_drafted": 0,
-                      "spec_accepted": 0, "spec_off_steps": 0, "spec_off_sequences": 0}
+                      "spec_accepted": 0, "spec_off_steps": 0, "spec_off_sequences": 0, "spec_async_steps": 0}
 
     def _blocks_for_memory(self, num_layers: int, block_size: int, fraction: float, max_num_seqs: int) -> int:
         """On a GPU, what free memory holds; on the CPU, enough for max_num_seqs full-length sequences."""
@@ -164,10 +170,12 @@ class LLMEngine:
         decode_only = len(decoding) == len(self.scheduler.running) > 0
         speculate = self._speculating(len(decoding))
         start, tokens = policy.clock() if policy.clock else 0.0, self.stats["generation_tokens"]
-        if speculate:
+        if speculate and self._speculates_async():
+            changed = self._speculative_async_step()
+        elif speculate or (self.in_flight is not None and self.in_flight.speculative):
             changed = self._resolve(self.in_flight) if self.in_flight is not None else []  # drain first
             self.in_flight = None
-            changed += self._speculative_step()
+            changed += self._speculative_step() if speculate else self._plain_step()
         else:
             changed = self._plain_step()
         if policy.clock and decode_only and all(s.seq_id in decoding for s in self.scheduler.running):
@@ -252,14 +260,18 @@ class LLMEngine:
             logp = logits.float().log_softmax(-1)
             top = logp.topk(max(max(wanted), 1), dim=-1)
             results += [logp.gather(1, tokens[:, None])[:, 0], top.indices, top.values]
+        return Launched(items, done, tokens, *self._to_host(results))
+
+    def _to_host(self, results: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
+        """Start copying device tensors to the host; the event says when they are there (None: already)."""
         if self.device.type != "cuda":  # (copies: the next step overwrites last_tokens before they are read)
-            return Launched(items, done, tokens, [t.clone() for t in results], None)
+            return [t.clone() for t in results], None
         host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in results]
         for h, t in zip(host, results):
             h.copy_(t, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return Launched(items, done, tokens, host, ready)
+        return host, ready
 
     def _resolve(self, launched: Launched) -> list[Sequence]:
         """Read a launched step's tokens (waiting for it if need be) and apply them to their sequences."""
@@ -267,6 +279,8 @@ class LLMEngine:
             return []
         if launched.ready is not None:
             launched.ready.synchronize()
+        if launched.speculative:
+            return self._resolve_speculative(launched)
         tokens, *lp = [t.tolist() for t in launched.host]
         changed = []
         for i, (seq, token) in enumerate(zip(launched.done, tokens)):
@@ -282,8 +296,83 @@ class LLMEngine:
         self.stats["generation_tokens"] += len(changed)
         return changed
 
+    def _speculates_async(self) -> bool:
+        """Whether this step speculates asynchronously (`_speculative_async_step`): greedy with one draft made
+        in the verifying forward (`MTPProposer.fused`), every running sequence decoding with a draft (perhaps
+        still on the device), no request waiting, room in the cache and in max_model_len for two positions
+        more each, and a captured graph that holds the step's two rows a sequence (on the CPU: eagerly).
+        Here a sequence whose drafts rarely stand (SpeculationPolicy.pays) keeps drafting: its draft costs
+        no forward of its own, and a batch that holds it still steps asynchronously."""
+        running, prev, policy = self.scheduler.running, self.in_flight, self.spec_policy
+        if not (self.async_scheduling and self.proposer.fused and running) or self.scheduler.waiting:
+            return False
+        rows = 2 * len(running)
+        if prev is not None and not prev.speculative or not policy.wants(len(running)):
+            return False
+        if rows > min(self.options.max_num_batched_tokens, 2 * self.runner.last_speculation.shape[0]):
+            return False
+        if self.device.type == "cuda" and not any(size >= rows for size in self.runner.draft_graphs):
+            return False
+        blocks = 0
+        for seq in running:
+            p = seq.params
+            if not (len(seq.draft) == 1 and seq.num_uncomputed == 1 and p.greedy and p.logprobs is None
+                    and seq.num_tokens + 2 <= self.max_model_len):
+                return False
+            blocks += self.blocks.blocks_needed(seq.num_tokens + 2) - len(seq.block_table)
+        return blocks <= self.blocks.num_free
+
+    def _speculative_async_step(self) -> list[Sequence]:
+        """Launch a greedy one-draft step, then read the one in flight (as `_plain_step` does). Each sequence
+        computes two rows, its newest token and its draft; a sequence in the step in flight is packed as if
+        that step rejected its draft: both tokens PENDING, at the positions after its one new token, its
+        rows marked to continue the step's record (ModelRunner.continue_speculation fixes them up)."""
+        prev, self.in_flight = self.in_flight, None
+        items, pairs = [], []
+        for seq in self.scheduler.running:
+            if self._stops_on_pending(seq):  # its length limit stops it on what is in flight
+                continue
+            self.blocks.append(seq, 2)  # the two rows one position further, if the draft in flight stands
+            first = seq.num_cached_tokens
+            if prev is not None and seq.seq_id in prev.rows:
+                items.append(ScheduledItem(seq, first, [PENDING, PENDING], 2))
+                pairs.append(prev.rows[seq.seq_id])
+            else:  # its token and draft are known
+                items.append(ScheduledItem(seq, first, [seq.all_token_ids[first], seq.draft[0]], 2))
+                pairs.append(-1)
+        launched = None
+        if items:
+            self.runner.run(self.runner.pack(items, True, greedy_draft=True, continues=pairs))
+            self.stats["steps"] += 1
+            self.stats["spec_async_steps"] += 1
+            host, ready = self._to_host([self.runner.last_speculation[:len(items)]])
+            launched = Launched(items, [item.seq for item in items], None, host, ready, speculative=True)
+        changed = self._resolve(prev) if prev is not None else []  # the device runs `launched` meanwhile
+        if launched is not None:
+            for seq in launched.done:
+                if not seq.finished:  # after _resolve: its first row's token is known now
+                    self.scheduler.computed(seq, 1)
+                    seq.pending += 1
+                    seq.draft, seq.draft_probs = [PENDING], [None]
+            self.in_flight = launched
+        return changed
+
+    def _resolve_speculative(self, launched: Launched) -> list[Sequence]:
+        """Apply a speculative step's record (per sequence: whether its draft stood, the draft, the token after,
+        the next draft). The step after it, if launched, has already moved these sequences' rows on the device."""
+        changed = []
+        for seq, (stood, draft, token, next_draft) in zip(launched.done, launched.host[0].tolist()):
+            if seq.finished:  # stopped by the step before, or aborted, while this one was computed
+                continue
+            seq.pending -= 1
+            self._apply_verified(seq, 1, [draft] if stood else [], token)
+            if not seq.finished:
+                seq.draft, seq.draft_probs = [next_draft], [None]
+            changed.append(seq)
+        return changed
+
     def _speculative_step(self) -> list[Sequence]:
-        """A step with speculation: synchronous, as verifying drafts reads every result."""
+        """A step with speculation, synchronous: verifying drafts reads every result."""
         scheduled = self.scheduler.schedule()
         if not scheduled:
             if self.scheduler.waiting:
@@ -321,13 +410,16 @@ class LLMEngine:
 
     def _verify_and_draft(self, items: list[ScheduledItem], tokens: torch.Tensor) -> None:
         """tokens (2, N): the main model's argmax and the MTP draft at every row of a greedy_draft step.
-        A sequence's next draft is the one at its last valid row (the real token plus accepted drafts)."""
+        A sequence's next draft is the one at its last valid row (the real token plus accepted drafts). With
+        async scheduling every sequence keeps it, so that the next steps can be asynchronous ones (where a
+        draft costs no forward of its own); otherwise only those whose drafts pay."""
         target, drafted = tokens.tolist()
         starts = [0]
         for _, _, rows, _ in items:
             starts.append(starts[-1] + len(rows))
         for seq, start, v in zip((item.seq for item in items), starts, self._verify(items, None, target)):
-            if not seq.finished and self.spec_policy.pays(seq) and self.blocks.can_append(seq, 1):
+            pays = self.async_scheduling or self.spec_policy.pays(seq)
+            if not seq.finished and pays and self.blocks.can_append(seq, 1):
                 self.blocks.append(seq, 0)
                 seq.draft, seq.draft_probs = [drafted[start + v - 1]], [None]
 
@@ -344,27 +436,32 @@ class LLMEngine:
                 valid.append(len(tokens))
                 continue
             new = next(stood)
-            accepted = new[:-1]
-            real = len(tokens) - len(seq.draft)
-            paid = self.spec_policy.pays(seq)
-            seq.num_drafted += len(seq.draft)
-            seq.num_accepted += len(accepted)
-            if paid and not self.spec_policy.pays(seq):
-                self.stats["spec_off_sequences"] += 1
-            self.stats["spec_drafted"] += len(seq.draft)
-            self.stats["spec_accepted"] += len(accepted)
+            real, drafted = len(tokens) - len(seq.draft), len(seq.draft)
             seq.draft, seq.draft_probs = [], []
-            seq.all_token_ids += accepted  # computed positions hold their tokens before they are hashed
-            self.scheduler.computed(seq, real + len(accepted))
-            del seq.all_token_ids[len(seq.all_token_ids) - len(accepted):]
-            for token in new:
-                seq.all_token_ids.append(token)
-                self.stats["generation_tokens"] += 1
-                self.check_finished(seq, token)
-                if seq.finished:
-                    break
-            valid.append(real + len(accepted))
+            self.scheduler.computed(seq, real)
+            self._apply_verified(seq, drafted, new[:-1], new[-1])
+            valid.append(real + len(new) - 1)
         return valid
+
+    def _apply_verified(self, seq: Sequence, drafted: int, accepted: list[int], token: int) -> None:
+        """A sequence's verified window: `accepted` of its `drafted` drafts stood (their latents are in the
+        cache), then the main model's `token`; appended one by one until a stop condition finishes it."""
+        paid = self.spec_policy.pays(seq)
+        seq.num_drafted += drafted
+        seq.num_accepted += len(accepted)
+        if paid and not self.spec_policy.pays(seq):
+            self.stats["spec_off_sequences"] += 1
+        self.stats["spec_drafted"] += drafted
+        self.stats["spec_accepted"] += len(accepted)
+        seq.all_token_ids += accepted  # computed positions hold their tokens before they are hashed
+        self.scheduler.computed(seq, len(accepted))
+        del seq.all_token_ids[len(seq.all_token_ids) - len(accepted):]
+        for t in accepted + [token]:
+            seq.all_token_ids.append(t)
+            self.stats["generation_tokens"] += 1
+            self.check_finished(seq, t)
+            if seq.finished:
+                break
 
     def _draft(self, items: list[ScheduledItem], valid: list[int], step, rows_mode: bool) -> None:
         """Give the proposer this step's valid positions (it fills the MTP module's cache there), and

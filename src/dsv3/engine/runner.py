@@ -14,6 +14,12 @@ A graph's inputs are views of one static buffer that `pack` copies into directly
 fills in the pending tokens (`fill_pending`) and takes the greedy argmax of its logits. Rows beyond
 the real batch are padding: they write to a scratch block nobody owns and are ignored.
 
+Speculative steps (greedy, one draft: `greedy_draft`) are scheduled asynchronously too: a sequence's two
+rows (its newest token, its draft) of step n+1 are packed before step n's verification is read, as if step
+n's draft was rejected, and marked `continues`; inside the step (in its graph), `continue_speculation`
+moves them where step n's verification put them, from the record that step left on the device
+(`last_speculation`). With several ranks rank 0 corrects before broadcasting, so followers see the true inputs.
+
 With several ranks, rank 0 schedules and broadcasts each step's inputs; the other ranks `follow`,
 running the same forward so that every collective inside the model meets its partners.
 """
@@ -21,6 +27,7 @@ running the same forward so that every collective inside the model meets its par
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +56,7 @@ class Fields:
     def shapes(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         n, a = self.n, self.a
         return [("ids", torch.int64, (n,)), ("positions", torch.int64, (n,)), ("slots", torch.int64, (n,)),
-                ("sources", torch.int64, (n,)), ("rows", torch.int64, (self.r,)),
+                ("sources", torch.int64, (n,)), ("continues", torch.int64, (n,)), ("rows", torch.int64, (self.r,)),
                 ("context_lens", torch.int32, (a,)), ("tables", torch.int32, (a, self.w))]
 
     @property
@@ -82,6 +89,8 @@ class StepInputs:
     greedy_draft: bool = False   # the step also drafts in the same forward (ModelRunner.greedy_draft)
     sources: torch.Tensor | None = None  # (N,) where a row's token is pending: its row of last_tokens, else -1
     fills: bool = False          # some row has a pending token (known on the host)
+    continues: torch.Tensor | None = None  # (N,) 2 * pair + (0: token, 1: draft) of a speculative step's row, else -1
+    continuing: bool = False     # some row continues a speculative step (known on the host)
     rows_prefix: bool = False    # rows is 0..R-1 (known on the host): a graph's logits need no gather
     fields: Fields | None = None  # the layout of `buffer`, which every tensor above views
     buffer: torch.Tensor | None = None
@@ -104,6 +113,9 @@ class ModelRunner:
         self.last_tokens = torch.zeros(max(max_graph_rows, max_draft_rows, 1), dtype=torch.int64, device=self.device)
         self.max_kept = max_graph_rows
         self.last_argmax: torch.Tensor | None = None  # (R,) a view of last_tokens, set by every forward
+        # What the last greedy_draft step verified, per pair of rows (a sequence's token and its draft): whether
+        # the draft stood, the draft, the token after the window, the next draft (`record_speculation`).
+        self.last_speculation = torch.zeros(max(max_draft_rows // 2, 1), 4, dtype=torch.int64, device=self.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.draft_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.static: dict[int, tuple[StepInputs, torch.Tensor, torch.Tensor]] = {}
@@ -118,7 +130,8 @@ class ModelRunner:
 
     # ---- packing ----------------------------------------------------------------------------------
     def pack(self, items: list[ScheduledItem], rows_mode: bool, graph: bool = True,
-             greedy_draft: bool = False, sources: list[int] | None = None) -> StepInputs:
+             greedy_draft: bool = False, sources: list[int] | None = None,
+             continues: list[int] | None = None) -> StepInputs:
         """Each ScheduledItem (sequence, first position, tokens, logits wanted for its last `keep` rows) -> device tensors.
 
         rows_mode (no sequence is prefilling): every token is its own attention row, with its own
@@ -128,8 +141,10 @@ class ModelRunner:
         greedy_draft: a rows-mode step that also drafts (`greedy_draft`), from its own set of graphs.
         sources: per item, -1, or the row of last_tokens that holds its last token (sampled by the step
         before, still on the device; the host has a placeholder there).
+        continues: per item, -1, or its pair in the speculative step before (whose record, last_speculation,
+        moves its last two rows, packed as if that step's draft was rejected: `continue_speculation`).
         """
-        ids, positions, slots, starts, context_lens, tables, rows, fill = [], [], [], [0], [], [], [], []
+        ids, positions, slots, starts, context_lens, tables, rows, fill, cont = [], [], [], [0], [], [], [], [], []
         for k, (seq, first, tokens, keep) in enumerate(items):
             n = len(tokens)
             ids += tokens
@@ -137,6 +152,8 @@ class ModelRunner:
             positions += span
             slots += self.slots(seq.block_table, first, n)
             fill += [-1] * (n - 1) + [sources[k] if sources else -1]
+            pair = continues[k] if continues else -1
+            cont += [-1] * n if pair < 0 else [-1] * (n - 2) + [2 * pair, 2 * pair + 1]
             if rows_mode:
                 context_lens += [p + 1 for p in span]
                 tables.append((seq.block_table, n))
@@ -149,19 +166,20 @@ class ModelRunner:
         graph_size = next((b for b in graphs if b >= len(ids)), 0) if rows_mode and graph else 0
         if graph_size:  # the graph's static layout; padding rows write to the scratch block
             pad = graph_size - len(ids)
-            ids, positions, fill = ids + [0] * pad, positions + [0] * pad, fill + [-1] * pad
+            ids, positions, fill, cont = ids + [0] * pad, positions + [0] * pad, fill + [-1] * pad, cont + [-1] * pad
             slots += [self.scratch_block * self.block_size] * pad
             context_lens += [1] * pad
             fields = self.graph_fields(graph_size)
         else:
             fields = Fields(len(ids), len(rows), len(context_lens), max(len(item.seq.block_table) for item in items))
-        values = dict(ids=ids, positions=positions, slots=slots, sources=fill, rows=rows, context_lens=context_lens,
-                      tables=tables)
+        values = dict(ids=ids, positions=positions, slots=slots, sources=fill, continues=cont, rows=rows,
+                      context_lens=context_lens, tables=tables)
         step = self.stage(fields, values, self.static[graph_size][0].buffer if graph_size else None)
         step.batch.query_starts, step.batch.decode_only = starts, rows_mode
         step.batch.context_lens_host = None if rows_mode else context_lens
         step.rows, step.graph_size, step.greedy_draft = step.rows[:len(rows)], graph_size, greedy_draft
         step.fills, step.rows_prefix = max(fill) >= 0, rows == list(range(len(rows)))
+        step.continuing = max(cont) >= 0
         return step
 
     def graph_fields(self, size: int) -> Fields:
@@ -175,6 +193,7 @@ class ModelRunner:
         views = fields.views(host)
         for name in ("ids", "positions", "slots", "sources", "context_lens"):
             views[name].numpy()[:] = values[name]
+        views["continues"].numpy()[:] = values.get("continues", -1)  # (none given: no row continues)
         kept = views["rows"].numpy()
         kept[:] = 0
         kept[:len(values["rows"])] = values["rows"]
@@ -196,7 +215,7 @@ class ModelRunner:
         batch = PagedBatch(query_starts=starts, context_lens=v["context_lens"], block_tables=v["tables"],
                            slot_mapping=v["slots"], latent_caches=self.latent_caches, decode_only=True)
         return StepInputs(v["ids"], v["positions"], batch, v["rows"], sources=v["sources"], rows_prefix=True,
-                          fields=fields, buffer=buffer)
+                          continues=v["continues"], fields=fields, buffer=buffer)
 
     def slots(self, table: list[int], first: int, n: int) -> list[int]:
         """The flat cache slots of positions first..first+n-1, a range per block (long prompts pack fast)."""
@@ -218,6 +237,10 @@ class ModelRunner:
                 step.ids.copy_(self.fill_pending(step.ids, step.sources))
                 step.sources.fill_(-1)
                 step.fills = False
+            if step.continuing:  # the followers get the corrected inputs
+                self.continue_speculation(step)
+                step.continues.fill_(-1)
+                step.continuing = False
             self.broadcast(step)
         return self.execute(step)
 
@@ -252,12 +275,13 @@ class ModelRunner:
             logits = logits[step.rows]
             self.last_argmax = dispatch.argmax(logits, out=self.last_tokens[:kept])
             return hidden[:n], logits
+        elif step.greedy_draft:
+            self.last_hidden, tokens = self.speculative_forward(step)
+            return self.last_hidden, tokens
         else:
             ids = self.fill_pending(step.ids, step.sources) if step.fills else step.ids
             hidden = self.model.model(ids, step.positions, step.batch)   # (N, D)
         self.last_hidden = hidden
-        if step.greedy_draft:
-            return hidden, self.greedy_draft(hidden, step.positions, step.batch)
         logits = self.model.logits(hidden[step.rows])                    # (R, vocab) float32
         self.last_argmax = dispatch.argmax(logits, out=self.last_tokens[:kept])
         return hidden, logits
@@ -270,6 +294,34 @@ class ModelRunner:
         target = self.model.logits(hidden).argmax(dim=-1)
         mtp = self.model.mtp_hidden(hidden, target, positions, 0, batch)
         return torch.stack([target, self.model.logits(mtp).argmax(dim=-1)])
+
+    def record_speculation(self, ids: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Verify, on the device, a greedy_draft step whose rows come in pairs (a sequence's token, its draft),
+        into last_speculation: per pair, whether the draft stood (it is the main model's argmax at the token),
+        the draft, the token after the window (the argmax at the draft if it stood, else at the token) and the
+        draft made there. ids (N,): the step's input tokens; tokens (2, N): greedy_draft's. Steps whose rows
+        are not pairs (prefills, the synchronous path) leave a record nobody reads."""
+        pairs = min(ids.shape[0] // 2, self.last_speculation.shape[0])
+        dispatch.record_speculation(ids, tokens, self.last_speculation[:pairs])
+
+    def continue_speculation(self, step: StepInputs) -> None:
+        """Move the rows that continue the speculative step before (continues >= 0) where its verification
+        put them: the host packed them as if its draft was rejected, so where it stood they sit one position
+        further (their cache slots and context lengths with them), and their tokens are the step's token after
+        the window and its next draft. In place on the step's inputs, on the device: no host sync, fixed shapes
+        (inside the draft graphs); rows that do not continue keep theirs."""
+        b = step.batch
+        dispatch.continue_speculation(step.ids, step.positions, b.slot_mapping, b.context_lens, b.block_tables,
+                                      step.continues, self.last_speculation, self.block_size)
+
+    def speculative_forward(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a draft graph runs: continue the speculative step before, forward, verify and draft, record."""
+        self.continue_speculation(step)
+        ids = self.fill_pending(step.ids, step.sources)
+        hidden = self.model.model(ids, step.positions, step.batch)
+        tokens = self.greedy_draft(hidden, step.positions, step.batch)
+        self.record_speculation(ids, tokens)
+        return hidden, tokens
 
     # ---- CUDA graphs ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -295,9 +347,9 @@ class ModelRunner:
                 return hidden, self.model.logits(hidden if size <= self.max_kept else hidden[static.rows])
 
             for _ in range(2):  # warm up outside the graph (Triton autotuning, cuBLAS handles)
-                hidden, _ = forward()
+                forward()
                 if size in draft_sizes:
-                    self.greedy_draft(hidden, static.positions, static.batch)
+                    self.speculative_forward(static)
             torch.cuda.synchronize()
             if size in sizes:
                 graph = torch.cuda.CUDAGraph()
@@ -309,9 +361,13 @@ class ModelRunner:
                 self.static[size] = (static, hidden, logits)
             if size in draft_sizes:
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    hidden, _ = forward()  # (the logits go unused: greedy_draft computes its own)
-                    tokens = self.greedy_draft(hidden, static.positions, static.batch)
+                try:
+                    with torch.cuda.graph(graph, pool=pool):
+                        hidden, tokens = self.speculative_forward(static)
+                except Exception as error:  # noqa: BLE001 (speculative steps of this size then run synchronously)
+                    warnings.warn(f"no CUDA graph for speculative steps of {size} rows: {error}")
+                    torch.cuda.synchronize()
+                    continue
                 pool = graph.pool()
                 self.draft_graphs[size] = graph
                 self.static_drafts[size] = (hidden, tokens)

@@ -15,8 +15,16 @@ runner.
     as sampling from p.
 - `SpeculationPolicy`: where speculation pays, decided from measurements (below).
 
+Greedy with one draft, the engine runs verification and the next draft in one forward (`ModelRunner.greedy_draft`,
+inside a CUDA graph), and schedules such steps asynchronously: step n+1 is launched before step n's verification
+is read, packed as if step n rejected every draft, and `ModelRunner.continue_speculation` moves its rows on the
+device by what step n recorded (`ModelRunner.record_speculation`); the host applies the record a step later
+(`LLMEngine._resolve_speculative`). There every sequence drafts (its draft costs no forward of its own): the
+per-sequence rule below applies to the synchronous steps.
+
 What is guaranteed:
 - CPU, float32: greedy output equals plain decoding's token for token (tests/test_speculative.py).
+- CPU, float32, asynchronous steps: the same (tests/test_speculative.py, with stops inside a window and two ranks).
 - GPU, bf16: the verifying forward runs 1 + k rows per sequence, plain decoding one, so the two run
   matrix products of different shapes (other tilings, other summation orders) and their logits differ
   within bf16 rounding. Greedy tokens are the model's argmax within that rounding: at a near-tie they

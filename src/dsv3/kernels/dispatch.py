@@ -327,6 +327,19 @@ def fill_pending(ids: torch.Tensor, sources: torch.Tensor, last: torch.Tensor) -
     return reference.fill_pending(ids, sources, last)
 
 
+def continue_speculation(ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, context_lens: torch.Tensor,
+                         tables: torch.Tensor, continues: torch.Tensor, record: torch.Tensor, block_size: int) -> None:
+    if use_triton(ids):
+        return glue.continue_speculation(ids, positions, slots, context_lens, tables, continues, record, block_size)
+    return reference.continue_speculation(ids, positions, slots, context_lens, tables, continues, record, block_size)
+
+
+def record_speculation(ids: torch.Tensor, tokens: torch.Tensor, record: torch.Tensor) -> None:
+    if use_triton(ids):
+        return glue.record_speculation(ids, tokens, record)
+    return reference.record_speculation(ids, tokens, record)
+
+
 def argmax(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Each row's argmax of x (M, V), into out (M,) int64 if given."""
     if use_triton(x) and x.dim() == 2:

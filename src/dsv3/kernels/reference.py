@@ -253,6 +253,35 @@ def fill_pending(ids: torch.Tensor, sources: torch.Tensor, last: torch.Tensor) -
     return torch.where(sources >= 0, last[sources.clamp(min=0)], ids)
 
 
+def continue_speculation(ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, context_lens: torch.Tensor,
+                         tables: torch.Tensor, continues: torch.Tensor, record: torch.Tensor, block_size: int) -> None:
+    """In place, the rows of a step (N,) that continue a speculative step (continues[i] >= 0: 2 * its pair
+    + 0 for a sequence's token, 1 for its draft) move record[pair, 0] positions further, their cache slots
+    (from their row of tables (N, W), int32) and context lengths (int32) with them, and take
+    record[pair, 2 + continues[i] % 2] as their token; the other rows keep theirs. record (P, 4) int64."""
+    on = continues >= 0
+    row = record[continues.clamp(min=0) // 2]                                # (N, 4): each row's pair
+    shift = row[:, 0] * on
+    positions.add_(shift)
+    context_lens.add_(shift.to(context_lens.dtype))
+    block = (positions // block_size).clamp(max=tables.shape[1] - 1)
+    moved = tables.gather(1, block[:, None])[:, 0].long() * block_size + positions % block_size
+    slots.copy_(torch.where(on, moved, slots))
+    ids.copy_(torch.where(on, torch.where(continues % 2 == 0, row[:, 2], row[:, 3]), ids))
+
+
+def record_speculation(ids: torch.Tensor, tokens: torch.Tensor, record: torch.Tensor) -> None:
+    """Greedy verification of P = len(record) pairs of rows (a sequence's token at 2j, its draft at 2j + 1),
+    written into record (P, 4) int64: whether the draft ids[2j+1] stood (it equals the main model's argmax
+    tokens[0, 2j]), the draft, the token after the window (tokens[0] at the draft if it stood, else at the
+    token) and the MTP draft made there (tokens[1] at the same row). tokens (2, >= 2P) int64."""
+    pairs = record.shape[0]
+    target, drafted, draft = tokens[0, :2 * pairs], tokens[1, :2 * pairs], ids[1:2 * pairs:2]
+    stood = draft == target[0::2]
+    record.copy_(torch.stack([stood.long(), draft, torch.where(stood, target[1::2], target[0::2]),
+                              torch.where(stood, drafted[1::2], drafted[0::2])], dim=1))
+
+
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """Each row's argmax over the last dim (the first index of its maximum), int64."""
     return x.argmax(dim=-1)
