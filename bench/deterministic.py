@@ -37,7 +37,7 @@ from dsv3.engine.speculative import SpeculationPolicy
 from dsv3.kernels import dispatch, reference
 from dsv3.model import DeepseekV3ForCausalLM, init_weights
 from dsv3.tokenizer import Tokenizer
-from speculative import prompts as tempest_prompts
+from speculative import tempest_prompts
 
 MODES = {"default": False, "deterministic": True}
 
