@@ -25,6 +25,25 @@ def tiny_config(**overrides) -> dict:
     return cfg
 
 
+def varied_prompts() -> list[list[int]]:
+    """Four token-id prompts of different lengths (5, 17, 30, 9), the engine tests' usual batch."""
+    return [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 17, 30, 9)]
+
+
+def confident_model():
+    """The tiny model with large weights (confident, varied greedy choices), no EOS, and a correction bias."""
+    from dsv3.config import ModelConfig
+    from dsv3.model import DeepseekV3ForCausalLM, init_weights
+
+    torch.manual_seed(0)
+    m = DeepseekV3ForCausalLM(ModelConfig.from_dict(tiny_config(eos_token_id=None)), dtype=torch.float32).eval()
+    init_weights(m, 0.2)
+    for layer in m.model.layers:
+        if hasattr(layer.mlp, "gate"):
+            layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
+    return m
+
+
 def random_bias(model: torch.nn.Module, seed: int = 0) -> None:
     """A nonzero e_score_correction_bias everywhere, so tests see the bias steer routing."""
     gen = torch.Generator().manual_seed(seed)

@@ -25,21 +25,15 @@ from dsv3.engine.sampling import SamplingParams
 from dsv3.engine.speculative import SpeculationPolicy
 from dsv3.kernels import dispatch, reference
 from dsv3.model import DeepseekV3ForCausalLM, PagedBatch, init_weights
-from helpers import tiny_config
+from helpers import confident_model, tiny_config, varied_prompts
 
-PROMPTS = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 17, 30, 9)]
+PROMPTS = varied_prompts()
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = DeepseekV3ForCausalLM(ModelConfig.from_dict(tiny_config(eos_token_id=None)), dtype=torch.float32).eval()
-    init_weights(m, 0.2)  # large weights: confident, varied greedy choices
-    for layer in m.model.layers:
-        if hasattr(layer.mlp, "gate"):
-            layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
-    return m
+    return confident_model()
 
 
 def record_logits(engine: LLMEngine) -> dict[tuple[int, ...], list[torch.Tensor]]:

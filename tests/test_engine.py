@@ -4,23 +4,15 @@ forward, whatever the batching, chunking, preemption or prefix caching."""
 import pytest
 import torch
 
-from dsv3.config import ModelConfig
 from dsv3.engine.llm import LLMEngine
 from dsv3.engine.sampling import SamplingParams, filter_top_k_top_p, sample
 from dsv3.engine.sequence import ScheduledItem
-from dsv3.model import DeepseekV3ForCausalLM, init_weights
-from helpers import tiny_config
+from helpers import confident_model, varied_prompts
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = DeepseekV3ForCausalLM(ModelConfig.from_dict(tiny_config(eos_token_id=None)), dtype=torch.float32).eval()
-    init_weights(m, 0.2)  # large weights: confident, varied greedy choices
-    for layer in m.model.layers:
-        if hasattr(layer.mlp, "gate"):
-            layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
-    return m
+    return confident_model()
 
 
 def reference_greedy(model, prompt, n):
@@ -31,7 +23,7 @@ def reference_greedy(model, prompt, n):
     return ids[len(prompt):]
 
 
-PROMPTS = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 17, 30, 9)]
+PROMPTS = varied_prompts()
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 
 

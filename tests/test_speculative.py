@@ -12,9 +12,9 @@ from dsv3.engine.sampling import SamplingParams, probabilities
 from dsv3.engine.sequence import ScheduledItem, Sequence
 from dsv3.engine.speculative import MTPProposer, SpeculationPolicy
 from dsv3.model import DeepseekV3ForCausalLM, init_weights
-from helpers import tiny_config
+from helpers import tiny_config, varied_prompts
 
-PROMPTS = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 17, 30, 9)]
+PROMPTS = varied_prompts()
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 
 
