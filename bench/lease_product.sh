@@ -5,6 +5,11 @@
 #                                              # (VARIANTS="DELAY:API_SERVERS[:TOKENS_A_STEP[:REQUESTS_A_CLIENT]] ...",
 #                                              # default "2:4 2:4:8192:8": the defaults, then a longer closed loop)
 #   bash bench/lease_product.sh fp8            # v3-slice FP8 written to disk: dsv3.LLM and `dsv3 serve` on it
+#   bash bench/lease_product.sh speculative    # bench/speculative.py (MTP drafts, median of 5 runs)
+#   bash bench/lease_product.sh deterministic  # bench/deterministic.py (invariance and the mode's cost)
+#   bash bench/lease_product.sh accuracy       # bench/accuracy.py (teacher-forced against transformers float32)
+# Several in one call: bash bench/lease_product.sh engine-serve speculative ...; with PACK=1 everything in $OUT is
+# packed into one results.tgz at the end (a device run returns at most 8 files).
 # Results land in $OUT (the device run) or bench/results; the .md tables are made again from the JSON here.
 set -uo pipefail
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -13,8 +18,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}src:bench PYTHONUNBUFFERED=1 OUT=${OUT:-bench/results}
-log=$OUT/lease-$1.log
-case $1 in
+for part in "$@"; do
+log=$OUT/lease-$part.log
+case $part in
 engine-serve)
     python3 bench/bench.py --model moonlight-16b --peer '' --prefill '' --speculative '' 2>&1 | tee -a "$log"
     for variant in ${VARIANTS:-2:4 2:4:8192:8}; do
@@ -31,7 +37,18 @@ fp8)
         --tag=-v3-slice-fp8 2>&1 | tee -a "$log"
     python3 bench/product.py table --engine "$OUT"/*-product-fp8-v3-slice.json --serve "$OUT"/*-serve-*v3-slice-fp8.json \
         2>&1 | tee -a "$log";;
+speculative)
+    python3 bench/speculative.py --out "$OUT" 2>&1 | tee -a "$log";;
+deterministic)
+    python3 bench/deterministic.py --out "$OUT" 2>&1 | tee -a "$log";;
+accuracy)
+    python3 bench/accuracy.py --out "$OUT" 2>&1 | tee -a "$log";;
 *)
-    echo "usage: $0 engine-serve|fp8" >&2; exit 2;;
+    echo "usage: $0 engine-serve|fp8|speculative|deterministic|accuracy ..." >&2; exit 2;;
 esac
-find "$OUT" -name "*.md" ! -name "*-vs-engine-*" ! -name "*-product-*" -delete 2>/dev/null || true
+done
+find "$OUT" -name "*.md" ! -name "*-vs-engine-*" ! -name "*-product-*" ! -name "*-speculative-*" \
+    ! -name "*-deterministic*" ! -name "*-accuracy*" -delete 2>/dev/null || true
+if [ -n "${PACK:-}" ]; then
+    tar czf /tmp/results.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv /tmp/results.tgz "$OUT"/
+fi
