@@ -388,10 +388,11 @@ class LLMEngine:
                                        1 + len(seq.draft) if completes else 0))
         fused = decoding and self._fuses(items)  # (prompt rows would feed the MTP module their argmax, not the prompt)
         step = self.runner.pack(items, rows_mode, greedy_draft=fused)
+        step.drafts = self.proposer.k  # (beyond one: chained on the device, ModelRunner.chain_drafts)
         hidden, out = self.runner.run(step)
         self.stats["steps"] += 1
         self.stats["prefill_steps"] += not decoding
-        if fused:  # out: the (2, N) tokens of verification and drafting
+        if fused:  # out: the (1 + k, N) tokens of verification and drafting
             self._verify_and_draft(items, out)
             return [item.seq for item in items]
         if any(seq.draft for seq, _ in scheduled):
@@ -409,19 +410,23 @@ class LLMEngine:
                 and any(policy.pays(item.seq) for item in items))
 
     def _verify_and_draft(self, items: list[ScheduledItem], tokens: torch.Tensor) -> None:
-        """tokens (2, N): the main model's argmax and the MTP draft at every row of a greedy_draft step.
-        A sequence's next draft is the one at its last valid row (the real token plus accepted drafts). With
-        async scheduling every sequence keeps it, so that the next steps can be asynchronous ones (where a
-        draft costs no forward of its own); otherwise only those whose drafts pay."""
-        target, drafted = tokens.tolist()
+        """tokens (1 + k, N): the main model's argmax at every row, then the k MTP drafts (the first at every row,
+        the chained ones at each sequence's last valid row: ModelRunner.chain_drafts) of a greedy_draft step. A
+        sequence's next drafts are those at its last valid row (the real token plus accepted drafts). With
+        async scheduling every sequence keeps them, so that the next steps can be asynchronous ones (where a
+        draft costs no forward of its own); otherwise only those whose drafts pay. Chained drafts write the MTP
+        module's cache one position past the next window's last row: room for it is made here."""
+        target, *drafted = tokens.tolist()
+        k = len(drafted)
+        room = 1 if k == 1 else k + 1
         starts = [0]
         for _, _, rows, _ in items:
             starts.append(starts[-1] + len(rows))
         for seq, start, v in zip((item.seq for item in items), starts, self._verify(items, None, target)):
             pays = self.async_scheduling or self.spec_policy.pays(seq)
-            if not seq.finished and pays and self.blocks.can_append(seq, 1):
-                self.blocks.append(seq, 0)
-                seq.draft, seq.draft_probs = [drafted[start + v - 1]], [None]
+            if not seq.finished and pays and self.blocks.can_append(seq, room):
+                self.blocks.append(seq, room - 1)
+                seq.draft, seq.draft_probs = [d[start + v - 1] for d in drafted], [None] * k
 
     def _verify(self, items: list[ScheduledItem], logits: torch.Tensor | None, argmax: list[int] | None = None) -> list[int]:
         """Apply what `verify` lets stand of each sequence's drafts; returns the valid tokens per item.

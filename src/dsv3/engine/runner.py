@@ -38,7 +38,7 @@ from dsv3.kernels import dispatch
 from dsv3.model import DeepseekV3ForCausalLM, PagedBatch
 from dsv3.parallel import SINGLE, Parallel
 
-HEADER = 13  # ints that announce a broadcast step
+HEADER = 14  # ints that announce a broadcast step
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 MIXED_GRAPH_SIZES = (384, 512, 768, 1024, 1536, 2048)  # rows of mixed steps: decode rows plus prompt tokens
 
@@ -87,6 +87,7 @@ class StepInputs:
     mtp_depth: int = -1          # -1: the main model; d >= 0: MTP module d, fed by hidden_rows
     hidden_rows: torch.Tensor | None = None  # rows of the previous forward's output that MTP continues
     greedy_draft: bool = False   # the step also drafts in the same forward (ModelRunner.greedy_draft)
+    drafts: int = 1              # drafts a greedy_draft step makes per sequence; beyond one chained (chain_drafts)
     sources: torch.Tensor | None = None  # (N,) where a row's token is pending: its row of last_tokens, else -1
     fills: bool = False          # some row has a pending token (known on the host)
     continues: torch.Tensor | None = None  # (N,) 2 * pair + (0: token, 1: draft) of a speculative step's row, else -1
@@ -291,9 +292,46 @@ class ModelRunner:
         model's argmax g_i, then the MTP module on (h_i, g_i) and its argmax. Whatever the verification
         keeps, the row after the last kept draft fed the MTP the true next token, so its draft is the one
         plain drafting would make; rows past it wrote MTP cache slots that the next step writes again."""
+        return self.verify_and_draft_rows(hidden, positions, batch)[0]
+
+    def verify_and_draft_rows(self, hidden: torch.Tensor, positions: torch.Tensor, batch: PagedBatch
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """greedy_draft's (2, N) tokens and the MTP module's output hidden states (N, D) they were drafted from."""
         target = self.model.logits(hidden).argmax(dim=-1)
         mtp = self.model.mtp_hidden(hidden, target, positions, 0, batch)
-        return torch.stack([target, self.model.logits(mtp).argmax(dim=-1)])
+        return torch.stack([target, self.model.logits(mtp).argmax(dim=-1)]), mtp
+
+    def chain_drafts(self, step: StepInputs, ids: torch.Tensor, tokens: torch.Tensor, mtp: torch.Tensor) -> torch.Tensor:
+        """The drafts after the first of a greedy_draft step with step.drafts = k > 1, on the device (no host read,
+        eagerly: rows may differ per sequence): per sequence, its accepted count a (leading drafts that equal the
+        main model's argmax), then at its last valid row (start + a) the MTP module again on its own output and
+        draft, one position further each time, k - 1 times: one MTP block forward of one row per sequence per
+        draft, as `MTPProposer.propose` chains them, and the cache slot it writes is the one propose writes.
+        Returns (1 + k, N): the main model's argmax and depth-0 drafts at every row (greedy_draft's), then
+        depth d's draft at each sequence's last valid row (0 elsewhere)."""
+        starts = step.batch.query_starts
+        n, seqs, window = len(ids), len(starts) - 1, max(b - a for a, b in zip(starts, starts[1:]))
+        first = torch.tensor(starts[:-1], device=ids.device)
+        ends = torch.tensor(starts[1:], device=ids.device)
+        rows = first[:, None] + 1 + torch.arange(max(window - 1, 1), device=ids.device)       # (S, J) draft rows
+        stands = (rows < ends[:, None]) & (ids[rows.clamp(max=n - 1)] == tokens[0, (rows - 1).clamp(max=n - 1)])
+        last = first + stands.long().cumprod(dim=1).sum(dim=1)                                 # (S,) last valid row
+        b, depths = step.batch, len(self.model.mtp_layers)
+        tables = b.block_tables[last] if b.block_tables.shape[0] == n else b.block_tables
+        hidden, token, position = mtp[last], tokens[1, last], step.positions[last]
+        out = torch.zeros(1 + step.drafts, n, dtype=tokens.dtype, device=tokens.device)
+        out[:2] = tokens
+        for depth in range(1, step.drafts):
+            position = position + 1
+            block = (position // self.block_size).clamp(max=tables.shape[1] - 1)
+            slots = tables.gather(1, block[:, None])[:, 0].long() * self.block_size + position % self.block_size
+            batch = PagedBatch(query_starts=list(range(seqs + 1)), context_lens=(position + 1).to(b.context_lens.dtype),
+                               block_tables=tables, slot_mapping=slots, latent_caches=self.latent_caches,
+                               decode_only=True)
+            hidden = self.model.mtp_hidden(hidden, token, position, min(depth, depths - 1), batch)
+            token = self.model.logits(hidden).argmax(dim=-1)
+            out[1 + depth, last] = token
+        return out
 
     def record_speculation(self, ids: torch.Tensor, tokens: torch.Tensor) -> None:
         """Verify, on the device, a greedy_draft step whose rows come in pairs (a sequence's token, its draft),
@@ -319,6 +357,9 @@ class ModelRunner:
         self.continue_speculation(step)
         ids = self.fill_pending(step.ids, step.sources)
         hidden = self.model.model(ids, step.positions, step.batch)
+        if step.drafts > 1:  # (the synchronous path: no graph, no record)
+            tokens, mtp = self.verify_and_draft_rows(hidden, step.positions, step.batch)
+            return hidden, self.chain_drafts(step, ids, tokens, mtp)
         tokens = self.greedy_draft(hidden, step.positions, step.batch)
         self.record_speculation(ids, tokens)
         return hidden, tokens
@@ -385,7 +426,7 @@ class ModelRunner:
         f, b = step.fields, step.batch
         hidden_rows = step.hidden_rows if step.hidden_rows is not None else step.rows[:0]
         header = [1, f.n, f.r, f.a, f.w, len(step.rows), step.graph_size, int(b.decode_only), step.mtp_depth,
-                  len(hidden_rows), int(step.greedy_draft), int(step.rows_prefix), len(b.query_starts)]
+                  len(hidden_rows), int(step.greedy_draft), int(step.rows_prefix), len(b.query_starts), step.drafts]
         dist.broadcast(torch.tensor(header, device=self.device), src=0)
         dist.broadcast(torch.tensor(b.query_starts, dtype=torch.int64, device=self.device), src=0)
         dist.broadcast(step.buffer, src=0)
@@ -394,7 +435,7 @@ class ModelRunner:
     def receive(self) -> StepInputs | None:
         header = torch.empty(HEADER, dtype=torch.int64, device=self.device)
         dist.broadcast(header, src=0)
-        go, n, r, a, w, kept, graph_size, decode_only, depth, n_hidden, draft, rows_prefix, n_starts = header.tolist()
+        go, n, r, a, w, kept, graph_size, decode_only, depth, n_hidden, draft, rows_prefix, n_starts, drafts = header.tolist()
         if not go:
             return None
         starts = torch.empty(n_starts, dtype=torch.int64, device=self.device)
@@ -410,6 +451,7 @@ class ModelRunner:
         step = self.as_step(fields, buffer, starts.tolist())
         step.rows, step.graph_size, step.mtp_depth, step.hidden_rows = step.rows[:kept], graph_size, depth, hidden_rows
         step.batch.decode_only, step.greedy_draft, step.rows_prefix = bool(decode_only), bool(draft), bool(rows_prefix)
+        step.drafts = drafts
         return step
 
     @torch.inference_mode()

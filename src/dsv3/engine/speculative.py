@@ -122,7 +122,7 @@ class MTPProposer:
 
     def __init__(self, runner: ModelRunner, k: int):
         self.runner, self.k, self.depths = runner, k, len(runner.model.mtp_layers)
-        self.fused = k == 1
+        self.fused = True
 
     def propose(self, items: list[ScheduledItem], hidden_rows: list[int], rows_mode: bool
                 ) -> list[tuple[list[int], list[torch.Tensor | None]]]:
