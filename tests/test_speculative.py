@@ -171,24 +171,27 @@ def trained():
     return load_model(default_model_path(), dtype=torch.float32, device="cpu")
 
 
-def test_drafting_inside_the_verification_forward_equals_two_passes(trained):
-    """The one-forward path (verify and draft together) makes the same drafts as the MTP pass after
-    verification: same tokens, same acceptance, on the trained embedded model where drafts are often right."""
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_drafting_inside_the_verification_forward_equals_two_passes(trained, k):
+    """The one-forward path (verify and draft together; k > 1: chained on the device) makes the same drafts as
+    the MTP passes after verification: same tokens, same acceptance, on the trained embedded model where drafts
+    are often right. (k > 1: synchronous steps on both sides, so that the same sequences draft: in asynchronous
+    ones every sequence drafts.)"""
     prompts = [[0] + list(range(40 + 7 * i, 60 + 9 * i)) for i in range(3)]
     params = SamplingParams(max_tokens=24, temperature=0)
     runs = {}
     for in_graph in (True, False):
-        engine = LLMEngine(trained, None, num_blocks=64, block_size=8, speculative_tokens=1)
+        engine = LLMEngine(trained, None, num_blocks=64, block_size=8, speculative_tokens=k, async_scheduling=k == 1)
         engine.proposer.fused = in_graph
         calls = []
-        greedy_draft = engine.runner.greedy_draft
-        engine.runner.greedy_draft = lambda *a: calls.append(1) or greedy_draft(*a)
+        drafts = engine.runner.verify_and_draft_rows
+        engine.runner.verify_and_draft_rows = lambda *a: calls.append(1) or drafts(*a)
         runs[in_graph] = generate(engine, prompts, params), engine.stats["spec_drafted"], engine.stats["spec_accepted"]
         assert bool(calls) == in_graph
     assert runs[True] == runs[False]
     outs, drafted, accepted = runs[True]
     assert outs == generate(LLMEngine(trained, None, num_blocks=64, block_size=8), prompts, params)
-    assert accepted > 0.2 * drafted
+    assert accepted > (0.2 if k == 1 else 0) * drafted
 
 
 def test_a_sequence_whose_drafts_never_stand_stops_drafting(model):
@@ -269,7 +272,7 @@ def test_engine_turns_speculation_off_where_measured_slower(model, wrong):
 def watch_async(engine):
     """Count the engine's asynchronous speculative steps, and the windows whose accepted draft finished its
     sequence (the token after it, computed by the same step, dropped)."""
-    seen = {"steps": 0, "stopped_on_draft": 0}
+    seen = {"steps": 0, "stopped_on_draft": 0, "accepted": set()}
     launch, apply = engine._speculative_async_step, engine._apply_verified
 
     def counted_launch():
@@ -279,16 +282,18 @@ def watch_async(engine):
     def counted_apply(seq, drafted, accepted, token):
         before = len(seq.all_token_ids)
         apply(seq, drafted, accepted, token)
+        seen["accepted"].add(len(accepted))
         seen["stopped_on_draft"] += bool(accepted) and seq.finished and len(seq.all_token_ids) == before + 1
 
     engine._speculative_async_step, engine._apply_verified = counted_launch, counted_apply
     return seen
 
 
-def test_asynchronous_speculation_equals_plain_decoding(trained):
-    """Greedy, one draft, every step launched before the one in flight is read: the tokens are plain
+@pytest.mark.parametrize("k", [1, 2])
+def test_asynchronous_speculation_equals_plain_decoding(trained, k):
+    """Greedy, k drafts, every step launched before the one in flight is read: the tokens are plain
     decoding's, for prompts of different lengths whose stop tokens and max_tokens fall inside a step's
-    window (the sequence stops on its accepted draft, or on the token after), and the cache is freed."""
+    window (the sequence stops on an accepted draft, or on the token after), and the cache is freed."""
     prompts = [[0] + list(range(40 + 7 * i, 60 + 9 * i)) for i in range(4)] + [[0, 300, 17], [0] + list(range(200, 243))]
     free = [SamplingParams(max_tokens=40, temperature=0)] * len(prompts)
     unstopped = generate(LLMEngine(trained, None, num_blocks=96, block_size=8), prompts, free)
@@ -296,12 +301,13 @@ def test_asynchronous_speculation_equals_plain_decoding(trained):
               for out, m, j in zip(unstopped, (40, 17, 30, 9, 21, 40), (None, None, 11, None, 6, 23))]
     expected = generate(LLMEngine(trained, None, num_blocks=96, block_size=8), prompts, params)
     assert [len(out) for out in expected][:2] == [40, 17] and any(len(out) < m.max_tokens for out, m in zip(expected, params))
-    engine = LLMEngine(trained, None, num_blocks=96, block_size=8, speculative_tokens=1)
+    engine = LLMEngine(trained, None, num_blocks=96, block_size=8, speculative_tokens=k)
     engine.spec_policy = SpeculationPolicy(32, clock=None)
     seen = watch_async(engine)
     assert generate(engine, prompts, params) == expected
     assert seen["steps"] > 10 and seen["stopped_on_draft"] > 0
     assert engine.stats["spec_accepted"] > 0.3 * engine.stats["spec_drafted"]
+    assert all(n in seen["accepted"] for n in range(k + 1))  # every accepted count of a window occurred
 
 
 def stand_in_draft_graphs(engine, sizes):
@@ -316,8 +322,9 @@ def stand_in_draft_graphs(engine, sizes):
                                            slots=[runner.scratch_block * runner.block_size] * size,
                                            rows=list(range(fields.r)), context_lens=[1] * size, tables=[]),
                               torch.zeros(fields.nbytes, dtype=torch.uint8))
+        static.graph_size, static.drafts = size, runner.drafts
         hidden = torch.zeros(size, engine.config.hidden_size)
-        tokens = torch.zeros(2, size, dtype=torch.int64)
+        tokens = torch.zeros(1 + runner.drafts, size, dtype=torch.int64)
 
         def replay(static=static, hidden=hidden, tokens=tokens):
             h, t = runner.speculative_forward(static)
@@ -328,21 +335,22 @@ def stand_in_draft_graphs(engine, sizes):
         runner.static[size], runner.static_drafts[size] = (static, hidden, None), (hidden, tokens)
 
 
-def test_speculative_steps_replayed_from_static_buffers_equal_plain_decoding(trained):
+@pytest.mark.parametrize("k", [1, 2])
+def test_speculative_steps_replayed_from_static_buffers_equal_plain_decoding(trained, k):
     """The graph path's bookkeeping on the CPU (stand-in graphs): inputs packed into a size's static buffer,
     padding rows beside the real ones, block tables max_model_len wide, the record of the step before
     read inside the replay; batches of 6, 5, ... 1 sequences pad to 16, 8, 4 and 2 rows."""
     prompts = [[0] + list(range(40 + 7 * i, 60 + 9 * i)) for i in range(6)]
     params = [SamplingParams(max_tokens=m, temperature=0) for m in (9, 14, 20, 25, 31, 36)]
     expected = generate(LLMEngine(trained, None, num_blocks=96, block_size=8), prompts, params)
-    engine = LLMEngine(trained, None, num_blocks=96, block_size=8, speculative_tokens=1, max_model_len=128)
+    engine = LLMEngine(trained, None, num_blocks=96, block_size=8, speculative_tokens=k, max_model_len=128)
     engine.spec_policy = SpeculationPolicy(32, clock=None)
-    stand_in_draft_graphs(engine, (2, 4, 8, 16))
+    stand_in_draft_graphs(engine, (2, 4, 8, 16) if k == 1 else (4, 8, 16, 24))
     sizes, pack = [], engine.runner.pack
     engine.runner.pack = lambda *a, **k: (lambda step: sizes.append(step.graph_size) or step)(pack(*a, **k))
     seen = watch_async(engine)
     assert generate(engine, prompts, params) == expected
-    assert seen["steps"] > 10 and {16, 8, 4, 2} <= set(sizes)
+    assert seen["steps"] > 10 and ({16, 8, 4, 2} if k == 1 else {24, 16, 8, 4}) <= set(sizes)
 
 
 def test_rows_that_continue_a_speculative_step_move_where_its_draft_stood(model):

@@ -90,7 +90,7 @@ class StepInputs:
     drafts: int = 1              # drafts a greedy_draft step makes per sequence; beyond one chained (chain_drafts)
     sources: torch.Tensor | None = None  # (N,) where a row's token is pending: its row of last_tokens, else -1
     fills: bool = False          # some row has a pending token (known on the host)
-    continues: torch.Tensor | None = None  # (N,) 2 * pair + (0: token, 1: draft) of a speculative step's row, else -1
+    continues: torch.Tensor | None = None  # (N,) (k+1) * window + (0: token, j: draft j) of a speculative step's row, else -1
     continuing: bool = False     # some row continues a speculative step (known on the host)
     rows_prefix: bool = False    # rows is 0..R-1 (known on the host): a graph's logits need no gather
     fields: Fields | None = None  # the layout of `buffer`, which every tensor above views
@@ -100,10 +100,11 @@ class StepInputs:
 class ModelRunner:
     def __init__(self, model: DeepseekV3ForCausalLM, latent_caches: list[torch.Tensor], block_size: int,
                  max_model_len: int, max_graph_rows: int, cuda_graphs: bool = True, par: Parallel = SINGLE,
-                 max_draft_rows: int = 0, max_mixed_rows: int = 0, deterministic: bool = False):
+                 max_draft_rows: int = 0, max_mixed_rows: int = 0, deterministic: bool = False, drafts: int = 1):
         """max_graph_rows: the most rows whose logits a step keeps (every row of a decode step); max_mixed_rows:
         the most rows of a rows-mode mixed step to capture graphs for (0: decode steps only). deterministic:
-        every forward, and every graph's capture, runs under dispatch's deterministic mode."""
+        every forward, and every graph's capture, runs under dispatch's deterministic mode. drafts: per sequence in
+        the asynchronous speculative steps and their graphs (k: windows of k + 1 rows)."""
         self.model, self.latent_caches, self.block_size, self.par = model, latent_caches, block_size, par
         self.deterministic = deterministic
         self.device = next(model.parameters()).device
@@ -116,7 +117,10 @@ class ModelRunner:
         self.last_argmax: torch.Tensor | None = None  # (R,) a view of last_tokens, set by every forward
         # What the last greedy_draft step verified, per pair of rows (a sequence's token and its draft): whether
         # the draft stood, the draft, the token after the window, the next draft (`record_speculation`).
-        self.last_speculation = torch.zeros(max(max_draft_rows // 2, 1), 4, dtype=torch.int64, device=self.device)
+        # With k drafts: windows of k + 1 rows; per window the accepted count, the k drafts, the token after, k next drafts.
+        self.drafts = drafts
+        self.last_speculation = torch.zeros(max(max_draft_rows // (drafts + 1), 1), 2 * drafts + 2, dtype=torch.int64,
+                                            device=self.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.draft_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.static: dict[int, tuple[StepInputs, torch.Tensor, torch.Tensor]] = {}
@@ -142,8 +146,8 @@ class ModelRunner:
         greedy_draft: a rows-mode step that also drafts (`greedy_draft`), from its own set of graphs.
         sources: per item, -1, or the row of last_tokens that holds its last token (sampled by the step
         before, still on the device; the host has a placeholder there).
-        continues: per item, -1, or its pair in the speculative step before (whose record, last_speculation,
-        moves its last two rows, packed as if that step's draft was rejected: `continue_speculation`).
+        continues: per item, -1, or its window in the speculative step before (whose record, last_speculation,
+        moves its last drafts + 1 rows, packed as if that step's drafts were rejected: `continue_speculation`).
         """
         ids, positions, slots, starts, context_lens, tables, rows, fill, cont = [], [], [], [0], [], [], [], [], []
         for k, (seq, first, tokens, keep) in enumerate(items):
@@ -153,8 +157,8 @@ class ModelRunner:
             positions += span
             slots += self.slots(seq.block_table, first, n)
             fill += [-1] * (n - 1) + [sources[k] if sources else -1]
-            pair = continues[k] if continues else -1
-            cont += [-1] * n if pair < 0 else [-1] * (n - 2) + [2 * pair, 2 * pair + 1]
+            pair, w = continues[k] if continues else -1, self.drafts + 1
+            cont += [-1] * n if pair < 0 else [-1] * (n - w) + [w * pair + j for j in range(w)]
             if rows_mode:
                 context_lens += [p + 1 for p in span]
                 tables.append((seq.block_table, n))
@@ -309,10 +313,17 @@ class ModelRunner:
         draft, as `MTPProposer.propose` chains them, and the cache slot it writes is the one propose writes.
         Returns (1 + k, N): the main model's argmax and depth-0 drafts at every row (greedy_draft's), then
         depth d's draft at each sequence's last valid row (0 elsewhere)."""
-        starts = step.batch.query_starts
-        n, seqs, window = len(ids), len(starts) - 1, max(b - a for a, b in zip(starts, starts[1:]))
-        first = torch.tensor(starts[:-1], device=ids.device)
-        ends = torch.tensor(starts[1:], device=ids.device)
+        n = len(ids)
+        if step.graph_size:  # a graph's rows: windows of k + 1 rows (then padding), no host tensor inside the capture
+            window = step.drafts + 1
+            first = torch.arange(n // window, device=ids.device) * window
+            ends = first + window
+        else:  # eagerly: a window per sequence, as packed
+            starts = step.batch.query_starts
+            window = max(b - a for a, b in zip(starts, starts[1:]))
+            first = torch.tensor(starts[:-1], device=ids.device)
+            ends = torch.tensor(starts[1:], device=ids.device)
+        seqs = len(first)
         rows = first[:, None] + 1 + torch.arange(max(window - 1, 1), device=ids.device)       # (S, J) draft rows
         stands = (rows < ends[:, None]) & (ids[rows.clamp(max=n - 1)] == tokens[0, (rows - 1).clamp(max=n - 1)])
         last = first + stands.long().cumprod(dim=1).sum(dim=1)                                 # (S,) last valid row
@@ -321,11 +332,16 @@ class ModelRunner:
         hidden, token, position = mtp[last], tokens[1, last], step.positions[last]
         out = torch.zeros(1 + step.drafts, n, dtype=tokens.dtype, device=tokens.device)
         out[:2] = tokens
+        capacity = tables.shape[1] * self.block_size
         for depth in range(1, step.drafts):
+            # Past a sequence's blocks (one the engine gave no room to chain: it does not draft next), the scratch
+            # block, and attention over what its table holds: such drafts are never used.
             position = position + 1
             block = (position // self.block_size).clamp(max=tables.shape[1] - 1)
             slots = tables.gather(1, block[:, None])[:, 0].long() * self.block_size + position % self.block_size
-            batch = PagedBatch(query_starts=list(range(seqs + 1)), context_lens=(position + 1).to(b.context_lens.dtype),
+            slots = torch.where(position < capacity, slots, self.scratch_block * self.block_size)
+            context = (position + 1).clamp(max=capacity).to(b.context_lens.dtype)
+            batch = PagedBatch(query_starts=list(range(seqs + 1)), context_lens=context,
                                block_tables=tables, slot_mapping=slots, latent_caches=self.latent_caches,
                                decode_only=True)
             hidden = self.model.mtp_hidden(hidden, token, position, min(depth, depths - 1), batch)
@@ -339,7 +355,7 @@ class ModelRunner:
         the draft, the token after the window (the argmax at the draft if it stood, else at the token) and the
         draft made there. ids (N,): the step's input tokens; tokens (2, N): greedy_draft's. Steps whose rows
         are not pairs (prefills, the synchronous path) leave a record nobody reads."""
-        pairs = min(ids.shape[0] // 2, self.last_speculation.shape[0])
+        pairs = min(ids.shape[0] // (self.drafts + 1), self.last_speculation.shape[0])
         dispatch.record_speculation(ids, tokens, self.last_speculation[:pairs])
 
     def continue_speculation(self, step: StepInputs) -> None:
@@ -357,10 +373,11 @@ class ModelRunner:
         self.continue_speculation(step)
         ids = self.fill_pending(step.ids, step.sources)
         hidden = self.model.model(ids, step.positions, step.batch)
-        if step.drafts > 1:  # (the synchronous path: no graph, no record)
+        if step.drafts > 1:
             tokens, mtp = self.verify_and_draft_rows(hidden, step.positions, step.batch)
-            return hidden, self.chain_drafts(step, ids, tokens, mtp)
-        tokens = self.greedy_draft(hidden, step.positions, step.batch)
+            tokens = self.chain_drafts(step, ids, tokens, mtp)
+        else:
+            tokens = self.greedy_draft(hidden, step.positions, step.batch)
         self.record_speculation(ids, tokens)
         return hidden, tokens
 
@@ -381,7 +398,7 @@ class ModelRunner:
             values = dict(ids=[0] * size, positions=[0] * size, slots=[self.scratch_block * self.block_size] * size,
                           sources=[-1] * size, rows=list(range(fields.r)), context_lens=[1] * size, tables=[])
             static = self.stage(fields, values, torch.empty(fields.nbytes, dtype=torch.uint8, device=self.device))
-            static.graph_size = size
+            static.graph_size, static.drafts = size, self.drafts
 
             def forward():
                 hidden = self.model.model(self.fill_pending(static.ids, static.sources), static.positions, static.batch)
