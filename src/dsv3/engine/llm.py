@@ -54,9 +54,10 @@ class LLMEngine:
     string) has computed one token too many, which is dropped; one that its length limit stops is not
     scheduled again.
 
-    Greedy speculation with one draft is asynchronous too (`_speculates_async` says when): the next step is
-    packed as if the draft in flight was rejected (one new token, then a new draft, both `PENDING`), and the
-    runner moves its rows on the device where the verification put them (`ModelRunner.continue_speculation`).
+    Greedy speculation is asynchronous too (`_speculates_async` says when): the next step is packed as if the
+    k drafts in flight were rejected (one new token, then k new drafts, all `PENDING`), and the runner moves its
+    rows on the device where the verification put them (`ModelRunner.continue_speculation`). With k > 1 the
+    drafts after the first are chained on the device in the same forward (`ModelRunner.chain_drafts`).
     Other speculative steps read every result before the next is launched (`_speculative_step`).
     """
 
@@ -297,10 +298,10 @@ class LLMEngine:
         return changed
 
     def _speculates_async(self) -> bool:
-        """Whether this step speculates asynchronously (`_speculative_async_step`): greedy with one draft made
-        in the verifying forward (`MTPProposer.fused`), every running sequence decoding with a draft (perhaps
-        still on the device), no request waiting, room in the cache and in max_model_len for two positions
-        more each, and a captured graph that holds the step's two rows a sequence (on the CPU: eagerly).
+        """Whether this step speculates asynchronously (`_speculative_async_step`): greedy with the k drafts made
+        in the verifying forward (`MTPProposer.fused`), every running sequence decoding with k drafts (perhaps
+        still on the device), no request waiting, room in the cache and in max_model_len for `_async_room`
+        positions more each, and a captured graph that holds the step's k + 1 rows a sequence (CPU: eagerly).
         Here a sequence whose drafts rarely stand (SpeculationPolicy.pays) keeps drafting: its draft costs
         no forward of its own, and a batch that holds it still steps asynchronously."""
         running, prev, policy = self.scheduler.running, self.in_flight, self.spec_policy
@@ -330,9 +331,9 @@ class LLMEngine:
         return 2 if k == 1 else 3 * k
 
     def _speculative_async_step(self) -> list[Sequence]:
-        """Launch a greedy one-draft step, then read the one in flight (as `_plain_step` does). Each sequence
-        computes two rows, its newest token and its draft; a sequence in the step in flight is packed as if
-        that step rejected its draft: both tokens PENDING, at the positions after its one new token, its
+        """Launch a greedy step of k drafts, then read the one in flight (as `_plain_step` does). Each sequence
+        computes k + 1 rows, its newest token and its drafts; a sequence in the step in flight is packed as if
+        that step rejected its drafts: every token PENDING, at the positions after its one new token, its
         rows marked to continue the step's record (ModelRunner.continue_speculation fixes them up)."""
         prev, self.in_flight = self.in_flight, None
         items, pairs, k = [], [], self.proposer.k

@@ -14,9 +14,9 @@ A graph's inputs are views of one static buffer that `pack` copies into directly
 fills in the pending tokens (`fill_pending`) and takes the greedy argmax of its logits. Rows beyond
 the real batch are padding: they write to a scratch block nobody owns and are ignored.
 
-Speculative steps (greedy, one draft: `greedy_draft`) are scheduled asynchronously too: a sequence's two
-rows (its newest token, its draft) of step n+1 are packed before step n's verification is read, as if step
-n's draft was rejected, and marked `continues`; inside the step (in its graph), `continue_speculation`
+Speculative steps (greedy: `greedy_draft`, then `chain_drafts` for k > 1 drafts) are scheduled asynchronously
+too: a sequence's k + 1 rows (its newest token, its drafts) of step n+1 are packed before step n's verification
+is read, as if step n's drafts were rejected, and marked `continues`; inside the step (in its graph), `continue_speculation`
 moves them where step n's verification put them, from the record that step left on the device
 (`last_speculation`). With several ranks rank 0 corrects before broadcasting, so followers see the true inputs.
 
