@@ -350,19 +350,20 @@ class ModelRunner:
         return out
 
     def record_speculation(self, ids: torch.Tensor, tokens: torch.Tensor) -> None:
-        """Verify, on the device, a greedy_draft step whose rows come in pairs (a sequence's token, its draft),
-        into last_speculation: per pair, whether the draft stood (it is the main model's argmax at the token),
-        the draft, the token after the window (the argmax at the draft if it stood, else at the token) and the
-        draft made there. ids (N,): the step's input tokens; tokens (2, N): greedy_draft's. Steps whose rows
-        are not pairs (prefills, the synchronous path) leave a record nobody reads."""
+        """Verify, on the device, a greedy_draft step whose rows come in windows of k + 1 (a sequence's token, its
+        k drafts; k = 1: pairs), into last_speculation: per window, how many drafts stood (leading ones equal to
+        the main model's argmax at the row before), the drafts, the token after the window (the argmax at the last
+        valid row) and the k drafts made there. ids (N,): the step's input tokens; tokens (1 + k, N): greedy_draft's
+        (and chain_drafts'). Steps whose rows are not such windows (prefills, the synchronous path) leave a record
+        nobody reads."""
         pairs = min(ids.shape[0] // (self.drafts + 1), self.last_speculation.shape[0])
         dispatch.record_speculation(ids, tokens, self.last_speculation[:pairs])
 
     def continue_speculation(self, step: StepInputs) -> None:
         """Move the rows that continue the speculative step before (continues >= 0) where its verification
-        put them: the host packed them as if its draft was rejected, so where it stood they sit one position
-        further (their cache slots and context lengths with them), and their tokens are the step's token after
-        the window and its next draft. In place on the step's inputs, on the device: no host sync, fixed shapes
+        put them: the host packed them as if its drafts were rejected, so they sit as many positions further as
+        drafts stood (their cache slots and context lengths with them), and their tokens are the step's token after
+        the window and its next drafts. In place on the step's inputs, on the device: no host sync, fixed shapes
         (inside the draft graphs); rows that do not continue keep theirs."""
         b = step.batch
         dispatch.continue_speculation(step.ids, step.positions, b.slot_mapping, b.context_lens, b.block_tables,
