@@ -1,5 +1,5 @@
-"""Run by torchrun from test_speculative.py: the embedded model on two ranks, greedy, one draft, every step
-speculating; rank 0 writes the tokens and how many asynchronous steps verified how many drafts."""
+"""Run by torchrun from test_speculative.py: the embedded model on two ranks, greedy, k drafts (argv[3], 1 if
+not given), every step speculating; rank 0 writes the tokens and how many asynchronous steps verified how many drafts."""
 
 import json
 import sys
@@ -10,7 +10,8 @@ import dsv3
 from dsv3.engine.speculative import SpeculationPolicy
 
 out, prompts = sys.argv[1], json.loads(sys.argv[2])
-llm = dsv3.LLM(dtype="float32", device="cpu", num_blocks=64, block_size=8, speculative_tokens=1)
+k = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+llm = dsv3.LLM(dtype="float32", device="cpu", num_blocks=64, block_size=8, speculative_tokens=k)
 if not llm.follower:
     engine = llm.engine
     engine.spec_policy = SpeculationPolicy(32, clock=None)

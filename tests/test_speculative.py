@@ -171,24 +171,27 @@ def trained():
     return load_model(default_model_path(), dtype=torch.float32, device="cpu")
 
 
-def test_drafting_inside_the_verification_forward_equals_two_passes(trained):
-    """The one-forward path (verify and draft together) makes the same drafts as the MTP pass after
-    verification: same tokens, same acceptance, on the trained embedded model where drafts are often right."""
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_drafting_inside_the_verification_forward_equals_two_passes(trained, k):
+    """The one-forward path (verify and draft together; k > 1: chained on the device) makes the same drafts as
+    the MTP passes after verification: same tokens, same acceptance, on the trained embedded model where drafts
+    are often right. (k > 1: synchronous steps on both sides, so that the same sequences draft: in asynchronous
+    ones every sequence drafts.)"""
     prompts = [[0] + list(range(40 + 7 * i, 60 + 9 * i)) for i in range(3)]
     params = SamplingParams(max_tokens=24, temperature=0)
     runs = {}
     for in_graph in (True, False):
-        engine = LLMEngine(trained, None, num_blocks=64, block_size=8, speculative_tokens=1)
+        engine = LLMEngine(trained, None, num_blocks=64, block_size=8, speculative_tokens=k, async_scheduling=k == 1)
         engine.proposer.fused = in_graph
         calls = []
-        greedy_draft = engine.runner.greedy_draft
-        engine.runner.greedy_draft = lambda *a: calls.append(1) or greedy_draft(*a)
+        drafts = engine.runner.verify_and_draft_rows
+        engine.runner.verify_and_draft_rows = lambda *a: calls.append(1) or drafts(*a)
         runs[in_graph] = generate(engine, prompts, params), engine.stats["spec_drafted"], engine.stats["spec_accepted"]
         assert bool(calls) == in_graph
     assert runs[True] == runs[False]
     outs, drafted, accepted = runs[True]
     assert outs == generate(LLMEngine(trained, None, num_blocks=64, block_size=8), prompts, params)
-    assert accepted > 0.2 * drafted
+    assert accepted > (0.2 if k == 1 else 0) * drafted
 
 
 def test_a_sequence_whose_drafts_never_stand_stops_drafting(model):
@@ -269,7 +272,7 @@ def test_engine_turns_speculation_off_where_measured_slower(model, wrong):
 def watch_async(engine):
     """Count the engine's asynchronous speculative steps, and the windows whose accepted draft finished its
     sequence (the token after it, computed by the same step, dropped)."""
-    seen = {"steps": 0, "stopped_on_draft": 0}
+    seen = {"steps": 0, "stopped_on_draft": 0, "accepted": set()}
     launch, apply = engine._speculative_async_step, engine._apply_verified
 
     def counted_launch():
@@ -279,16 +282,18 @@ def watch_async(engine):
     def counted_apply(seq, drafted, accepted, token):
         before = len(seq.all_token_ids)
         apply(seq, drafted, accepted, token)
+        seen["accepted"].add(len(accepted))
         seen["stopped_on_draft"] += bool(accepted) and seq.finished and len(seq.all_token_ids) == before + 1
 
     engine._speculative_async_step, engine._apply_verified = counted_launch, counted_apply
     return seen
 
 
-def test_asynchronous_speculation_equals_plain_decoding(trained):
-    """Greedy, one draft, every step launched before the one in flight is read: the tokens are plain
+@pytest.mark.parametrize("k", [1, 2])
+def test_asynchronous_speculation_equals_plain_decoding(trained, k):
+    """Greedy, k drafts, every step launched before the one in flight is read: the tokens are plain
     decoding's, for prompts of different lengths whose stop tokens and max_tokens fall inside a step's
-    window (the sequence stops on its accepted draft, or on the token after), and the cache is freed."""
+    window (the sequence stops on an accepted draft, or on the token after), and the cache is freed."""
     prompts = [[0] + list(range(40 + 7 * i, 60 + 9 * i)) for i in range(4)] + [[0, 300, 17], [0] + list(range(200, 243))]
     free = [SamplingParams(max_tokens=40, temperature=0)] * len(prompts)
     unstopped = generate(LLMEngine(trained, None, num_blocks=96, block_size=8), prompts, free)
@@ -296,12 +301,13 @@ def test_asynchronous_speculation_equals_plain_decoding(trained):
               for out, m, j in zip(unstopped, (40, 17, 30, 9, 21, 40), (None, None, 11, None, 6, 23))]
     expected = generate(LLMEngine(trained, None, num_blocks=96, block_size=8), prompts, params)
     assert [len(out) for out in expected][:2] == [40, 17] and any(len(out) < m.max_tokens for out, m in zip(expected, params))
-    engine = LLMEngine(trained, None, num_blocks=96, block_size=8, speculative_tokens=1)
+    engine = LLMEngine(trained, None, num_blocks=96, block_size=8, speculative_tokens=k)
     engine.spec_policy = SpeculationPolicy(32, clock=None)
     seen = watch_async(engine)
     assert generate(engine, prompts, params) == expected
     assert seen["steps"] > 10 and seen["stopped_on_draft"] > 0
     assert engine.stats["spec_accepted"] > 0.3 * engine.stats["spec_drafted"]
+    assert all(n in seen["accepted"] for n in range(k + 1))  # every accepted count of a window occurred
 
 
 def stand_in_draft_graphs(engine, sizes):
@@ -316,8 +322,9 @@ def stand_in_draft_graphs(engine, sizes):
                                            slots=[runner.scratch_block * runner.block_size] * size,
                                            rows=list(range(fields.r)), context_lens=[1] * size, tables=[]),
                               torch.zeros(fields.nbytes, dtype=torch.uint8))
+        static.graph_size, static.drafts = size, runner.drafts
         hidden = torch.zeros(size, engine.config.hidden_size)
-        tokens = torch.zeros(2, size, dtype=torch.int64)
+        tokens = torch.zeros(1 + runner.drafts, size, dtype=torch.int64)
 
         def replay(static=static, hidden=hidden, tokens=tokens):
             h, t = runner.speculative_forward(static)
@@ -328,21 +335,22 @@ def stand_in_draft_graphs(engine, sizes):
         runner.static[size], runner.static_drafts[size] = (static, hidden, None), (hidden, tokens)
 
 
-def test_speculative_steps_replayed_from_static_buffers_equal_plain_decoding(trained):
+@pytest.mark.parametrize("k", [1, 2])
+def test_speculative_steps_replayed_from_static_buffers_equal_plain_decoding(trained, k):
     """The graph path's bookkeeping on the CPU (stand-in graphs): inputs packed into a size's static buffer,
     padding rows beside the real ones, block tables max_model_len wide, the record of the step before
     read inside the replay; batches of 6, 5, ... 1 sequences pad to 16, 8, 4 and 2 rows."""
     prompts = [[0] + list(range(40 + 7 * i, 60 + 9 * i)) for i in range(6)]
     params = [SamplingParams(max_tokens=m, temperature=0) for m in (9, 14, 20, 25, 31, 36)]
     expected = generate(LLMEngine(trained, None, num_blocks=96, block_size=8), prompts, params)
-    engine = LLMEngine(trained, None, num_blocks=96, block_size=8, speculative_tokens=1, max_model_len=128)
+    engine = LLMEngine(trained, None, num_blocks=96, block_size=8, speculative_tokens=k, max_model_len=128)
     engine.spec_policy = SpeculationPolicy(32, clock=None)
-    stand_in_draft_graphs(engine, (2, 4, 8, 16))
+    stand_in_draft_graphs(engine, (2, 4, 8, 16) if k == 1 else (4, 8, 16, 24))
     sizes, pack = [], engine.runner.pack
     engine.runner.pack = lambda *a, **k: (lambda step: sizes.append(step.graph_size) or step)(pack(*a, **k))
     seen = watch_async(engine)
     assert generate(engine, prompts, params) == expected
-    assert seen["steps"] > 10 and {16, 8, 4, 2} <= set(sizes)
+    assert seen["steps"] > 10 and ({16, 8, 4, 2} if k == 1 else {24, 16, 8, 4}) <= set(sizes)
 
 
 def test_rows_that_continue_a_speculative_step_move_where_its_draft_stood(model):
@@ -368,7 +376,8 @@ def test_rows_that_continue_a_speculative_step_move_where_its_draft_stood(model)
     assert torch.equal(packed.batch.block_tables, known.batch.block_tables)
 
 
-def test_two_ranks_speculate_as_one(tmp_path):
+@pytest.mark.parametrize("k", [1, 2])
+def test_two_ranks_speculate_as_one(tmp_path, k):
     """Tensor parallel on two gloo ranks, asynchronous speculation: rank 0 corrects the continuing rows before
     it broadcasts them, so both ranks run the same inputs; tokens equal one process's plain decoding."""
     import json
@@ -383,7 +392,7 @@ def test_two_ranks_speculate_as_one(tmp_path):
     out = tmp_path / "out.json"
     env = {**os.environ, "DSV3_EXPERTS": "tp", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(Path(__file__).with_name("dist_speculative_worker.py")), str(out), json.dumps(prompts)]
+           str(Path(__file__).with_name("dist_speculative_worker.py")), str(out), json.dumps(prompts), str(k)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(out.read_text())
@@ -391,3 +400,72 @@ def test_two_ranks_speculate_as_one(tmp_path):
     alone = [o.token_ids for o in llm.generate(prompts, dsv3.SamplingParams(max_tokens=24, temperature=0))]
     assert got["tokens"] == alone
     assert got["async_steps"] > 10 and got["accepted"] > 0
+
+
+def test_chained_drafts_cost_one_mtp_forward_each_and_leave_no_blocks_behind(trained):
+    """k = 2, asynchronous: every speculative step is one main-model forward and two MTP block forwards (of all
+    rows, then of one row per sequence), with no host read between; no sequence ever holds more blocks than its
+    tokens and the step's room need, and the cache is all free at the end (rejected drafts' slots do not leak)."""
+    prompts = [[0] + list(range(40 + 7 * i, 60 + 9 * i)) for i in range(4)]
+    params = [SamplingParams(max_tokens=m, temperature=0) for m in (13, 20, 26, 31)]
+    expected = generate(LLMEngine(trained, None, num_blocks=96, block_size=8), prompts, params)
+    engine = LLMEngine(trained, None, num_blocks=96, block_size=8, speculative_tokens=2)
+    engine.spec_policy = SpeculationPolicy(32, clock=None)
+    model, runner, calls = engine.model, engine.runner, {"main": 0, "mtp": [], "async": 0}
+    backbone, mtp_hidden, launch = model.model.forward, model.mtp_hidden, engine._speculative_async_step
+    model.model.forward = lambda *a, **kw: calls.__setitem__("main", calls["main"] + 1) or backbone(*a, **kw)
+    model.mtp_hidden = lambda h, *a, **kw: calls["mtp"].append(len(h)) or mtp_hidden(h, *a, **kw)
+    seqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    room = engine._async_room(2)
+    while engine.has_unfinished():
+        before = dict(main=calls["main"], mtp=len(calls["mtp"]))
+        async_step = engine._speculates_async() and engine.proposer.k == 2
+        rows = 3 * sum(not engine._stops_on_pending(s) for s in engine.scheduler.running)
+        engine.step()
+        if async_step and rows:  # (rows 0: every sequence stops on what is in flight, nothing launched)
+            calls["async"] += 1
+            assert calls["main"] - before["main"] == 1 and len(calls["mtp"]) - before["mtp"] == 2
+            assert calls["mtp"][-2:] == [rows, rows // 3]
+        for seq in engine.scheduler.running:
+            assert len(seq.block_table) <= engine.blocks.blocks_needed(seq.num_tokens + room)
+    assert [s.output_token_ids for s in seqs] == expected
+    assert calls["async"] > 5 and engine.stats["spec_accepted"] > 0
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_rows_that_continue_a_window_of_two_drafts_move_by_its_accepted_count(model):
+    """k = 2: packed as if both drafts in flight were rejected, then corrected from the record (accepted count,
+    drafts, token after, two next drafts): the inputs equal those packed knowing the verification, for windows
+    that accepted 0, 1 and 2 drafts (positions across block boundaries, slots, context lengths, tokens)."""
+    runner = ModelRunner(model, LLMEngine(model, None, num_blocks=16, block_size=4).latent_caches, 4, 64, 12,
+                         max_draft_rows=12, drafts=2)
+    a, b, c, d = (Sequence(list(range(n)), GREEDY) for n in (7, 4, 3, 9))
+    a.block_table, b.block_table, c.block_table, d.block_table = [5, 9, 2], [3, 11], [7], [1, 4, 6, 8]
+    runner.last_speculation[:3] = torch.tensor([[0, 10, 11, 12, 13, 14], [1, 20, 21, 22, 23, 24],
+                                                [2, 30, 31, 32, 33, 34]])
+    packed = runner.pack([ScheduledItem(a, 6, [-1] * 3, 3), ScheduledItem(b, 3, [-1] * 3, 3),
+                          ScheduledItem(c, 1, [4, 5, 6], 3), ScheduledItem(d, 8, [-1] * 3, 3)], True,
+                         greedy_draft=True, continues=[2, 0, -1, 1])
+    with torch.inference_mode():
+        runner.continue_speculation(packed)
+    known = runner.pack([ScheduledItem(a, 8, [32, 33, 34], 3), ScheduledItem(b, 3, [12, 13, 14], 3),
+                         ScheduledItem(c, 1, [4, 5, 6], 3), ScheduledItem(d, 9, [22, 23, 24], 3)], True,
+                        greedy_draft=True)
+    assert packed.positions.tolist() == known.positions.tolist() == [8, 9, 10, 3, 4, 5, 1, 2, 3, 9, 10, 11]
+    assert packed.batch.slot_mapping.tolist() == known.batch.slot_mapping.tolist()
+    assert packed.batch.context_lens.tolist() == known.batch.context_lens.tolist()
+    assert packed.ids.tolist() == known.ids.tolist()
+    assert torch.equal(packed.batch.block_tables, known.batch.block_tables)
+
+
+def test_record_of_windows_of_two_drafts():
+    """record_speculation with k = 2 (the PyTorch twin): per window the accepted count (leading drafts equal to
+    the main model's argmax at the row before), the drafts, the token after and the next drafts at row a."""
+    from dsv3.kernels import reference
+
+    ids = torch.tensor([5, 7, 8, 5, 7, 1, 5, 7, 9])     # windows: 0, 1 and 2 drafts stand
+    target = torch.tensor([1, 2, 3, 7, 8, 9, 7, 9, 4])
+    tokens = torch.stack([target, torch.arange(10, 19), torch.arange(20, 29)])
+    record = torch.zeros(3, 6, dtype=torch.int64)
+    reference.record_speculation(ids, tokens, record)
+    assert record.tolist() == [[0, 7, 8, 1, 10, 20], [1, 7, 1, 8, 14, 24], [2, 7, 9, 4, 18, 28]]

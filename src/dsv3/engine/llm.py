@@ -54,9 +54,10 @@ class LLMEngine:
     string) has computed one token too many, which is dropped; one that its length limit stops is not
     scheduled again.
 
-    Greedy speculation with one draft is asynchronous too (`_speculates_async` says when): the next step is
-    packed as if the draft in flight was rejected (one new token, then a new draft, both `PENDING`), and the
-    runner moves its rows on the device where the verification put them (`ModelRunner.continue_speculation`).
+    Greedy speculation is asynchronous too (`_speculates_async` says when): the next step is packed as if the
+    k drafts in flight were rejected (one new token, then k new drafts, all `PENDING`), and the runner moves its
+    rows on the device where the verification put them (`ModelRunner.continue_speculation`). With k > 1 the
+    drafts after the first are chained on the device in the same forward (`ModelRunner.chain_drafts`).
     Other speculative steps read every result before the next is launched (`_speculative_step`).
     """
 
@@ -86,11 +87,11 @@ class LLMEngine:
         model.model.rotary.cache(self.max_model_len + speculative_tokens + 1)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, options.max_num_batched_tokens,
                                    options.prefill_delay_factor, graphed=self._rows_mode)
-        draft_rows = 2 * min(max_num_seqs, speculative_max_batch) if speculative_tokens == 1 else 0
+        draft_rows = (1 + speculative_tokens) * min(max_num_seqs, speculative_max_batch) if speculative_tokens else 0
         self.runner = ModelRunner(model, self.latent_caches, block_size, self.max_model_len,
                                   max_num_seqs * (1 + speculative_tokens), options.cuda_graphs, par, draft_rows,
                                   min(options.max_num_batched_tokens, MIXED_GRAPH_SIZES[-1]),
-                                  deterministic=options.deterministic)
+                                  deterministic=options.deterministic, drafts=max(speculative_tokens, 1))
         self.deterministic = options.deterministic
         # Where no graph replays (the CPU, cuda_graphs off), prefilling steps stay on the expanded form; tests set it.
         self.rows_mode_keys = ROWS_MODE_KEYS if self.runner.graphs else 0
@@ -297,52 +298,61 @@ class LLMEngine:
         return changed
 
     def _speculates_async(self) -> bool:
-        """Whether this step speculates asynchronously (`_speculative_async_step`): greedy with one draft made
-        in the verifying forward (`MTPProposer.fused`), every running sequence decoding with a draft (perhaps
-        still on the device), no request waiting, room in the cache and in max_model_len for two positions
-        more each, and a captured graph that holds the step's two rows a sequence (on the CPU: eagerly).
+        """Whether this step speculates asynchronously (`_speculative_async_step`): greedy with the k drafts made
+        in the verifying forward (`MTPProposer.fused`), every running sequence decoding with k drafts (perhaps
+        still on the device), no request waiting, room in the cache and in max_model_len for `_async_room`
+        positions more each, and a captured graph that holds the step's k + 1 rows a sequence (CPU: eagerly).
         Here a sequence whose drafts rarely stand (SpeculationPolicy.pays) keeps drafting: its draft costs
         no forward of its own, and a batch that holds it still steps asynchronously."""
         running, prev, policy = self.scheduler.running, self.in_flight, self.spec_policy
         if not (self.async_scheduling and self.proposer.fused and running) or self.scheduler.waiting:
             return False
-        rows = 2 * len(running)
+        k = self.proposer.k
+        rows = (k + 1) * len(running)
         if prev is not None and not prev.speculative or not policy.wants(len(running)):
             return False
-        if rows > min(self.options.max_num_batched_tokens, 2 * self.runner.last_speculation.shape[0]):
+        if rows > min(self.options.max_num_batched_tokens, (k + 1) * self.runner.last_speculation.shape[0]):
             return False
         if self.device.type == "cuda" and not any(size >= rows for size in self.runner.draft_graphs):
             return False
         blocks = 0
         for seq in running:
             p = seq.params
-            if not (len(seq.draft) == 1 and seq.num_uncomputed == 1 and p.greedy and p.logprobs is None
-                    and seq.num_tokens + 2 <= self.max_model_len):
+            if not (len(seq.draft) == k and seq.num_uncomputed == 1 and p.greedy and p.logprobs is None
+                    and seq.num_tokens + self._async_room(k) <= self.max_model_len):
                 return False
-            blocks += self.blocks.blocks_needed(seq.num_tokens + 2) - len(seq.block_table)
+            blocks += self.blocks.blocks_needed(seq.num_tokens + self._async_room(k)) - len(seq.block_table)
         return blocks <= self.blocks.num_free
 
+    @staticmethod
+    def _async_room(k: int) -> int:
+        """Positions past a sequence's tokens that an asynchronous step of k drafts may write: its k + 1 rows, k
+        further if the window in flight accepts every draft, k - 1 more for the chained drafts' MTP cache slots, one spare."""
+        return 2 if k == 1 else 3 * k
+
     def _speculative_async_step(self) -> list[Sequence]:
-        """Launch a greedy one-draft step, then read the one in flight (as `_plain_step` does). Each sequence
-        computes two rows, its newest token and its draft; a sequence in the step in flight is packed as if
-        that step rejected its draft: both tokens PENDING, at the positions after its one new token, its
+        """Launch a greedy step of k drafts, then read the one in flight (as `_plain_step` does). Each sequence
+        computes k + 1 rows, its newest token and its drafts; a sequence in the step in flight is packed as if
+        that step rejected its drafts: every token PENDING, at the positions after its one new token, its
         rows marked to continue the step's record (ModelRunner.continue_speculation fixes them up)."""
         prev, self.in_flight = self.in_flight, None
-        items, pairs = [], []
+        items, pairs, k = [], [], self.proposer.k
         for seq in self.scheduler.running:
             if self._stops_on_pending(seq):  # its length limit stops it on what is in flight
                 continue
-            self.blocks.append(seq, 2)  # the two rows one position further, if the draft in flight stands
+            self.blocks.append(seq, self._async_room(k))  # the rows k positions further, if the drafts in flight stand
             first = seq.num_cached_tokens
             if prev is not None and seq.seq_id in prev.rows:
-                items.append(ScheduledItem(seq, first, [PENDING, PENDING], 2))
+                items.append(ScheduledItem(seq, first, [PENDING] * (k + 1), k + 1))
                 pairs.append(prev.rows[seq.seq_id])
-            else:  # its token and draft are known
-                items.append(ScheduledItem(seq, first, [seq.all_token_ids[first], seq.draft[0]], 2))
+            else:  # its token and drafts are known
+                items.append(ScheduledItem(seq, first, [seq.all_token_ids[first]] + seq.draft, k + 1))
                 pairs.append(-1)
         launched = None
         if items:
-            self.runner.run(self.runner.pack(items, True, greedy_draft=True, continues=pairs))
+            step = self.runner.pack(items, True, greedy_draft=True, continues=pairs)
+            step.drafts = k
+            self.runner.run(step)
             self.stats["steps"] += 1
             self.stats["spec_async_steps"] += 1
             host, ready = self._to_host([self.runner.last_speculation[:len(items)]])
@@ -353,21 +363,23 @@ class LLMEngine:
                 if not seq.finished:  # after _resolve: its first row's token is known now
                     self.scheduler.computed(seq, 1)
                     seq.pending += 1
-                    seq.draft, seq.draft_probs = [PENDING], [None]
+                    seq.draft, seq.draft_probs = [PENDING] * k, [None] * k
             self.in_flight = launched
         return changed
 
     def _resolve_speculative(self, launched: Launched) -> list[Sequence]:
-        """Apply a speculative step's record (per sequence: whether its draft stood, the draft, the token after,
-        the next draft). The step after it, if launched, has already moved these sequences' rows on the device."""
-        changed = []
-        for seq, (stood, draft, token, next_draft) in zip(launched.done, launched.host[0].tolist()):
+        """Apply a speculative step's record (per sequence: how many of its k drafts stood, the drafts, the token
+        after, the k next drafts). The step after it, if launched, has already moved these sequences' rows on the
+        device."""
+        changed, k = [], self.proposer.k
+        for seq, row in zip(launched.done, launched.host[0].tolist()):
             if seq.finished:  # stopped by the step before, or aborted, while this one was computed
                 continue
+            accepted, drafts, token, next_drafts = row[0], row[1:1 + k], row[1 + k], row[2 + k:]
             seq.pending -= 1
-            self._apply_verified(seq, 1, [draft] if stood else [], token)
+            self._apply_verified(seq, k, drafts[:accepted], token)
             if not seq.finished:
-                seq.draft, seq.draft_probs = [next_draft], [None]
+                seq.draft, seq.draft_probs = next_drafts, [None] * k
             changed.append(seq)
         return changed
 
@@ -387,11 +399,13 @@ class LLMEngine:
             items.append(ScheduledItem(seq, first, (seq.all_token_ids[first:] + seq.draft)[:n],
                                        1 + len(seq.draft) if completes else 0))
         fused = decoding and self._fuses(items)  # (prompt rows would feed the MTP module their argmax, not the prompt)
-        step = self.runner.pack(items, rows_mode, greedy_draft=fused)
+        # (k > 1: eagerly, the draft graphs chain windows of k + 1 rows and here a sequence may have no drafts yet)
+        step = self.runner.pack(items, rows_mode, greedy_draft=fused, graph=self.proposer.k == 1)
+        step.drafts = self.proposer.k  # (beyond one: chained on the device, ModelRunner.chain_drafts)
         hidden, out = self.runner.run(step)
         self.stats["steps"] += 1
         self.stats["prefill_steps"] += not decoding
-        if fused:  # out: the (2, N) tokens of verification and drafting
+        if fused:  # out: the (1 + k, N) tokens of verification and drafting
             self._verify_and_draft(items, out)
             return [item.seq for item in items]
         if any(seq.draft for seq, _ in scheduled):
@@ -409,19 +423,23 @@ class LLMEngine:
                 and any(policy.pays(item.seq) for item in items))
 
     def _verify_and_draft(self, items: list[ScheduledItem], tokens: torch.Tensor) -> None:
-        """tokens (2, N): the main model's argmax and the MTP draft at every row of a greedy_draft step.
-        A sequence's next draft is the one at its last valid row (the real token plus accepted drafts). With
-        async scheduling every sequence keeps it, so that the next steps can be asynchronous ones (where a
-        draft costs no forward of its own); otherwise only those whose drafts pay."""
-        target, drafted = tokens.tolist()
+        """tokens (1 + k, N): the main model's argmax at every row, then the k MTP drafts (the first at every row,
+        the chained ones at each sequence's last valid row: ModelRunner.chain_drafts) of a greedy_draft step. A
+        sequence's next drafts are those at its last valid row (the real token plus accepted drafts). With
+        async scheduling every sequence keeps them, so that the next steps can be asynchronous ones (where a
+        draft costs no forward of its own); otherwise only those whose drafts pay. Chained drafts write the MTP
+        module's cache one position past the next window's last row: room for it is made here."""
+        target, *drafted = tokens.tolist()
+        k = len(drafted)
+        room = 1 if k == 1 else 2 * k
         starts = [0]
         for _, _, rows, _ in items:
             starts.append(starts[-1] + len(rows))
         for seq, start, v in zip((item.seq for item in items), starts, self._verify(items, None, target)):
             pays = self.async_scheduling or self.spec_policy.pays(seq)
-            if not seq.finished and pays and self.blocks.can_append(seq, 1):
-                self.blocks.append(seq, 0)
-                seq.draft, seq.draft_probs = [drafted[start + v - 1]], [None]
+            if not seq.finished and pays and self.blocks.can_append(seq, room):
+                self.blocks.append(seq, room - 1)
+                seq.draft, seq.draft_probs = [d[start + v - 1] for d in drafted], [None] * k
 
     def _verify(self, items: list[ScheduledItem], logits: torch.Tensor | None, argmax: list[int] | None = None) -> list[int]:
         """Apply what `verify` lets stand of each sequence's drafts; returns the valid tokens per item.

@@ -14,9 +14,9 @@ A graph's inputs are views of one static buffer that `pack` copies into directly
 fills in the pending tokens (`fill_pending`) and takes the greedy argmax of its logits. Rows beyond
 the real batch are padding: they write to a scratch block nobody owns and are ignored.
 
-Speculative steps (greedy, one draft: `greedy_draft`) are scheduled asynchronously too: a sequence's two
-rows (its newest token, its draft) of step n+1 are packed before step n's verification is read, as if step
-n's draft was rejected, and marked `continues`; inside the step (in its graph), `continue_speculation`
+Speculative steps (greedy: `greedy_draft`, then `chain_drafts` for k > 1 drafts) are scheduled asynchronously
+too: a sequence's k + 1 rows (its newest token, its drafts) of step n+1 are packed before step n's verification
+is read, as if step n's drafts were rejected, and marked `continues`; inside the step (in its graph), `continue_speculation`
 moves them where step n's verification put them, from the record that step left on the device
 (`last_speculation`). With several ranks rank 0 corrects before broadcasting, so followers see the true inputs.
 
@@ -38,7 +38,7 @@ from dsv3.kernels import dispatch
 from dsv3.model import DeepseekV3ForCausalLM, PagedBatch
 from dsv3.parallel import SINGLE, Parallel
 
-HEADER = 13  # ints that announce a broadcast step
+HEADER = 14  # ints that announce a broadcast step
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 MIXED_GRAPH_SIZES = (384, 512, 768, 1024, 1536, 2048)  # rows of mixed steps: decode rows plus prompt tokens
 
@@ -87,9 +87,10 @@ class StepInputs:
     mtp_depth: int = -1          # -1: the main model; d >= 0: MTP module d, fed by hidden_rows
     hidden_rows: torch.Tensor | None = None  # rows of the previous forward's output that MTP continues
     greedy_draft: bool = False   # the step also drafts in the same forward (ModelRunner.greedy_draft)
+    drafts: int = 1              # drafts a greedy_draft step makes per sequence; beyond one chained (chain_drafts)
     sources: torch.Tensor | None = None  # (N,) where a row's token is pending: its row of last_tokens, else -1
     fills: bool = False          # some row has a pending token (known on the host)
-    continues: torch.Tensor | None = None  # (N,) 2 * pair + (0: token, 1: draft) of a speculative step's row, else -1
+    continues: torch.Tensor | None = None  # (N,) (k+1) * window + (0: token, j: draft j) of a speculative step's row, else -1
     continuing: bool = False     # some row continues a speculative step (known on the host)
     rows_prefix: bool = False    # rows is 0..R-1 (known on the host): a graph's logits need no gather
     fields: Fields | None = None  # the layout of `buffer`, which every tensor above views
@@ -99,10 +100,11 @@ class StepInputs:
 class ModelRunner:
     def __init__(self, model: DeepseekV3ForCausalLM, latent_caches: list[torch.Tensor], block_size: int,
                  max_model_len: int, max_graph_rows: int, cuda_graphs: bool = True, par: Parallel = SINGLE,
-                 max_draft_rows: int = 0, max_mixed_rows: int = 0, deterministic: bool = False):
+                 max_draft_rows: int = 0, max_mixed_rows: int = 0, deterministic: bool = False, drafts: int = 1):
         """max_graph_rows: the most rows whose logits a step keeps (every row of a decode step); max_mixed_rows:
         the most rows of a rows-mode mixed step to capture graphs for (0: decode steps only). deterministic:
-        every forward, and every graph's capture, runs under dispatch's deterministic mode."""
+        every forward, and every graph's capture, runs under dispatch's deterministic mode. drafts: per sequence in
+        the asynchronous speculative steps and their graphs (k: windows of k + 1 rows)."""
         self.model, self.latent_caches, self.block_size, self.par = model, latent_caches, block_size, par
         self.deterministic = deterministic
         self.device = next(model.parameters()).device
@@ -115,7 +117,10 @@ class ModelRunner:
         self.last_argmax: torch.Tensor | None = None  # (R,) a view of last_tokens, set by every forward
         # What the last greedy_draft step verified, per pair of rows (a sequence's token and its draft): whether
         # the draft stood, the draft, the token after the window, the next draft (`record_speculation`).
-        self.last_speculation = torch.zeros(max(max_draft_rows // 2, 1), 4, dtype=torch.int64, device=self.device)
+        # With k drafts: windows of k + 1 rows; per window the accepted count, the k drafts, the token after, k next drafts.
+        self.drafts = drafts
+        self.last_speculation = torch.zeros(max(max_draft_rows // (drafts + 1), 1), 2 * drafts + 2, dtype=torch.int64,
+                                            device=self.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.draft_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.static: dict[int, tuple[StepInputs, torch.Tensor, torch.Tensor]] = {}
@@ -141,8 +146,8 @@ class ModelRunner:
         greedy_draft: a rows-mode step that also drafts (`greedy_draft`), from its own set of graphs.
         sources: per item, -1, or the row of last_tokens that holds its last token (sampled by the step
         before, still on the device; the host has a placeholder there).
-        continues: per item, -1, or its pair in the speculative step before (whose record, last_speculation,
-        moves its last two rows, packed as if that step's draft was rejected: `continue_speculation`).
+        continues: per item, -1, or its window in the speculative step before (whose record, last_speculation,
+        moves its last drafts + 1 rows, packed as if that step's drafts were rejected: `continue_speculation`).
         """
         ids, positions, slots, starts, context_lens, tables, rows, fill, cont = [], [], [], [0], [], [], [], [], []
         for k, (seq, first, tokens, keep) in enumerate(items):
@@ -152,8 +157,8 @@ class ModelRunner:
             positions += span
             slots += self.slots(seq.block_table, first, n)
             fill += [-1] * (n - 1) + [sources[k] if sources else -1]
-            pair = continues[k] if continues else -1
-            cont += [-1] * n if pair < 0 else [-1] * (n - 2) + [2 * pair, 2 * pair + 1]
+            pair, w = continues[k] if continues else -1, self.drafts + 1
+            cont += [-1] * n if pair < 0 else [-1] * (n - w) + [w * pair + j for j in range(w)]
             if rows_mode:
                 context_lens += [p + 1 for p in span]
                 tables.append((seq.block_table, n))
@@ -291,24 +296,74 @@ class ModelRunner:
         model's argmax g_i, then the MTP module on (h_i, g_i) and its argmax. Whatever the verification
         keeps, the row after the last kept draft fed the MTP the true next token, so its draft is the one
         plain drafting would make; rows past it wrote MTP cache slots that the next step writes again."""
+        return self.verify_and_draft_rows(hidden, positions, batch)[0]
+
+    def verify_and_draft_rows(self, hidden: torch.Tensor, positions: torch.Tensor, batch: PagedBatch
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """greedy_draft's (2, N) tokens and the MTP module's output hidden states (N, D) they were drafted from."""
         target = self.model.logits(hidden).argmax(dim=-1)
         mtp = self.model.mtp_hidden(hidden, target, positions, 0, batch)
-        return torch.stack([target, self.model.logits(mtp).argmax(dim=-1)])
+        return torch.stack([target, self.model.logits(mtp).argmax(dim=-1)]), mtp
+
+    def chain_drafts(self, step: StepInputs, ids: torch.Tensor, tokens: torch.Tensor, mtp: torch.Tensor) -> torch.Tensor:
+        """The drafts after the first of a greedy_draft step with step.drafts = k > 1, on the device (no host read,
+        eagerly: rows may differ per sequence): per sequence, its accepted count a (leading drafts that equal the
+        main model's argmax), then at its last valid row (start + a) the MTP module again on its own output and
+        draft, one position further each time, k - 1 times: one MTP block forward of one row per sequence per
+        draft, as `MTPProposer.propose` chains them, and the cache slot it writes is the one propose writes.
+        Returns (1 + k, N): the main model's argmax and depth-0 drafts at every row (greedy_draft's), then
+        depth d's draft at each sequence's last valid row (0 elsewhere)."""
+        n = len(ids)
+        if step.graph_size:  # a graph's rows: windows of k + 1 rows (then padding), no host tensor inside the capture
+            window = step.drafts + 1
+            first = torch.arange(n // window, device=ids.device) * window
+            ends = first + window
+        else:  # eagerly: a window per sequence, as packed
+            starts = step.batch.query_starts
+            window = max(b - a for a, b in zip(starts, starts[1:]))
+            first = torch.tensor(starts[:-1], device=ids.device)
+            ends = torch.tensor(starts[1:], device=ids.device)
+        seqs = len(first)
+        rows = first[:, None] + 1 + torch.arange(max(window - 1, 1), device=ids.device)       # (S, J) draft rows
+        stands = (rows < ends[:, None]) & (ids[rows.clamp(max=n - 1)] == tokens[0, (rows - 1).clamp(max=n - 1)])
+        last = first + stands.long().cumprod(dim=1).sum(dim=1)                                 # (S,) last valid row
+        b, depths = step.batch, len(self.model.mtp_layers)
+        tables = b.block_tables[last] if b.block_tables.shape[0] == n else b.block_tables
+        hidden, token, position = mtp[last], tokens[1, last], step.positions[last]
+        out = torch.zeros(1 + step.drafts, n, dtype=tokens.dtype, device=tokens.device)
+        out[:2] = tokens
+        capacity = tables.shape[1] * self.block_size
+        for depth in range(1, step.drafts):
+            # Past a sequence's blocks (one the engine gave no room to chain: it does not draft next), the scratch
+            # block, and attention over what its table holds: such drafts are never used.
+            position = position + 1
+            block = (position // self.block_size).clamp(max=tables.shape[1] - 1)
+            slots = tables.gather(1, block[:, None])[:, 0].long() * self.block_size + position % self.block_size
+            slots = torch.where(position < capacity, slots, self.scratch_block * self.block_size)
+            context = (position + 1).clamp(max=capacity).to(b.context_lens.dtype)
+            batch = PagedBatch(query_starts=list(range(seqs + 1)), context_lens=context,
+                               block_tables=tables, slot_mapping=slots, latent_caches=self.latent_caches,
+                               decode_only=True)
+            hidden = self.model.mtp_hidden(hidden, token, position, min(depth, depths - 1), batch)
+            token = self.model.logits(hidden).argmax(dim=-1)
+            out[1 + depth, last] = token
+        return out
 
     def record_speculation(self, ids: torch.Tensor, tokens: torch.Tensor) -> None:
-        """Verify, on the device, a greedy_draft step whose rows come in pairs (a sequence's token, its draft),
-        into last_speculation: per pair, whether the draft stood (it is the main model's argmax at the token),
-        the draft, the token after the window (the argmax at the draft if it stood, else at the token) and the
-        draft made there. ids (N,): the step's input tokens; tokens (2, N): greedy_draft's. Steps whose rows
-        are not pairs (prefills, the synchronous path) leave a record nobody reads."""
-        pairs = min(ids.shape[0] // 2, self.last_speculation.shape[0])
+        """Verify, on the device, a greedy_draft step whose rows come in windows of k + 1 (a sequence's token, its
+        k drafts; k = 1: pairs), into last_speculation: per window, how many drafts stood (leading ones equal to
+        the main model's argmax at the row before), the drafts, the token after the window (the argmax at the last
+        valid row) and the k drafts made there. ids (N,): the step's input tokens; tokens (1 + k, N): greedy_draft's
+        (and chain_drafts'). Steps whose rows are not such windows (prefills, the synchronous path) leave a record
+        nobody reads."""
+        pairs = min(ids.shape[0] // (self.drafts + 1), self.last_speculation.shape[0])
         dispatch.record_speculation(ids, tokens, self.last_speculation[:pairs])
 
     def continue_speculation(self, step: StepInputs) -> None:
         """Move the rows that continue the speculative step before (continues >= 0) where its verification
-        put them: the host packed them as if its draft was rejected, so where it stood they sit one position
-        further (their cache slots and context lengths with them), and their tokens are the step's token after
-        the window and its next draft. In place on the step's inputs, on the device: no host sync, fixed shapes
+        put them: the host packed them as if its drafts were rejected, so they sit as many positions further as
+        drafts stood (their cache slots and context lengths with them), and their tokens are the step's token after
+        the window and its next drafts. In place on the step's inputs, on the device: no host sync, fixed shapes
         (inside the draft graphs); rows that do not continue keep theirs."""
         b = step.batch
         dispatch.continue_speculation(step.ids, step.positions, b.slot_mapping, b.context_lens, b.block_tables,
@@ -319,7 +374,11 @@ class ModelRunner:
         self.continue_speculation(step)
         ids = self.fill_pending(step.ids, step.sources)
         hidden = self.model.model(ids, step.positions, step.batch)
-        tokens = self.greedy_draft(hidden, step.positions, step.batch)
+        if step.drafts > 1:
+            tokens, mtp = self.verify_and_draft_rows(hidden, step.positions, step.batch)
+            tokens = self.chain_drafts(step, ids, tokens, mtp)
+        else:
+            tokens = self.greedy_draft(hidden, step.positions, step.batch)
         self.record_speculation(ids, tokens)
         return hidden, tokens
 
@@ -340,7 +399,7 @@ class ModelRunner:
             values = dict(ids=[0] * size, positions=[0] * size, slots=[self.scratch_block * self.block_size] * size,
                           sources=[-1] * size, rows=list(range(fields.r)), context_lens=[1] * size, tables=[])
             static = self.stage(fields, values, torch.empty(fields.nbytes, dtype=torch.uint8, device=self.device))
-            static.graph_size = size
+            static.graph_size, static.drafts = size, self.drafts
 
             def forward():
                 hidden = self.model.model(self.fill_pending(static.ids, static.sources), static.positions, static.batch)
@@ -385,7 +444,7 @@ class ModelRunner:
         f, b = step.fields, step.batch
         hidden_rows = step.hidden_rows if step.hidden_rows is not None else step.rows[:0]
         header = [1, f.n, f.r, f.a, f.w, len(step.rows), step.graph_size, int(b.decode_only), step.mtp_depth,
-                  len(hidden_rows), int(step.greedy_draft), int(step.rows_prefix), len(b.query_starts)]
+                  len(hidden_rows), int(step.greedy_draft), int(step.rows_prefix), len(b.query_starts), step.drafts]
         dist.broadcast(torch.tensor(header, device=self.device), src=0)
         dist.broadcast(torch.tensor(b.query_starts, dtype=torch.int64, device=self.device), src=0)
         dist.broadcast(step.buffer, src=0)
@@ -394,7 +453,7 @@ class ModelRunner:
     def receive(self) -> StepInputs | None:
         header = torch.empty(HEADER, dtype=torch.int64, device=self.device)
         dist.broadcast(header, src=0)
-        go, n, r, a, w, kept, graph_size, decode_only, depth, n_hidden, draft, rows_prefix, n_starts = header.tolist()
+        go, n, r, a, w, kept, graph_size, decode_only, depth, n_hidden, draft, rows_prefix, n_starts, drafts = header.tolist()
         if not go:
             return None
         starts = torch.empty(n_starts, dtype=torch.int64, device=self.device)
@@ -410,6 +469,7 @@ class ModelRunner:
         step = self.as_step(fields, buffer, starts.tolist())
         step.rows, step.graph_size, step.mtp_depth, step.hidden_rows = step.rows[:kept], graph_size, depth, hidden_rows
         step.batch.decode_only, step.greedy_draft, step.rows_prefix = bool(decode_only), bool(draft), bool(rows_prefix)
+        step.drafts = drafts
         return step
 
     @torch.inference_mode()

@@ -15,8 +15,10 @@ runner.
     as sampling from p.
 - `SpeculationPolicy`: where speculation pays, decided from measurements (below).
 
-Greedy with one draft, the engine runs verification and the next draft in one forward (`ModelRunner.greedy_draft`,
-inside a CUDA graph), and schedules such steps asynchronously: step n+1 is launched before step n's verification
+Greedy, the engine runs verification and the next draft in one forward (`ModelRunner.greedy_draft`, inside a
+CUDA graph); with k > 1 drafts the MTP module then runs again on its own output at each sequence's last valid
+row, k - 1 times, one row per sequence (`ModelRunner.chain_drafts`: one MTP block forward per draft, no host
+read between). Such steps are scheduled asynchronously: step n+1 is launched before step n's verification
 is read, packed as if step n rejected every draft, and `ModelRunner.continue_speculation` moves its rows on the
 device by what step n recorded (`ModelRunner.record_speculation`); the host applies the record a step later
 (`LLMEngine._resolve_speculative`). There every sequence drafts (its draft costs no forward of its own): the
@@ -115,14 +117,14 @@ def verify(seqs: list[Sequence], logits: torch.Tensor | None, argmax: list[int])
 class MTPProposer:
     """Drafts k tokens per sequence with the checkpoint's MTP module, through the engine's runner.
 
-    fused: whether verification can draft in the same forward instead (one draft, greedy:
-    ModelRunner.greedy_draft, inside the decode step's CUDA graph); the engine then takes the drafts
-    from that forward and `propose` is not called. Tests turn it off to compare the two paths.
+    fused: whether verification can draft in the same forward instead (greedy: ModelRunner.greedy_draft,
+    then ModelRunner.chain_drafts for k > 1); the engine then takes the drafts from that forward and `propose`
+    is called only after prefills. Tests turn it off to compare the two paths.
     """
 
     def __init__(self, runner: ModelRunner, k: int):
         self.runner, self.k, self.depths = runner, k, len(runner.model.mtp_layers)
-        self.fused = k == 1
+        self.fused = True
 
     def propose(self, items: list[ScheduledItem], hidden_rows: list[int], rows_mode: bool
                 ) -> list[tuple[list[int], list[torch.Tensor | None]]]:

@@ -329,13 +329,13 @@ def fill_pending(ids: torch.Tensor, sources: torch.Tensor, last: torch.Tensor) -
 
 def continue_speculation(ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, context_lens: torch.Tensor,
                          tables: torch.Tensor, continues: torch.Tensor, record: torch.Tensor, block_size: int) -> None:
-    if use_triton(ids):
+    if use_triton(ids) and record.shape[1] == 4:  # (the kernel: one draft; chained drafts take the PyTorch twin)
         return glue.continue_speculation(ids, positions, slots, context_lens, tables, continues, record, block_size)
     return reference.continue_speculation(ids, positions, slots, context_lens, tables, continues, record, block_size)
 
 
 def record_speculation(ids: torch.Tensor, tokens: torch.Tensor, record: torch.Tensor) -> None:
-    if use_triton(ids):
+    if use_triton(ids) and record.shape[1] == 4:
         return glue.record_speculation(ids, tokens, record)
     return reference.record_speculation(ids, tokens, record)
 

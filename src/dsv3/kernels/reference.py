@@ -255,31 +255,36 @@ def fill_pending(ids: torch.Tensor, sources: torch.Tensor, last: torch.Tensor) -
 
 def continue_speculation(ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, context_lens: torch.Tensor,
                          tables: torch.Tensor, continues: torch.Tensor, record: torch.Tensor, block_size: int) -> None:
-    """In place, the rows of a step (N,) that continue a speculative step (continues[i] >= 0: 2 * its pair
-    + 0 for a sequence's token, 1 for its draft) move record[pair, 0] positions further, their cache slots
-    (from their row of tables (N, W), int32) and context lengths (int32) with them, and take
-    record[pair, 2 + continues[i] % 2] as their token; the other rows keep theirs. record (P, 4) int64."""
+    """In place, the rows of a step (N,) that continue a speculative step (continues[i] >= 0: (k + 1) * its
+    window + j, j = 0 for a sequence's token, j = 1..k for its drafts; record (P, 2k + 2) int64, k = 1: pairs)
+    move record[window, 0] positions further, their cache slots (from their row of tables (N, W), int32) and
+    context lengths (int32) with them, and take record[window, 1 + k + j] as their token; the other rows keep
+    theirs."""
+    k = (record.shape[1] - 2) // 2
     on = continues >= 0
-    row = record[continues.clamp(min=0) // 2]                                # (N, 4): each row's pair
+    row = record[continues.clamp(min=0) // (k + 1)]                          # (N, 2k + 2): each row's window
     shift = row[:, 0] * on
     positions.add_(shift)
     context_lens.add_(shift.to(context_lens.dtype))
     block = (positions // block_size).clamp(max=tables.shape[1] - 1)
     moved = tables.gather(1, block[:, None])[:, 0].long() * block_size + positions % block_size
     slots.copy_(torch.where(on, moved, slots))
-    ids.copy_(torch.where(on, torch.where(continues % 2 == 0, row[:, 2], row[:, 3]), ids))
+    token = row.gather(1, (1 + k + continues.clamp(min=0) % (k + 1))[:, None])[:, 0]
+    ids.copy_(torch.where(on, token, ids))
 
 
 def record_speculation(ids: torch.Tensor, tokens: torch.Tensor, record: torch.Tensor) -> None:
-    """Greedy verification of P = len(record) pairs of rows (a sequence's token at 2j, its draft at 2j + 1),
-    written into record (P, 4) int64: whether the draft ids[2j+1] stood (it equals the main model's argmax
-    tokens[0, 2j]), the draft, the token after the window (tokens[0] at the draft if it stood, else at the
-    token) and the MTP draft made there (tokens[1] at the same row). tokens (2, >= 2P) int64."""
-    pairs = record.shape[0]
-    target, drafted, draft = tokens[0, :2 * pairs], tokens[1, :2 * pairs], ids[1:2 * pairs:2]
-    stood = draft == target[0::2]
-    record.copy_(torch.stack([stood.long(), draft, torch.where(stood, target[1::2], target[0::2]),
-                              torch.where(stood, drafted[1::2], drafted[0::2])], dim=1))
+    """Greedy verification of P = len(record) windows of k + 1 rows (record (P, 2k + 2) int64; a sequence's
+    token at (k+1)p, its drafts after it), written into record: the accepted count a (leading drafts that equal
+    the main model's argmax tokens[0] at the row before), the k drafts, the token after the window (tokens[0] at
+    row a of the window) and the k next drafts (tokens[1..k] at row a). tokens (1 + k, >= (k+1)P) int64."""
+    windows, k = record.shape[0], (record.shape[1] - 2) // 2
+    n = (k + 1) * windows
+    target = tokens[0, :n].view(windows, k + 1)
+    drafts = ids[:n].view(windows, k + 1)[:, 1:]
+    accepted = (drafts == target[:, :k]).long().cumprod(dim=1).sum(dim=1)
+    at = (torch.arange(windows, device=ids.device) * (k + 1) + accepted)
+    record.copy_(torch.cat([accepted[:, None], drafts, tokens[0, at][:, None], tokens[1:, at].T], dim=1))
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
