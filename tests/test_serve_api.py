@@ -494,3 +494,22 @@ def test_default_max_tokens_caps_only_requests_that_set_none(spare_engine):
         for body, expected in [({}, 3), ({"max_tokens": 5}, 5), ({"prompt": [0] * 62}, 2)]:
             r = http.post(COMPLETIONS, json={"model": MODEL, "prompt": [0, 5, 6], "ignore_eos": True, **body})
             assert r.json()["usage"]["completion_tokens"] == expected, (body, r.text)
+
+
+def test_an_idle_keep_alive_connection_outlives_the_clients_expiry(client):
+    """httpx (and the openai client) let an idle connection go after 5 s; a server that closed it at 5 s too could
+    close it just as a client sends on it (a ReadError). The server keeps it longer: a request sent on one connection
+    6 s after the one before is answered."""
+    import http.client
+
+    connection = http.client.HTTPConnection(client.base_url.host, client.base_url.port, timeout=10)
+    try:
+        for wait in (0, 6):
+            time.sleep(wait)
+            connection.request("GET", "/health")
+            response = connection.getresponse()   # RemoteDisconnected if the server had closed it meanwhile
+            assert response.status == 200 and json.loads(response.read()) == {"status": "ok"}
+            port = connection.sock.getsockname()[1] if wait == 0 else port
+        assert connection.sock.getsockname()[1] == port   # the same connection, not a new one
+    finally:
+        connection.close()

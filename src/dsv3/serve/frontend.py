@@ -46,6 +46,10 @@ if TYPE_CHECKING:
 # requests' tasks itself (which cuts a stream mid-body): for clients that have stopped reading.
 STREAM_END_GRACE = 2.0
 REPORT_EVERY = 0.5  # seconds between a front-end's reports of its counters, when there are several
+# Seconds an idle keep-alive connection stays open. uvicorn's default, 5, equals httpx's (and so the openai client's)
+# own expiry: a client can then send a request on a connection the server is closing that instant, and gets a
+# ReadError. Longer than the clients' expiry, the client always lets go first.
+KEEP_ALIVE = 65.0
 
 
 class Frontend:
@@ -119,7 +123,7 @@ def _frontend_main(pipes: Pipes, tokenizer: Tokenizer, max_model_len: int, model
 
     app = frontend_app(pipes, tokenizer, max_model_len, model_name, api_key,
                        on_engine_lost=lambda: setattr(server, "should_exit", True), **app_options)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=KEEP_ALIVE,
                             timeout_graceful_shutdown=shutdown_timeout + STREAM_END_GRACE)
     server = _Server(config, shutdown_timeout, stop_engine=app.state.server.client.stop)
     try:
