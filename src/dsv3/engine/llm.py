@@ -86,7 +86,7 @@ class LLMEngine:
         # The same rotations, looked up: one kernel a step, not four (drafts reach speculative_tokens further).
         model.model.rotary.cache(self.max_model_len + speculative_tokens + 1)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, options.max_num_batched_tokens,
-                                   options.prefill_delay_factor, graphed=self._rows_mode)
+                                   options.prefill_delay_factor, graphed=self._prefills_in_graph)
         draft_rows = (1 + speculative_tokens) * min(max_num_seqs, speculative_max_batch) if speculative_tokens else 0
         self.runner = ModelRunner(model, self.latent_caches, block_size, self.max_model_len,
                                   max_num_seqs * (1 + speculative_tokens), options.cuda_graphs, par, draft_rows,
@@ -249,6 +249,12 @@ class LLMEngine:
             return True
         return keys <= self.rows_mode_keys and self.runner.fits_graph(sum(n for _, n in scheduled))
 
+    def _prefills_in_graph(self, scheduled: list[tuple[Sequence, int]]) -> bool:
+        """Whether a step of these (sequence, tokens) would replay a CUDA graph: the admission delay holds back no
+        prompt that it would prefill (False where nothing is captured: the CPU)."""
+        return (bool(self.runner.graphs) and self.runner.fits_graph(sum(n for _, n in scheduled))
+                and self._rows_mode(scheduled))
+
     def _sampled(self, items: list[ScheduledItem], done: list[Sequence], logits: torch.Tensor) -> Launched:
         """Sample the done sequences' tokens (and their logprobs) and start copying them to the host."""
         if not done:
@@ -326,8 +332,9 @@ class LLMEngine:
 
     @staticmethod
     def _async_room(k: int) -> int:
-        """Positions past a sequence's tokens that an asynchronous step of k drafts may write: its k + 1 rows, k
-        further if the window in flight accepts every draft, k - 1 more for the chained drafts' MTP cache slots, one spare."""
+        """Positions past a sequence's tokens that an asynchronous step of k drafts may write. k > 1: 3k, its k + 1
+        rows, k further if the window in flight accepts every draft, k - 1 for the chained drafts' MTP cache slots;
+        k = 1 (no chained drafts) keeps the 2 its path was built and tested with."""
         return 2 if k == 1 else 3 * k
 
     def _speculative_async_step(self) -> list[Sequence]:

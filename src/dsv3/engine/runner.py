@@ -16,8 +16,8 @@ the real batch are padding: they write to a scratch block nobody owns and are ig
 
 Speculative steps (greedy: `greedy_draft`, then `chain_drafts` for k > 1 drafts) are scheduled asynchronously
 too: a sequence's k + 1 rows (its newest token, its drafts) of step n+1 are packed before step n's verification
-is read, as if step n's drafts were rejected, and marked `continues`; inside the step (in its graph), `continue_speculation`
-moves them where step n's verification put them, from the record that step left on the device
+is read, as if step n's drafts were rejected, and marked `continues`; inside the step (in its graph),
+`continue_speculation` moves them where step n's verification put them, from the record that step left on the device
 (`last_speculation`). With several ranks rank 0 corrects before broadcasting, so followers see the true inputs.
 
 With several ranks, rank 0 schedules and broadcasts each step's inputs; the other ranks `follow`,
@@ -90,7 +90,8 @@ class StepInputs:
     drafts: int = 1              # drafts a greedy_draft step makes per sequence; beyond one chained (chain_drafts)
     sources: torch.Tensor | None = None  # (N,) where a row's token is pending: its row of last_tokens, else -1
     fills: bool = False          # some row has a pending token (known on the host)
-    continues: torch.Tensor | None = None  # (N,) (k+1) * window + (0: token, j: draft j) of a speculative step's row, else -1
+    # (N,) of a speculative step's row: (k + 1) * window + (0: token, j: draft j); else -1
+    continues: torch.Tensor | None = None
     continuing: bool = False     # some row continues a speculative step (known on the host)
     rows_prefix: bool = False    # rows is 0..R-1 (known on the host): a graph's logits need no gather
     fields: Fields | None = None  # the layout of `buffer`, which every tensor above views
@@ -117,7 +118,8 @@ class ModelRunner:
         self.last_argmax: torch.Tensor | None = None  # (R,) a view of last_tokens, set by every forward
         # What the last greedy_draft step verified, per pair of rows (a sequence's token and its draft): whether
         # the draft stood, the draft, the token after the window, the next draft (`record_speculation`).
-        # With k drafts: windows of k + 1 rows; per window the accepted count, the k drafts, the token after, k next drafts.
+        # With k drafts: windows of k + 1 rows; per window the accepted count, the k drafts, the token after, and
+        # the k next drafts.
         self.drafts = drafts
         self.last_speculation = torch.zeros(max(max_draft_rows // (drafts + 1), 1), 2 * drafts + 2, dtype=torch.int64,
                                             device=self.device)
@@ -305,7 +307,8 @@ class ModelRunner:
         mtp = self.model.mtp_hidden(hidden, target, positions, 0, batch)
         return torch.stack([target, self.model.logits(mtp).argmax(dim=-1)]), mtp
 
-    def chain_drafts(self, step: StepInputs, ids: torch.Tensor, tokens: torch.Tensor, mtp: torch.Tensor) -> torch.Tensor:
+    def chain_drafts(self, step: StepInputs, ids: torch.Tensor, tokens: torch.Tensor,
+                     mtp: torch.Tensor) -> torch.Tensor:
         """The drafts after the first of a greedy_draft step with step.drafts = k > 1, on the device (no host read,
         eagerly: rows may differ per sequence): per sequence, its accepted count a (leading drafts that equal the
         main model's argmax), then at its last valid row (start + a) the MTP module again on its own output and
@@ -453,7 +456,8 @@ class ModelRunner:
     def receive(self) -> StepInputs | None:
         header = torch.empty(HEADER, dtype=torch.int64, device=self.device)
         dist.broadcast(header, src=0)
-        go, n, r, a, w, kept, graph_size, decode_only, depth, n_hidden, draft, rows_prefix, n_starts, drafts = header.tolist()
+        (go, n, r, a, w, kept, graph_size, decode_only, depth, n_hidden, draft, rows_prefix, n_starts,
+         drafts) = header.tolist()
         if not go:
             return None
         starts = torch.empty(n_starts, dtype=torch.int64, device=self.device)

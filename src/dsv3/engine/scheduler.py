@@ -75,7 +75,8 @@ class Scheduler:
             n = min(seq.num_uncomputed + len(seq.draft), budget)
             scheduled.append((seq, n))
             budget -= n
-        admitting = self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and self.admit_now(now, budget, scheduled)
+        admitting = (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
+                     and self.admit_now(now, budget, scheduled))
         self.last_schedule = (now, bool(admitting))
         while admitting and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -95,10 +96,10 @@ class Scheduler:
         """Whether waiting prompts are admitted this step, or wait to be prefilled together (see the module)."""
         if not self.prefill_delay_factor or not self.running:
             return True
-        waiting = sum(seq.num_uncomputed for seq in self.waiting)
-        if waiting >= budget:
+        if sum(seq.num_uncomputed for seq in self.waiting) >= budget:
             return True
-        if self.graphed is not None and self.graphed(list(scheduled) + [(seq, seq.num_uncomputed) for seq in self.waiting]):
+        waiting = [(seq, seq.num_uncomputed) for seq in self.waiting]
+        if self.graphed is not None and self.graphed(list(scheduled) + waiting):
             return True
         oldest = min(self.arrival.get(seq.seq_id, now) for seq in self.waiting)
         return now - oldest >= self.prefill_delay_factor * self.prefill_latency
