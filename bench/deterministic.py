@@ -167,6 +167,36 @@ def throughput(batches: list[int], new: int) -> list[dict]:
     return rows
 
 
+def profile_decode(name: str, layers: int, batch: int, new: int) -> None:
+    """Print the kernels of the decode phase in each mode, the most time first (where the mode's cost is)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = small_model(name, layers)
+    for mode, deterministic in MODES.items():
+        engine = LLMEngine(model, None, max_num_seqs=batch, block_size=64, max_model_len=128 + new + 8,
+                           num_blocks=512, deterministic=deterministic)
+        prompts = random_prompts(batch, 128, model.config.vocab_size, seed=batch)
+        generate(engine, prompts, 4)
+        seqs = [engine.add_request(p, SamplingParams(max_tokens=new, temperature=0, ignore_eos=True))
+                for p in prompts]
+        while any(len(s.output_token_ids) == 0 for s in seqs):
+            engine.step()
+        sync()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            while engine.has_unfinished():
+                engine.step()
+            sync()
+        steps = new - 1
+        kernels = sorted((e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA),
+                         key=lambda e: -e.self_device_time_total)
+        total = sum(e.self_device_time_total for e in kernels) / steps
+        print(f"{name} ({layers} layers) batch {batch} {mode}: {total:.1f} us of kernels a step", flush=True)
+        for e in kernels[:12]:
+            print(f"    {e.self_device_time_total / steps:8.1f} us  {e.count // steps:4d}x  {e.key[:90]}", flush=True)
+        del engine
+        torch.cuda.empty_cache()
+
+
 def markdown(rows: list[dict], header: str) -> str:
     lines = [header, ""]
     checks = [r for r in rows if r["part"] in ("invariance", "kernel")]
@@ -200,8 +230,14 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--batches", default="1,8,64")
     ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--profile", metavar="MODEL:LAYERS:BATCH",
+                    help="only print each mode's decode kernels, e.g. v3-slice:2:1")
     ap.add_argument("--commit", default=os.environ.get("DSV3_COMMIT", "unknown"))
     args = ap.parse_args()
+    if args.profile:
+        name, layers, batch = args.profile.split(":")
+        profile_decode(name, int(layers), int(batch), args.new)
+        return
     t0 = time.perf_counter()
     rows = invariance(args.device, args.prompts, args.new) + kernel_check(args.device)
     if not args.skip_throughput and args.device == "cuda":
