@@ -11,7 +11,7 @@ Prompts are 128-token windows of The Tempest (held out from the model's training
   drafts in the verifying forward too, eagerly);
 - auto: the engine's defaults (speculative_max_batch, the measuring policy): what a user gets.
 Reports tokens/s over the decode phase (the median of DSV3_BENCH_REPEATS timed runs, 5 by default), acceptance,
-speed-up over plain decoding, how many steps took the asynchronous path and whether the tokens equal plain
+speed-up over plain decoding (whose timed runs alternate with the configuration's), how many steps took the asynchronous path and whether the tokens equal plain
 decoding's; prints a table and writes JSON and markdown.
 A configuration that fails (a graph that cannot be captured, say) prints its error and the bench goes on.
 """
@@ -61,11 +61,32 @@ def engine_for(model, tokenizer, k: int, mode: str, max_batch: int) -> LLMEngine
     return engine
 
 
+def timed(engine: LLMEngine, b: int, prompts: list[list[int]]) -> tuple[float, list[list[int]]]:
+    step, outs = dsv3_decode(engine, b, PROMPT, NEW, 0, prompts)
+    return step, outs
+
+
 def measure(name: str, model, tokenizer, prompts_of, batches: list[int], drafts: list[int], modes: list[str],
             rows: list[dict]) -> None:
-    plain = {}
-    configs = [(0, "plain")] + [(k, mode) for k in drafts if k for mode in modes]
-    for k, mode in configs:
+    """Plain decoding, then each configuration beside it: the plain engine stays, and their timed runs alternate
+    (plain, speculative, plain, ...), so that a drift of the host's speed between configurations (the embedded
+    model's steps are host-bound, and one engine's runs were seen 2x slower than the same engine's runs a minute
+    later: bench/spec_overhead.py) weighs on both sides of the ratio."""
+    plain_engine = engine_for(model, tokenizer, 0, "plain", max(batches))
+    plain_outs = {}
+    for b in batches:
+        timed(plain_engine, b, prompts_of(b))  # warm-up
+        times = []
+        for _ in range(REPEATS):
+            step, plain_outs[b] = timed(plain_engine, b, prompts_of(b))
+            times.append(step)
+        step = sorted(times)[len(times) // 2]
+        rows.append(dict(system="dsv3", model=name, workload="decode", batch=b, prompt=PROMPT, new=NEW,
+                         tokens_per_s=b / step, ms_per_token=step * 1e3, steps=NEW, repeats=REPEATS,
+                         spread=max(times) / min(times) - 1))
+        print(rows[-1], flush=True)
+    for k, mode in [(k, mode) for k in drafts if k for mode in modes]:
+        system = f"dsv3-mtp{k}-{mode}"
         try:
             t0 = time.perf_counter()
             engine = engine_for(model, tokenizer, k, mode, max(batches))
@@ -73,60 +94,58 @@ def measure(name: str, model, tokenizer, prompts_of, batches: list[int], drafts:
                   f"{list(engine.runner.graphs)}, speculative graphs {list(engine.runner.draft_graphs)}", flush=True)
         except Exception as error:  # noqa: BLE001 (the bench goes on with the other configurations)
             traceback.print_exc()
-            rows.append(dict(system=f"dsv3-mtp{k}-{mode}", model=name, error=repr(error)))
+            rows.append(dict(system=system, model=name, error=repr(error)))
             continue
         for b in batches:
             try:
                 batch_prompts = prompts_of(b)
-                dsv3_decode(engine, b, PROMPT, NEW, 0, batch_prompts)  # warm-up (and the policy's measurements)
+                timed(engine, b, batch_prompts)  # warm-up (and the policy's measurements)
                 before = dict(engine.stats)
-                # The median of several timed runs: one run of the embedded model is ~50 ms, and single runs
-                # were seen to move by a third (plain batch 1: 2,554 tok/s in one lease, 3,520 in another).
-                times = []
+                times, plain_times = [], []
                 for _ in range(REPEATS):
-                    step, outs = dsv3_decode(engine, b, PROMPT, NEW, 0, batch_prompts)
+                    plain_times.append(timed(plain_engine, b, batch_prompts)[0])
+                    step, outs = timed(engine, b, batch_prompts)
                     times.append(step)
-                step = sorted(times)[len(times) // 2]
+                step, plain_step = sorted(times)[len(times) // 2], sorted(plain_times)[len(times) // 2]
             except Exception as error:  # noqa: BLE001
                 traceback.print_exc()
-                rows.append(dict(system=f"dsv3-mtp{k}-{mode}", model=name, batch=b, error=repr(error)))
+                rows.append(dict(system=system, model=name, batch=b, error=repr(error)))
                 continue
             delta = {key: engine.stats[key] - before[key] for key in before}
-            row = dict(system=f"dsv3-mtp{k}-{mode}" if k else "dsv3", model=name, workload="decode", batch=b,
-                       prompt=PROMPT, new=NEW, tokens_per_s=b / step, ms_per_token=step * 1e3, steps=delta["steps"] // REPEATS,
-                       repeats=REPEATS, spread=max(times) / min(times) - 1)
-            if k == 0:
-                plain[b] = (row["tokens_per_s"], outs)
-            else:
-                base = plain.get(b)
-                row.update(acceptance=delta["spec_accepted"] / max(delta["spec_drafted"], 1),
-                           async_steps=delta["spec_async_steps"] // REPEATS,
-                           spec_off_steps=delta["spec_off_steps"] // REPEATS,
-                           speedup=row["tokens_per_s"] / base[0] if base else None,
-                           tokens_equal_to_plain=outs == base[1] if base else None,
-                           sequences_equal_to_plain=sum(a == p for a, p in zip(outs, base[1])) if base else None)
-            rows.append(row)
-            print(row, flush=True)
+            base = plain_outs[b]
+            rows.append(dict(system=system, model=name, workload="decode", batch=b, prompt=PROMPT, new=NEW,
+                             tokens_per_s=b / step, ms_per_token=step * 1e3, steps=delta["steps"] // REPEATS,
+                             repeats=REPEATS, spread=max(times) / min(times) - 1, plain_tokens_per_s=b / plain_step,
+                             acceptance=delta["spec_accepted"] / max(delta["spec_drafted"], 1),
+                             async_steps=delta["spec_async_steps"] // REPEATS,
+                             spec_off_steps=delta["spec_off_steps"] // REPEATS, speedup=plain_step / step,
+                             tokens_equal_to_plain=outs == base,
+                             sequences_equal_to_plain=sum(a == p for a, p in zip(outs, base))))
+            print(rows[-1], flush=True)
         del engine
         gc.collect()
         torch.cuda.empty_cache()
+    del plain_engine
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def table(rows: list[dict]) -> str:
     def f(r, key, spec):
         return "" if r.get(key) is None else format(r[key], spec)
 
-    lines = ["| model | system | batch | tokens/s | ms/token | acceptance | speedup | async steps / steps | "
-             "sequences equal to plain |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | system | batch | tokens/s | ms/token | plain tokens/s beside it | acceptance | speedup | "
+             "async steps / steps | sequences equal to plain |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['system']} | {r.get('batch', '')} | failed: {r['error'][:80]} "
-                         "| | | | | |")
+                         "| | | | | | |")
             continue
         steps = f"{r['async_steps']} / {r['steps']}" if "async_steps" in r else ""
         equal = f"{r['sequences_equal_to_plain']} / {r['batch']}" if r.get("sequences_equal_to_plain") is not None else ""
         lines.append(f"| {r['model']} | {r['system']} | {r['batch']} | {r['tokens_per_s']:.1f} | "
-                     f"{r['ms_per_token']:.3f} | {f(r, 'acceptance', '.2f')} | {f(r, 'speedup', '.2f')} | {steps} | "
+                     f"{r['ms_per_token']:.3f} | {f(r, 'plain_tokens_per_s', '.1f')} | {f(r, 'acceptance', '.2f')} | "
+                     f"{f(r, 'speedup', '.2f')} | {steps} | "
                      f"{equal} |")
     return "\n".join(lines)
 

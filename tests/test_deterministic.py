@@ -224,7 +224,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def check_fixed_kernels(gen: torch.Generator) -> dict[str, float]:
-    from dsv3.kernels import fp8_gemm, glue, mla_decode, moe
+    from dsv3.kernels import fp8_gemm, gemv, glue, mla_decode, moe
 
     out = {}
     # The GEMM: 37 rows together and each alone, 16 and 32 bits, FP8 with block scales, logits in float32.
@@ -235,15 +235,33 @@ def check_fixed_kernels(gen: torch.Generator) -> dict[str, float]:
         logits = fp8_gemm.fixed_linear(x, w, out_dtype=torch.float32)
         out[f"gemm/{dtype}/out_dtype_mismatches"] = float(logits.dtype != torch.float32)
         out[f"gemm/{dtype}/logits_rel_err"] = rel_err(logits, x.double() @ w.double().T)
-        if dtype == torch.float32:  # the default launch's tiles follow the rows, and the check above tells them apart
-            out["gemm/blind_check_mismatches"] = float(_rows_alone_vs_together(
-                lambda a: fp8_gemm.block_scaled_matmul(a, w[None], None, a.shape[0]), x) == 0)
+        if dtype == torch.float16:  # the default path's kernel follows the rows (the GEMV for a few, else the
+            # GEMM), and the check above tells them apart
+            def default(a):
+                return gemv.linear(a, w) if gemv.applies(a, w) else fp8_gemm.block_scaled_matmul(a, w[None], None,
+                                                                                                  a.shape[0])
+            out["gemm/blind_check_mismatches"] = float(_rows_alone_vs_together(default, x) == 0)
     weight, scale = reference.fp8_quantize(torch.randn(96, 256, generator=gen) * 0.1, block=(32, 128))
     x = torch.randn(37, 256, generator=gen)
     out["gemm/fp8/row_mismatches"] = _rows_alone_vs_together(
         lambda a: fp8_gemm.fixed_linear(a, weight, scale, quantize_activations=False), x)
     out["gemm/fp8/rel_err"] = rel_err(fp8_gemm.fixed_linear(x, weight, scale, quantize_activations=False),
                                       reference.fp8_linear(x.double(), weight, scale))
+    # Split K (fixed_splits: a long K and few column tiles): partial sums over parts of K, then added in order.
+    x = torch.randn(9, 2048, generator=gen)
+    splits = fp8_gemm.fixed_splits(40, 2048)
+    out["gemm/split_k/splits_mismatches"] = float(splits != 2)
+    for name, w in (("float32", torch.randn(40, 2048, generator=gen) * 0.05),
+                    ("float16", (torch.randn(40, 2048, generator=gen) * 0.05).half())):
+        xs = x.to(w.dtype)
+        out[f"gemm/split_k/{name}/row_mismatches"] = _rows_alone_vs_together(lambda a: fp8_gemm.fixed_linear(a, w), xs)
+        out[f"gemm/split_k/{name}/rel_err"] = rel_err(fp8_gemm.fixed_linear(xs, w, out_dtype=torch.float32),
+                                                      xs.double() @ w.double().T)
+    weight, scale = reference.fp8_quantize(torch.randn(40, 2048, generator=gen) * 0.1, block=(32, 128))
+    out["gemm/split_k/fp8/row_mismatches"] = _rows_alone_vs_together(
+        lambda a: fp8_gemm.fixed_linear(a, weight, scale, quantize_activations=False), x)
+    out["gemm/split_k/fp8/rel_err"] = rel_err(fp8_gemm.fixed_linear(x, weight, scale, quantize_activations=False),
+                                              reference.fp8_linear(x.double(), weight, scale))
     # Heads: the absorbed MLA's per-head products, W_UK^T a transposed view (strided K).
     x = torch.randn(37, 4, 48, generator=gen)
     for name, w in (("heads", torch.randn(4, 24, 48, generator=gen)),
@@ -353,6 +371,34 @@ def test_fixed_kernels_are_row_invariant_and_match_reference(interpreted, kernel
         assert err <= bound, f"{name}: {err:.2e} > {bound:.0e}"
 
 
+def position_independent_dot() -> None:
+    """Make the Triton interpreter's tl.dot sum each output row as a tensor core does, whatever the row's position
+    in its tile: the interpreter calls np.matmul, and OpenBLAS (0.3.31, NumPy 2.4) sums rows 6-15 of a 16-row
+    float32 product in another order than rows 0-5, so a row alone (at position 0) and the same row in a batch
+    differed in the last bit with nothing in the kernel to blame. On an H200 the mode's GEMM gives the same rows
+    (bench/deterministic.py's kernel check, 64/64). Here each row is summed along K in order, in the accumulator's
+    precision."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        a_data, b_data = a.data, b.data
+        if (a.dtype.primitive_bitwidth == 8 and a.dtype.is_floating()) or \
+           (b.dtype.primitive_bitwidth == 8 and b.dtype.is_floating()):  # as the interpreter does
+            a_data = interpreter._convert_float(a_data, a.dtype, tl.float16, None).view(np.float16)
+            b_data = interpreter._convert_float(b_data, b.dtype, tl.float16, None).view(np.float16)
+        acc_type = d.data.dtype
+        a_data, b_data = a_data.astype(acc_type), b_data.astype(acc_type)
+        out = np.zeros(a_data.shape[:-1] + b_data.shape[-1:], dtype=acc_type)
+        for k in range(a_data.shape[-1]):  # in order along K, in the accumulator's precision
+            out += a_data[..., :, k:k + 1] * b_data[..., k:k + 1, :]
+        return interpreter.TensorHandle(out + d.data, d.dtype.scalar)
+
+    import triton.language as tl
+    interpreter.InterpreterBuilder.create_dot = create_dot
+
+
 if __name__ == "__main__":
+    position_independent_dot()
     gen = torch.Generator().manual_seed(0)
     print(json.dumps({**check_fixed_kernels(gen), **check_paged_model(gen)}))

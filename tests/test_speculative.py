@@ -7,7 +7,7 @@ import torch
 from dsv3.config import ModelConfig
 from dsv3.engine import speculative
 from dsv3.engine.llm import LLMEngine
-from dsv3.engine.runner import ModelRunner
+from dsv3.engine.runner import ModelRunner, draft_graph_sizes
 from dsv3.engine.sampling import SamplingParams, probabilities
 from dsv3.engine.sequence import ScheduledItem, Sequence
 from dsv3.engine.speculative import MTPProposer, SpeculationPolicy
@@ -345,12 +345,20 @@ def test_speculative_steps_replayed_from_static_buffers_equal_plain_decoding(tra
     expected = generate(LLMEngine(trained, None, num_blocks=96, block_size=8), prompts, params)
     engine = LLMEngine(trained, None, num_blocks=96, block_size=8, speculative_tokens=k, max_model_len=128)
     engine.spec_policy = SpeculationPolicy(32, clock=None)
-    stand_in_draft_graphs(engine, (2, 4, 8, 16) if k == 1 else (4, 8, 16, 24))
+    stand_in_draft_graphs(engine, draft_graph_sizes(16 if k == 1 else 24, k))
     sizes, pack = [], engine.runner.pack
     engine.runner.pack = lambda *a, **k: (lambda step: sizes.append(step.graph_size) or step)(pack(*a, **k))
     seen = watch_async(engine)
     assert generate(engine, prompts, params) == expected
     assert seen["steps"] > 10 and ({16, 8, 4, 2} if k == 1 else {24, 16, 8, 4}) <= set(sizes)
+
+
+def test_draft_graphs_hold_a_window_each():
+    """A draft graph of fewer rows than a window (k + 1) would chain drafts for no sequence: capturing k = 2's
+    graphs of 1 and 2 rows divided by zero in the MLA decode's split choice on an H200."""
+    assert draft_graph_sizes(16, 1) == [2, 4, 8, 16]
+    assert draft_graph_sizes(24, 2) == [4, 8, 16, 24]
+    assert draft_graph_sizes(64, 3)[0] == 4 and draft_graph_sizes(2, 2) == []
 
 
 def test_rows_that_continue_a_speculative_step_move_where_its_draft_stood(model):

@@ -43,6 +43,12 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 MIXED_GRAPH_SIZES = (384, 512, 768, 1024, 1536, 2048)  # rows of mixed steps: decode rows plus prompt tokens
 
 
+def draft_graph_sizes(max_draft_rows: int, drafts: int) -> list[int]:
+    """The rows of the draft graphs to capture: each holds at least one window of drafts + 1 rows (a graph of
+    fewer would chain drafts for no sequence), at most max_draft_rows."""
+    return [b for b in GRAPH_BATCH_SIZES if drafts + 1 <= b <= max_draft_rows]
+
+
 @dataclass(frozen=True)
 class Fields:
     """The layout of a step's integer inputs in one byte buffer: N new tokens (padded to a graph's
@@ -129,7 +135,7 @@ class ModelRunner:
         self.static_drafts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if cuda_graphs and self.device.type == "cuda":
             self.capture([b for b in GRAPH_BATCH_SIZES + MIXED_GRAPH_SIZES if b <= max(max_graph_rows, max_mixed_rows)],
-                         [b for b in GRAPH_BATCH_SIZES if b <= max_draft_rows])
+                         draft_graph_sizes(max_draft_rows, drafts))
 
     def fits_graph(self, rows: int) -> bool:
         """Whether a rows-mode step of this many rows replays a graph (always, where nothing is captured: eager)."""

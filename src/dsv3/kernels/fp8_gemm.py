@@ -48,11 +48,13 @@ def _block_scaled_matmul(a, b, b_scale, c, a_rows, block_group, M, N, K, scale_b
                          stride_ah, stride_bk, stride_ch,
                          HAS_SCALE: tl.constexpr, QUANTIZE_A: tl.constexpr, GATHER: tl.constexpr, SWIGLU: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                         USE_GDC: tl.constexpr):
+                         USE_GDC: tl.constexpr, SPLIT_K: tl.constexpr = 1):
     """c[m] = a[rows[m]] @ b[g]^T, g the group of m's block; b (G, N, K), its scales (G, N/bn, K/BLOCK_K).
     SWIGLU: b is (G, 2N, K), gate rows then up rows, and c[m] = silu(gate) * up, each rounded to c's dtype
     first as reference.silu_mul rounds them (the experts' SwiGLU product without a kernel of its own).
-    Programs (., h) take head h: a, b and c start at h times their head strides (per_head's batched products)."""
+    Programs (., h) take head h: a, b and c start at h times their head strides (per_head's batched products).
+    SPLIT_K > 1 (plain rows only): programs (., s) take the s-th of SPLIT_K parts of K, K / SPLIT_K columns rounded
+    up to BLOCK_K, and store their float32 sums at c + s * stride_ch (a and b given head strides 0)."""
     pdl.start(USE_GDC)
     head = tl.program_id(1).to(tl.int64)
     a += head * stride_ah
@@ -80,6 +82,11 @@ def _block_scaled_matmul(a, b, b_scale, c, a_rows, block_group, M, N, K, scale_b
         source = rows
         row_ok = rows < M
         k_end = K
+    k_start = 0
+    if SPLIT_K > 1:
+        k_part = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        k_start = head * k_part
+        k_end = tl.minimum(K, k_start + k_part)
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a + source.to(tl.int64)[:, None] * stride_am + ks[None, :]                   # (BLOCK_M, BLOCK_K)
     b_ptrs = b + cols.to(tl.int64)[:, None] * stride_bn + ks[None, :] * stride_bk         # (BLOCK_N, BLOCK_K)
@@ -91,7 +98,7 @@ def _block_scaled_matmul(a, b, b_scale, c, a_rows, block_group, M, N, K, scale_b
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     scale = tl.full([BLOCK_N], 1.0, tl.float32)                                           # FP8: per column
     up_scale = tl.full([BLOCK_N], 1.0, tl.float32)
-    for k0 in range(0, k_end, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         k_ok = ks < K - k0
         x = tl.load(a_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(b_ptrs + k0 * stride_bk, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
@@ -111,6 +118,19 @@ def _block_scaled_matmul(a, b, b_scale, c, a_rows, block_group, M, N, K, scale_b
              mask=(rows < M)[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _sum_splits(part, out, numel, SPLITS: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
+    """out = part[0] + part[1] + ... in that order (float32), rounded once to out's dtype: each element's sum in
+    the same order whatever the shape."""
+    pdl.start(USE_GDC)
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < numel
+    acc = tl.load(part + i, mask=ok, other=0.0)
+    for s in tl.static_range(1, SPLITS):
+        acc += tl.load(part + s * numel + i, mask=ok, other=0.0)
+    tl.store(out + i, acc.to(out.dtype.element_ty), mask=ok)
+
+
 def gemm_config(m: int, n: int) -> dict:
     """Tile shapes by the number of rows: decode is a stream of weight bytes, prefill a tensor-core workload."""
     if m <= 16:  # BLOCK_K (bf16 weights only; FP8's is the scale block): 128 measured 6% faster at batch 1-8
@@ -121,8 +141,19 @@ def gemm_config(m: int, n: int) -> dict:
 
 
 # The deterministic mode's one launch for every matmul, whatever its number of rows: each output row is then
-# its own input row's product, summed in the same order (no split-K) in a tile of the same shape.
+# its own input row's product, summed in the same order in a tile of the same shape.
 FIXED_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4)
+FIXED_PROGRAMS = 512  # fixed_splits' aim: about this many programs for one row (an H200 has 132 multiprocessors)
+
+
+def fixed_splits(n: int, k: int, block_k: int = 128) -> int:
+    """How many parts of K the deterministic mode's GEMM of an (n, k) weight sums separately, then adds in order:
+    a function of the weight's shape alone, so every row gets the same sums whatever the batch. Where the output
+    has few column tiles (o_proj and down: 224 programs for 7,168 columns), one row's product would run on few
+    multiprocessors, each through a long loop over K; up to 4 parts, each of at least 8 BLOCK_K steps."""
+    tiles = triton.cdiv(n, FIXED_CONFIG["BLOCK_N"])
+    splits = min(4, max(1, FIXED_PROGRAMS // tiles), max(1, k // (8 * block_k)))
+    return 1 << (splits.bit_length() - 1)  # a power of two
 
 
 def block_scaled_matmul(a: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor | None, out_rows: int,
@@ -191,10 +222,43 @@ def fixed_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor 
     """x W^T for a 16-bit W (N, K), or an e4m3 one with its block scales, in FIXED_CONFIG's launch (the
     deterministic mode): F.linear's (reference.fp8_linear's) function, each row independent of the others."""
     flat = x.reshape(-1, x.shape[-1])                                                     # (M, K)
-    y = block_scaled_matmul(flat, weight.unsqueeze(0), None if scale_inv is None else scale_inv.unsqueeze(0),
-                            flat.shape[0], quantize_activations=quantize_activations, config=FIXED_CONFIG,
-                            out_dtype=out_dtype)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    n, k = weight.shape
+    splits = fixed_splits(n, k, 128 if scale_inv is not None else FIXED_CONFIG["BLOCK_K"])
+    if splits == 1 or flat.shape[0] == 0:
+        y = block_scaled_matmul(flat, weight.unsqueeze(0), None if scale_inv is None else scale_inv.unsqueeze(0),
+                                flat.shape[0], quantize_activations=quantize_activations, config=FIXED_CONFIG,
+                                out_dtype=out_dtype)
+    else:
+        y = _split_k_matmul(flat, weight, scale_inv, splits, quantize_activations, out_dtype or flat.dtype)
+    return y.view(*x.shape[:-1], n)
+
+
+def _split_k_matmul(a: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor | None, splits: int,
+                    quantize: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """fixed_linear's product as `splits` float32 partial sums over parts of K (FIXED_CONFIG's tiles), then
+    their sum in order (_sum_splits)."""
+    if a.stride(-1) != 1:
+        a = a.contiguous()
+    m, (n, k) = a.shape[0], weight.shape
+    part = torch.empty(splits, m, n, dtype=torch.float32, device=a.device)
+    has_scale = scale_inv is not None
+    if has_scale:
+        if weight.stride(-1) != 1:
+            raise ValueError("block_scaled_matmul needs an FP8 weight's last dim contiguous")
+        bn, block_k = block_length(n, scale_inv.shape[-2]), block_length(k, scale_inv.shape[-1])
+        ss = (0, scale_inv.stride(0), scale_inv.stride(1))
+    else:
+        bn, block_k, scale_inv, ss = n, FIXED_CONFIG["BLOCK_K"], weight, (0, 0, 0)
+    config = {key: v for key, v in FIXED_CONFIG.items() if key != "BLOCK_K"}
+    grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), splits)
+    _block_scaled_matmul[grid](
+        a, weight, scale_inv, part, a, a, m, n, k, bn, a.stride(0), 0, weight.stride(0), *ss, part.stride(1),
+        0, weight.stride(1), part.stride(0), HAS_SCALE=has_scale, QUANTIZE_A=quantize and has_scale, GATHER=False,
+        SWIGLU=False, BLOCK_K=block_k, GROUP_M=8, SPLIT_K=splits, **config, **pdl.launch(a))
+    out = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    block = 1024
+    _sum_splits[(triton.cdiv(m * n, block),)](part, out, m * n, SPLITS=splits, BLOCK=block, **pdl.launch(a))
+    return out
 
 
 def fixed_per_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
