@@ -167,6 +167,48 @@ def throughput(batches: list[int], new: int) -> list[dict]:
     return rows
 
 
+def gemm_times(batches: list[int]) -> list[dict]:
+    """Each distinct linear of v3-slice (FP8, one layer and the LM head) and moonlight-16b (bf16): microseconds
+    of the default path, the mode's GEMM in one part of K, and the mode's GEMM as it runs (fixed_splits' parts),
+    at each batch; CUDA-graphed (triton.testing.do_bench_cudagraph)."""
+    import triton
+
+    from dsv3.kernels import fp8_gemm
+    from dsv3.model.layers import Linear
+
+    rows = []
+    for name in ("v3-slice", "moonlight-16b"):
+        model = small_model(name, 1)
+        seen = set()
+        for module_name, module in model.named_modules():
+            if not isinstance(module, Linear) or module.weight.dim() != 2 or module.weight.shape in seen:
+                continue
+            seen.add(module.weight.shape)
+            w, scale = module.weight, module.weight_scale_inv
+            n, k = w.shape
+            for b in batches:
+                x = torch.randn(b, k, device="cuda", dtype=torch.bfloat16)
+
+                def default():
+                    return dispatch.fp8_linear(x, w, scale) if scale is not None else dispatch.linear(x, w)
+
+                def one_part():
+                    return fp8_gemm.block_scaled_matmul(x, w[None], None if scale is None else scale[None], b,
+                                                        config=fp8_gemm.FIXED_CONFIG)
+
+                def fixed():
+                    return fp8_gemm.fixed_linear(x, w, scale)
+
+                us = {f: triton.testing.do_bench_cudagraph(fn) * 1e3 for f, fn in
+                      (("default", default), ("one part", one_part), ("fixed", fixed))}
+                rows.append(dict(part="gemm", model=name, weight=module_name.split(".")[-1], n=n, k=k, batch=b,
+                                 splits=fp8_gemm.fixed_splits(n, k), **{f"{f}_us": v for f, v in us.items()}))
+                print(rows[-1], flush=True)
+        del model
+        torch.cuda.empty_cache()
+    return rows
+
+
 def profile_decode(name: str, layers: int, batch: int, new: int) -> None:
     """Print the kernels of the decode phase in each mode, the most time first (where the mode's cost is)."""
     from torch.profiler import ProfilerActivity, profile
@@ -208,6 +250,15 @@ def markdown(rows: list[dict], header: str) -> str:
                      for r in checks if r["scenario"] == scenario}
             lines.append(f"| {scenario} | {cells.get('default', '')} | {cells.get('deterministic', '')} |")
         lines.append("")
+    gemms = [r for r in rows if r["part"] == "gemm"]
+    if gemms:
+        lines += ["| model | weight (N x K) | batch | default us | mode, K in one part | mode (parts) | mode/default |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in gemms:
+            lines.append(f"| {r['model']} | {r['weight']} ({r['n']} x {r['k']}) | {r['batch']} | {r['default_us']:.1f} "
+                         f"| {r['one part_us']:.1f} | {r['fixed_us']:.1f} ({r['splits']}) | "
+                         f"{r['default_us'] / r['fixed_us']:.2f} |")
+        lines.append("")
     speed = [r for r in rows if r["part"] == "throughput" and r["mode"] == "deterministic"]
     if speed:
         lines += ["| model | batch | decode tok/s default | deterministic | det/default | prefill tok/s default | "
@@ -241,6 +292,7 @@ def main() -> None:
     t0 = time.perf_counter()
     rows = invariance(args.device, args.prompts, args.new) + kernel_check(args.device)
     if not args.skip_throughput and args.device == "cuda":
+        rows += gemm_times([int(b) for b in args.batches.split(",")])
         rows += throughput([int(b) for b in args.batches.split(",")], args.new)
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     date = datetime.date.today().isoformat()

@@ -11,8 +11,8 @@ Prompts are 128-token windows of The Tempest (held out from the model's training
   drafts in the verifying forward too, eagerly);
 - auto: the engine's defaults (speculative_max_batch, the measuring policy): what a user gets.
 Reports tokens/s over the decode phase (the median of DSV3_BENCH_REPEATS timed runs, 5 by default), acceptance,
-speed-up over plain decoding (whose timed runs alternate with the configuration's), how many steps took the asynchronous path and whether the tokens equal plain
-decoding's; prints a table and writes JSON and markdown.
+speed-up over plain decoding (whose timed runs alternate with the configuration's), how many steps took the
+asynchronous path and whether the tokens equal plain decoding's; prints a table and writes JSON and markdown.
 A configuration that fails (a graph that cannot be captured, say) prints its error and the bench goes on.
 """
 

@@ -616,8 +616,9 @@ def sm90_cases():
         *((fp8_gemm._block_scaled_matmul, {"a": "bf16", "b": b, "b_scale": "fp32", "c": c, "a_rows": "i64",
                                            "block_group": "i64"}, set(),
            {"HAS_SCALE": b == "fp8e4nv", "QUANTIZE_A": b == "fp8e4nv", "GATHER": False, "SWIGLU": False,
-            "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 8})
-          for b, c in (("bf16", "fp32"), ("fp8e4nv", "bf16"))),
+            "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 8, "SPLIT_K": splits})
+          for b, c, splits in (("bf16", "fp32", 1), ("fp8e4nv", "bf16", 1), ("bf16", "fp32", 2), ("fp8e4nv", "fp32", 4))),
+        (fp8_gemm._sum_splits, {"part": "fp32", "out": "bf16"}, set(), {"SPLITS": 4, "BLOCK": 1024}),
         *((gemv._gemv, {**dict.fromkeys(["bias", "out"], "bf16"), "x": x, "lse": "fp32", "ids": "i64",
                         **dict.fromkeys(["w", "extra", "extra_up", "second"], "bf16" if scaled == 0 else "fp8e4nv"),
                         "scale": "fp32"}, set(),

@@ -85,7 +85,7 @@ def _block_scaled_matmul(a, b, b_scale, c, a_rows, block_group, M, N, K, scale_b
     k_start = 0
     if SPLIT_K > 1:
         k_part = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-        k_start = head * k_part
+        k_start = tl.program_id(1) * k_part
         k_end = tl.minimum(K, k_start + k_part)
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a + source.to(tl.int64)[:, None] * stride_am + ks[None, :]                   # (BLOCK_M, BLOCK_K)
