@@ -130,6 +130,21 @@ def measure(name: str, model, tokenizer, prompts_of, batches: list[int], drafts:
     torch.cuda.empty_cache()
 
 
+def profile(model, tokenizer, k: int, mode: str, b: int) -> None:
+    """Print where one configuration's decode phase spends host and device time (torch.profiler, the top ops)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    engine = engine_for(model, tokenizer, k, mode, b)
+    prompts = tempest_prompts(tokenizer, b, PROMPT)
+    timed(engine, b, prompts)
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step, _ = timed(engine, b, prompts)
+    print(f"k={k} {mode} batch {b}: {step * 1e3:.3f} ms a token, {engine.stats}", flush=True)
+    for key in ("self_cpu_time_total", "self_device_time_total"):
+        print(prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60), flush=True)
+
+
 def table(rows: list[dict]) -> str:
     def f(r, key, spec):
         return "" if r.get(key) is None else format(r[key], spec)
@@ -160,7 +175,14 @@ def main() -> None:
     ap.add_argument("--moonlight-modes", default="async,auto")
     ap.add_argument("--commit", default=os.environ.get("DSV3_COMMIT", "unknown"))
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the bench itself")
+    ap.add_argument("--profile", metavar="K:MODE:BATCH", help="only profile one configuration (embedded model)")
     args = ap.parse_args()
+    if args.profile:
+        k, mode, b = args.profile.split(":")
+        path = default_model_path()
+        profile(load_model(path, dtype=torch.bfloat16, device=args.device, progress=False), Tokenizer.from_dir(path),
+                int(k), mode, int(b))
+        return
     batches, drafts = [int(x) for x in args.batches.split(",")], [int(x) for x in args.drafts.split(",") if x]
     rows: list[dict] = []
     models = args.models.split(",")

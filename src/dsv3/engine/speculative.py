@@ -46,7 +46,9 @@ next power of two of the number of decoding sequences) chose it:
 - a new bucket measures speculation for WINDOW steps, then plain decoding, then runs the faster (a
   tie goes to plain decoding). After a run of the faster mode it measures the slower one again for
   WINDOW steps and runs the faster again: such a re-probe costs about PROBE_COST of the time, as the
-  run lasts WINDOW * (ratio - 1) / PROBE_COST steps, where ratio is how many times faster the faster is.
+  run lasts WINDOW * (ratio - 1) / PROBE_COST steps, where ratio is how many times faster the faster is;
+  but the first run after the faster mode changed lasts at most FIRST_RUN steps, and each next twice the one
+  before, so that a measurement spoiled by a slow moment is soon taken again.
 - per sequence: one whose drafts stood less than MIN_ACCEPTANCE of the time over its first PROBE drafts
   stops drafting for good (`pays`).
 clock=None turns measuring off: speculation wherever the batch is at most max_batch. Positions decoded
@@ -174,6 +176,8 @@ class _Bucket:
     speculate: bool = True   # the mode it runs now
     probing: bool = True     # whether this run measures that mode (else it runs the faster)
     left: int = 0            # measured steps of this run still to go
+    runs: int = 0            # runs of the faster mode since the faster last changed (FIRST_RUN doubles each)
+    faster: bool | None = None
 
     def __post_init__(self):
         self.spec, self.plain, self.left = deque(maxlen=self.window), deque(maxlen=self.window), self.window
@@ -190,6 +194,11 @@ class SpeculationPolicy:
     WINDOW = 8          # steps of each mode that a bucket's tokens/s is measured over
     PROBE_COST = 0.01   # the share of time that measuring the slower mode again may cost
     MAX_RUN = 1 << 16   # steps of the faster mode at most between two measurements of the slower
+    # The first run of the faster mode after it changed lasts at most FIRST_RUN steps, each next one twice the last
+    # (up to PROBE_COST's length): one bad measurement (Triton compiling in the first steps, another process on the
+    # host) cannot hold a mode off for long. On an H200, k = 2 drafts measured in the embedded model's first steps
+    # held speculation off for every timed run (0.96x at batch 1; 1.80x where it ran).
+    FIRST_RUN = 64
 
     def __init__(self, max_batch: int, clock: Callable[[], float] | None = time.perf_counter):
         self.max_batch, self.clock = max_batch, clock
@@ -237,7 +246,11 @@ class SpeculationPolicy:
         if b.probing:  # run the faster, long enough that measuring the slower again costs ~PROBE_COST
             fast, slow = max(spec_rate, plain_rate), min(spec_rate, plain_rate)
             ratio = fast / slow if slow > 0 else math.inf
+            if spec_wins != b.faster:
+                b.faster, b.runs = spec_wins, 0
             b.speculate, b.probing = spec_wins, False
-            b.left = max(1, math.ceil(min(self.MAX_RUN, self.WINDOW * (ratio - 1) / self.PROBE_COST)))
+            b.left = max(1, math.ceil(min(self.MAX_RUN, self.FIRST_RUN << b.runs,
+                                          self.WINDOW * (ratio - 1) / self.PROBE_COST)))
+            b.runs = min(b.runs + 1, 16)
         else:  # measure the slower again: it may have become the faster
             b.speculate, b.probing, b.left = not spec_wins, True, self.WINDOW
