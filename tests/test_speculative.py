@@ -235,6 +235,9 @@ def test_policy_speculates_in_a_bucket_only_while_measured_faster():
     assert probes[0] < 90 and [b - a for a, b in zip(probes, probes[1:])] == [138, 266, 277]
     assert sum(slower) < 0.05 * len(slower)
     faster = run_policy(policy, 8, {True: (1.0, 12), False: (0.8, 8)}, 1000)  # 12 tok/s against 10
+    # Far slower (the synchronous path, say): early re-probes still cost at most EARLY_PROBE_COST of the time.
+    much_slower = run_policy(policy, 2, {True: (30.0, 1), False: (1.0, 1)}, 3000)
+    assert not any(much_slower[20:2300]) and sum(much_slower) < 20
     window = SpeculationPolicy.WINDOW  # (the last 100 steps may hold one re-probe of plain decoding)
     assert sum(faster) > 0.9 * len(faster) and faster[-100:].count(False) <= window + 1
     assert not policy.wants(1) and policy.wants(8) and policy.wants(5) and not policy.wants(33)

@@ -48,7 +48,8 @@ next power of two of the number of decoding sequences) chose it:
   WINDOW steps and runs the faster again: such a re-probe costs about PROBE_COST of the time, as the
   run lasts WINDOW * (ratio - 1) / PROBE_COST steps, where ratio is how many times faster the faster is;
   but the first run after the faster mode changed lasts at most FIRST_RUN steps, and each next twice the one
-  before, so that a measurement spoiled by a slow moment is soon taken again.
+  before, so that a measurement spoiled by a slow moment is soon taken again (though never so few that the
+  re-probe costs more than EARLY_PROBE_COST: the synchronous path with k = 2 drafts is ~30x slower).
 - per sequence: one whose drafts stood less than MIN_ACCEPTANCE of the time over its first PROBE drafts
   stops drafting for good (`pays`).
 clock=None turns measuring off: speculation wherever the batch is at most max_batch. Positions decoded
@@ -199,6 +200,7 @@ class SpeculationPolicy:
     # host) cannot hold a mode off for long. On an H200, k = 2 drafts measured in the embedded model's first steps
     # held speculation off for every timed run (0.96x at batch 1; 1.80x where it ran).
     FIRST_RUN = 64
+    EARLY_PROBE_COST = 0.1  # but never so short that a re-probe costs more than this share (a mode 30x slower)
 
     def __init__(self, max_batch: int, clock: Callable[[], float] | None = time.perf_counter):
         self.max_batch, self.clock = max_batch, clock
@@ -249,8 +251,9 @@ class SpeculationPolicy:
             if spec_wins != b.faster:
                 b.faster, b.runs = spec_wins, 0
             b.speculate, b.probing = spec_wins, False
-            b.left = max(1, math.ceil(min(self.MAX_RUN, self.FIRST_RUN << b.runs,
-                                          self.WINDOW * (ratio - 1) / self.PROBE_COST)))
+            cost = self.WINDOW * (ratio - 1)  # a re-probe's cost, in steps of the faster mode
+            b.left = max(1, math.ceil(min(self.MAX_RUN, cost / self.PROBE_COST,
+                                          max(self.FIRST_RUN << b.runs, cost / self.EARLY_PROBE_COST))))
             b.runs = min(b.runs + 1, 16)
         else:  # measure the slower again: it may have become the faster
             b.speculate, b.probing, b.left = not spec_wins, True, self.WINDOW
