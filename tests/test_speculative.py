@@ -396,6 +396,24 @@ def test_draft_graphs_hold_a_window_each():
     assert draft_graph_sizes(64, 3)[0] == 4 and draft_graph_sizes(2, 2) == []
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_synchronous_greedy_steps_replay_draft_graphs(trained, k):
+    """The synchronous path (a request waiting, say) verifies and drafts in the draft graphs too where every
+    sequence has its k drafts (stand-in graphs on the CPU); greedy output equals plain decoding's."""
+    prompts = [[0] + list(range(40 + 7 * i, 60 + 9 * i)) for i in range(5)]
+    params = [SamplingParams(max_tokens=m, temperature=0) for m in (9, 14, 20, 25, 31)]
+    expected = generate(LLMEngine(trained, None, num_blocks=96, block_size=8), prompts, params)
+    engine = LLMEngine(trained, None, num_blocks=96, block_size=8, speculative_tokens=k, max_model_len=128)
+    engine.spec_policy = SpeculationPolicy(32, clock=None)
+    engine._speculates_async = lambda: False
+    stand_in_draft_graphs(engine, draft_graph_sizes(16 if k == 1 else 24, k))
+    replayed, pack = [], engine.runner.pack
+    engine.runner.pack = lambda *a, **kw: (lambda step: replayed.append(step.graph_size > 0 and step.greedy_draft)
+                                           or step)(pack(*a, **kw))
+    assert generate(engine, prompts, params) == expected
+    assert sum(replayed) > 10 and engine.stats["spec_accepted"] > 0.3 * engine.stats["spec_drafted"]
+
+
 def test_rows_that_continue_a_speculative_step_move_where_its_draft_stood(model):
     """Packed as if the draft in flight was rejected, then corrected from the step's record: the inputs
     equal those of the synchronous step packed knowing the verification (positions, cache slots across a
