@@ -767,3 +767,13 @@ def test_routed_experts_reference_matches_the_model():
 
 if __name__ == "__main__":
     print(json.dumps(run_checks()))
+
+
+def test_split_k_takes_plain_rows_only():
+    pytest.importorskip("triton")
+    from dsv3.kernels import fp8_gemm
+
+    x, w = torch.randn(3, 2, 64), torch.randn(2, 8, 64)
+    with pytest.raises(ValueError, match="split_k takes plain rows"):
+        fp8_gemm.block_scaled_matmul(x, w, None, 3, config=fp8_gemm.FIXED_CONFIG, heads=True, split_k=2)
+    assert fp8_gemm.fixed_splits(7168, 16384) == 2 and fp8_gemm.fixed_splits(129280, 7168) == 1

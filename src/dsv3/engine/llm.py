@@ -321,8 +321,9 @@ class LLMEngine:
     def _speculates_async(self) -> bool:
         """Whether this step speculates asynchronously (`_speculative_async_step`): greedy with the k drafts made
         in the verifying forward (`MTPProposer.fused`), every running sequence decoding with k drafts (perhaps
-        still on the device; or none, after plain steps with nothing in flight: stand-ins), no request waiting, room in the cache and in max_model_len for `_async_room`
-        positions more each, and a captured graph that holds the step's k + 1 rows a sequence (CPU: eagerly).
+        still on the device; or none, after plain steps with nothing in flight: stand-ins), no request waiting,
+        room in the cache and in max_model_len for `_async_room` positions more each, and a captured graph that
+        holds the step's k + 1 rows a sequence (CPU: eagerly).
         Here a sequence whose drafts rarely stand (SpeculationPolicy.pays) keeps drafting: its draft costs
         no forward of its own, and a batch that holds it still steps asynchronously."""
         running, prev, policy = self.scheduler.running, self.in_flight, self.spec_policy

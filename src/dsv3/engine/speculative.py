@@ -178,7 +178,7 @@ class _Bucket:
     probing: bool = True     # whether this run measures that mode (else it runs the faster)
     left: int = 0            # measured steps of this run still to go
     runs: int = 0            # runs of the faster mode since the faster last changed (FIRST_RUN doubles each)
-    faster: bool | None = None
+    faster: bool | None = None  # the mode the last measurement found faster (None: not measured yet)
 
     def __post_init__(self):
         self.spec, self.plain, self.left = deque(maxlen=self.window), deque(maxlen=self.window), self.window

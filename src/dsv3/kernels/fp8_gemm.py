@@ -159,7 +159,7 @@ def fixed_splits(n: int, k: int, block_k: int = 128) -> int:
 def block_scaled_matmul(a: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor | None, out_rows: int,
                         a_rows: torch.Tensor | None = None, block_group: torch.Tensor | None = None,
                         quantize_activations: bool = True, config: dict | None = None, swiglu: bool = False,
-                        out_dtype: torch.dtype | None = None, heads: bool = False) -> torch.Tensor:
+                        out_dtype: torch.dtype | None = None, heads: bool = False, split_k: int = 1) -> torch.Tensor:
     """(out_rows, N) = rows of a times weight[group]^T; weight (G, N, K) e4m3 with scales (G, N/bn, K/bk), or bf16.
 
     Without a_rows, row m of the output is row m of a and G = 1. With them, output row m is
@@ -168,6 +168,7 @@ def block_scaled_matmul(a: torch.Tensor, weight: torch.Tensor, scale_inv: torch.
     result is silu(gate) * up, (out_rows, N / 2). heads (16 bits only): a is (M, H, K) and weight (H, N, K),
     the result (M, H, N), head h's rows times weight[h]^T. The weight's last two dims may have any strides
     (16 bits; W_UK^T is a transposed view). out_dtype: the result's (default a's), rounded once from float32.
+    split_k > 1 (plain rows of one weight): K in that many parts, their float32 sums added in order (_sum_splits).
     """
     if a.stride(-1) != 1:
         a = a.contiguous()
@@ -193,18 +194,27 @@ def block_scaled_matmul(a: torch.Tensor, weight: torch.Tensor, scale_inv: torch.
     if heads and (has_scale or a.dim() != 3 or n_heads != groups):
         raise ValueError(f"heads: a (M, H, K) and a 16-bit weight (H, N, K); got {tuple(a.shape)} and "
                          f"{tuple(weight.shape)} {weight.dtype}")
+    if split_k > 1 and (heads or swiglu or a_rows is not None or groups != 1):
+        raise ValueError("split_k takes plain rows of one weight (no heads, swiglu or gathered rows)")
     out = torch.empty(out_rows, *([n_heads] if heads else []), n, dtype=out_dtype or a.dtype, device=a.device)
     if out_rows == 0:
         return out
-    grid = (triton.cdiv(out_rows, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), n_heads)
+    # Split K: programs (., s) write part s of the sums into c = part (the kernel's head axis, a and b not moved).
+    c = torch.empty(split_k, out_rows, n, dtype=torch.float32, device=a.device) if split_k > 1 else out
+    grid = (triton.cdiv(out_rows, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), max(n_heads, split_k))
     sg, sn, sk = (scale_inv.stride(0), scale_inv.stride(1), scale_inv.stride(2)) if has_scale else (0, 0, 0)
     _block_scaled_matmul[grid](
-        a, weight, scale_inv, out, a_rows if a_rows is not None else a, block_group if block_group is not None else a,
-        out_rows, n, k, bn, a.stride(0), weight.stride(0), weight.stride(1), sg, sn, sk, out.stride(0),
-        a.stride(1) if heads else 0, weight.stride(2), out.stride(1) if heads else 0,
+        a, weight, scale_inv, c, a_rows if a_rows is not None else a, block_group if block_group is not None else a,
+        out_rows, n, k, bn, a.stride(0), 0 if split_k > 1 else weight.stride(0), weight.stride(1), sg, sn, sk,
+        c.stride(1) if split_k > 1 else out.stride(0), a.stride(1) if heads else 0, weight.stride(2),
+        c.stride(0) if split_k > 1 else out.stride(1) if heads else 0,
         HAS_SCALE=has_scale, QUANTIZE_A=quantize, GATHER=a_rows is not None, SWIGLU=swiglu, BLOCK_K=block_k,
-        GROUP_M=8, **config,
+        GROUP_M=8, SPLIT_K=split_k, **config,
         **pdl.launch(a))
+    if split_k > 1:
+        block = 1024
+        _sum_splits[(triton.cdiv(out.numel(), block),)](c, out, out.numel(), SPLITS=split_k, BLOCK=block,
+                                                         **pdl.launch(a))
     return out
 
 
@@ -223,42 +233,10 @@ def fixed_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor 
     deterministic mode): F.linear's (reference.fp8_linear's) function, each row independent of the others."""
     flat = x.reshape(-1, x.shape[-1])                                                     # (M, K)
     n, k = weight.shape
-    splits = fixed_splits(n, k, 128 if scale_inv is not None else FIXED_CONFIG["BLOCK_K"])
-    if splits == 1 or flat.shape[0] == 0:
-        y = block_scaled_matmul(flat, weight.unsqueeze(0), None if scale_inv is None else scale_inv.unsqueeze(0),
-                                flat.shape[0], quantize_activations=quantize_activations, config=FIXED_CONFIG,
-                                out_dtype=out_dtype)
-    else:
-        y = _split_k_matmul(flat, weight, scale_inv, splits, quantize_activations, out_dtype or flat.dtype)
+    y = block_scaled_matmul(flat, weight.unsqueeze(0), None if scale_inv is None else scale_inv.unsqueeze(0),
+                            flat.shape[0], quantize_activations=quantize_activations, config=FIXED_CONFIG,
+                            out_dtype=out_dtype, split_k=fixed_splits(n, k))
     return y.view(*x.shape[:-1], n)
-
-
-def _split_k_matmul(a: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor | None, splits: int,
-                    quantize: bool, out_dtype: torch.dtype) -> torch.Tensor:
-    """fixed_linear's product as `splits` float32 partial sums over parts of K (FIXED_CONFIG's tiles), then
-    their sum in order (_sum_splits)."""
-    if a.stride(-1) != 1:
-        a = a.contiguous()
-    m, (n, k) = a.shape[0], weight.shape
-    part = torch.empty(splits, m, n, dtype=torch.float32, device=a.device)
-    has_scale = scale_inv is not None
-    if has_scale:
-        if weight.stride(-1) != 1:
-            raise ValueError("block_scaled_matmul needs an FP8 weight's last dim contiguous")
-        bn, block_k = block_length(n, scale_inv.shape[-2]), block_length(k, scale_inv.shape[-1])
-        ss = (0, scale_inv.stride(0), scale_inv.stride(1))
-    else:
-        bn, block_k, scale_inv, ss = n, FIXED_CONFIG["BLOCK_K"], weight, (0, 0, 0)
-    config = {key: v for key, v in FIXED_CONFIG.items() if key != "BLOCK_K"}
-    grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), splits)
-    _block_scaled_matmul[grid](
-        a, weight, scale_inv, part, a, a, m, n, k, bn, a.stride(0), 0, weight.stride(0), *ss, part.stride(1),
-        0, weight.stride(1), part.stride(0), HAS_SCALE=has_scale, QUANTIZE_A=quantize and has_scale, GATHER=False,
-        SWIGLU=False, BLOCK_K=block_k, GROUP_M=8, SPLIT_K=splits, **config, **pdl.launch(a))
-    out = torch.empty(m, n, dtype=out_dtype, device=a.device)
-    block = 1024
-    _sum_splits[(triton.cdiv(m * n, block),)](part, out, m * n, SPLITS=splits, BLOCK=block, **pdl.launch(a))
-    return out
 
 
 def fixed_per_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
