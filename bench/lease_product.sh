@@ -4,6 +4,8 @@
 #   bash bench/lease_product.sh engine-serve   # moonlight-16b: bench.py's engine, then bench/serve.py per variant
 #                                              # (VARIANTS="DELAY:API_SERVERS[:TOKENS_A_STEP[:REQUESTS_A_CLIENT]] ...",
 #                                              # default "2:4 2:4:8192:8": the defaults, then a longer closed loop)
+#   bash bench/lease_product.sh closed-loop    # bench/closed_loop.py: serve's workload in-process, per step kind
+#                                              # (CLOSED_LOOP="d2-t8192-g2048 ..." the EngineConfig variants)
 #   bash bench/lease_product.sh fp8            # v3-slice FP8 written to disk: dsv3.LLM and `dsv3 serve` on it
 #   bash bench/lease_product.sh speculative    # bench/speculative.py (MTP drafts, median of 5 runs)
 #   bash bench/lease_product.sh deterministic  # bench/deterministic.py (invariance and the mode's cost)
@@ -31,6 +33,8 @@ engine-serve)
     done
     python3 bench/product.py table --engine "$OUT"/*-moonlight-16b.json --serve "$OUT"/*-serve-moonlight-16b-d*.json \
         2>&1 | tee -a "$log";;
+closed-loop)
+    python3 bench/closed_loop.py --out "$OUT" ${CLOSED_LOOP:+--variants "$CLOSED_LOOP"} 2>&1 | tee -a "$log";;
 fp8)
     python3 bench/product.py fp8 --layers "${LAYERS:-3}" --ckpt /tmp/v3-slice-fp8 2>&1 | tee -a "$log"
     python3 bench/serve.py --model /tmp/v3-slice-fp8 --concurrency 1,8,64 ${API_SERVERS:+--api-servers $API_SERVERS} \
@@ -44,11 +48,11 @@ deterministic)
 accuracy)
     python3 bench/accuracy.py --out "$OUT" 2>&1 | tee -a "$log";;
 *)
-    echo "usage: $0 engine-serve|fp8|speculative|deterministic|accuracy ..." >&2; exit 2;;
+    echo "usage: $0 engine-serve|closed-loop|fp8|speculative|deterministic|accuracy ..." >&2; exit 2;;
 esac
 done
 find "$OUT" -name "*.md" ! -name "*-vs-engine-*" ! -name "*-product-*" ! -name "*-speculative-*" \
-    ! -name "*-deterministic*" ! -name "*-accuracy*" -delete 2>/dev/null || true
+    ! -name "*-deterministic*" ! -name "*-accuracy*" ! -name "*-closed-loop*" -delete 2>/dev/null || true
 if [ -n "${PACK:-}" ]; then
     tar czf /tmp/results.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv /tmp/results.tgz "$OUT"/
 fi

@@ -46,6 +46,10 @@ class EngineConfig:
         "help": "fraction of the GPU memory free after loading that the latent cache takes"})
     # scheduling
     cuda_graphs: bool = field(default=True, metadata={"help": "replay decode steps as CUDA graphs (GPU)"})
+    cuda_graph_max_tokens: int = field(default=8192, metadata={
+        "help": "rows of the largest CUDA graph for steps that prefill short prompts beside decoding ones (decode "
+                "rows plus prompt tokens; at most max_num_batched_tokens; 0: decode steps only); larger steps run "
+                "eagerly. Each captured size holds its outputs' memory and adds to the start-up time"})
     async_scheduling: bool = field(default=True, metadata={
         "help": "launch each step before reading the one before's tokens (host work hides behind the GPU's)"})
     prefill_delay_factor: float = field(default=0.0, metadata={
@@ -74,8 +78,9 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be at least 1; got {value}")
         if not 0 < self.cache_memory_fraction <= 1:
             raise ValueError(f"EngineConfig.cache_memory_fraction must be in (0, 1]; got {self.cache_memory_fraction}")
-        if self.speculative_tokens < 0 or self.prefill_delay_factor < 0:
-            raise ValueError("EngineConfig.speculative_tokens and prefill_delay_factor cannot be negative")
+        for name in ("speculative_tokens", "prefill_delay_factor", "cuda_graph_max_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"EngineConfig.{name} cannot be negative; got {getattr(self, name)}")
 
     @classmethod
     def of(cls, config: EngineConfig | None = None, **options) -> EngineConfig:

@@ -9,7 +9,7 @@ import torch
 
 from dsv3.engine.cache import BlockManager, allocate_latent_cache, blocks_that_fit
 from dsv3.engine.config import EngineConfig
-from dsv3.engine.runner import MIXED_GRAPH_SIZES, ModelRunner
+from dsv3.engine.runner import ModelRunner
 from dsv3.engine.sampling import SamplingParams, sample
 from dsv3.engine.scheduler import Scheduler
 from dsv3.engine.sequence import RequestOutput, ScheduledItem, Sequence, Status, TokenLogprob
@@ -91,7 +91,7 @@ class LLMEngine:
         draft_rows = (1 + speculative_tokens) * min(max_num_seqs, speculative_max_batch) if speculative_tokens else 0
         self.runner = ModelRunner(model, self.latent_caches, block_size, self.max_model_len,
                                   max_num_seqs * (1 + speculative_tokens), options.cuda_graphs, par, draft_rows,
-                                  min(options.max_num_batched_tokens, MIXED_GRAPH_SIZES[-1]),
+                                  min(options.max_num_batched_tokens, options.cuda_graph_max_tokens),
                                   deterministic=options.deterministic, drafts=max(speculative_tokens, 1))
         self.deterministic = options.deterministic
         # Where no graph replays (the CPU, cuda_graphs off), prefilling steps stay on the expanded form; tests set it.

@@ -8,8 +8,8 @@ small copy or kernel between two steps costs a few microseconds, a step of batch
 On a GPU, decode steps (one token per sequence) replay CUDA graphs captured once per batch size
 (as nano-vllm and vLLM do): a decode step of a small batch is otherwise dominated by kernel launches.
 So do mixed steps that the engine runs in rows mode (decode rows beside short prompt chunks, every token its
-own attention row), in graphs of up to MIXED_GRAPH_SIZES[-1] rows: eagerly, such a step spent ~2.5x its
-kernels' time launching them. Graphs with more rows than keep logits gather the kept rows inside the graph.
+own attention row), in graphs of up to EngineConfig.cuda_graph_max_tokens rows (MIXED_GRAPH_SIZES up to it):
+eagerly, such a step spent ~2.5x its kernels' time launching them. Graphs with more rows than keep logits gather the kept rows inside the graph.
 A graph's inputs are views of one static buffer that `pack` copies into directly; the graph itself
 fills in the pending tokens (`fill_pending`) and takes the greedy argmax of its logits. Rows beyond
 the real batch are padding: they write to a scratch block nobody owns and are ignored.
@@ -40,7 +40,9 @@ from dsv3.parallel import SINGLE, Parallel
 
 HEADER = 14  # ints that announce a broadcast step
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
-MIXED_GRAPH_SIZES = (384, 512, 768, 1024, 1536, 2048)  # rows of mixed steps: decode rows plus prompt tokens
+# Rows of mixed steps (decode rows plus prompt tokens). Padding rows cost what real ones do once a step is
+# compute-bound, so above 2,048 the sizes are at most 25% apart.
+MIXED_GRAPH_SIZES = (384, 512, 768, 1024, 1536, 2048, 2560, 3072, 4096, 5120, 6144, 8192)
 
 
 def draft_graph_sizes(max_draft_rows: int, drafts: int) -> list[int]:

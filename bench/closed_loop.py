@@ -1,0 +1,164 @@
+"""bench/serve.py's workload without the server: closed-loop clients inside one process, on the engine that
+`dsv3 serve` makes (moonlight-16b, random weights). Each client sends its requests one after another (random
+128-token prompts, 128 new tokens, greedy, ignore_eos); a finished request's next one is added before the next step.
+Every step's GPU time is recorded (CUDA events around the forward), by kind: decode-only, prefilling in a graph,
+prefilling eagerly. Beside it, the engine's decode-only figure at the same batch (bench.py's measure), in the same
+process, so the ratio says how far the schedule itself is from the engine; serve's own ratio then says what the
+server adds.
+
+    PYTHONPATH=src:bench python bench/closed_loop.py [--clients 64,256] [--requests 8] \\
+        [--variants "d2-t8192-g2048 d2-t8192-g8192"] [--out DIR]
+
+A variant names EngineConfig fields: dF prefill_delay_factor, tN max_num_batched_tokens, gN cuda_graph_max_tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from collections import defaultdict
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from bench import SHAPES, dsv3_decode, random_prompts, sync
+from dsv3.config import ModelConfig
+from dsv3.engine.llm import LLMEngine
+from dsv3.engine.sampling import SamplingParams
+from dsv3.model import DeepseekV3ForCausalLM, init_weights
+
+FIELDS = {"d": ("prefill_delay_factor", float), "t": ("max_num_batched_tokens", int),
+          "g": ("cuda_graph_max_tokens", int)}
+
+
+def parse_variant(name: str) -> dict:
+    options = {}
+    for part in name.split("-"):
+        field, kind = FIELDS[part[0]]
+        options[field] = kind(part[1:])
+    return options
+
+
+class _HostClock:
+    """A CUDA event's two methods on the host's clock (the CPU smoke run)."""
+
+    def record(self) -> None:
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end: _HostClock) -> float:
+        return (end.t - self.t) * 1e3
+
+
+class StepLog:
+    """Wraps the runner's forward: per step, its kind, rows and CUDA events around it (read at the end)."""
+
+    def __init__(self, engine: LLMEngine):
+        self.runner, self.steps = engine.runner, []
+        self.run = self.runner.run
+        self.runner.run = self
+        cuda = engine.device.type == "cuda"
+        self.event = (lambda: torch.cuda.Event(enable_timing=True)) if cuda else _HostClock
+
+    def __call__(self, step):
+        start, end = self.event(), self.event()
+        start.record()
+        out = self.run(step)
+        end.record()
+        kind = "decode" if step.batch.decode_only else ("graph" if step.graph_size else "eager")
+        self.steps.append((kind, int(step.batch.query_starts[-1]), step.graph_size, start, end))
+        return out
+
+    def close(self) -> None:
+        self.runner.run = self.run
+
+    def summary(self) -> dict:
+        sync()
+        out = defaultdict(lambda: {"steps": 0, "rows": 0, "padded_rows": 0, "gpu_s": 0.0})
+        for kind, rows, graph_size, start, end in self.steps:
+            entry = out[kind]
+            entry["steps"] += 1
+            entry["rows"] += rows
+            entry["padded_rows"] += max(graph_size - rows, 0)
+            entry["gpu_s"] += start.elapsed_time(end) / 1e3
+        return dict(out)
+
+
+def closed_loop(engine: LLMEngine, clients: int, requests: int, vocab: int, seed: int) -> dict:
+    params = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)
+    prompts = random_prompts(clients * requests, 128, vocab, seed=seed)
+    left = {c: prompts[c * requests:(c + 1) * requests] for c in range(clients)}
+    owner = {}
+    for c in range(clients):
+        owner[engine.add_request(left[c].pop(), params).seq_id] = c
+    log = StepLog(engine)
+    sync()
+    start, tokens, steps = time.perf_counter(), 0, 0
+    while engine.has_unfinished():
+        for seq in engine.step():
+            if not seq.finished:
+                continue
+            tokens += len(seq.output_token_ids)
+            engine.release(seq)
+            c = owner.pop(seq.seq_id)
+            if left[c]:
+                owner[engine.add_request(left[c].pop(), params).seq_id] = c
+        steps += 1
+    sync()
+    seconds = time.perf_counter() - start
+    log.close()
+    kinds = log.summary()
+    gpu = sum(k["gpu_s"] for k in kinds.values())
+    return {"clients": clients, "requests": requests, "seconds": seconds, "output_tokens_per_s": tokens / seconds,
+            "engine_steps": steps, "kinds": kinds, "gpu_busy_fraction": gpu / seconds}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--clients", default="64,256")
+    ap.add_argument("--requests", type=int, default=8)
+    ap.add_argument("--variants", default="d2-t8192-g2048 d2-t8192-g8192")
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--layers", type=int, help="fewer layers (a CPU smoke run)")
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args()
+    raw = {**SHAPES["moonlight-16b"], "num_nextn_predict_layers": 0}
+    cfg = ModelConfig.from_dict({**raw, **({"num_hidden_layers": args.layers} if args.layers else {})})
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = DeepseekV3ForCausalLM(cfg, dtype=torch.bfloat16 if args.device.startswith("cuda") else torch.float32).eval()
+    init_weights(model, cfg.initializer_range)
+    levels = [int(c) for c in args.clients.split(",")]
+    rows, engine_tok_s = [], {}
+    for variant in args.variants.split():
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        built = time.perf_counter()
+        engine = LLMEngine(model, None, max_num_seqs=256, **parse_variant(variant))
+        print(f"{variant}: engine in {time.perf_counter() - built:.1f} s, graphs up to "
+              f"{max(engine.runner.graphs, default=0)} rows", flush=True)
+        for clients in levels:
+            closed_loop(engine, clients, 1, cfg.vocab_size, seed=7)  # new shapes compile here, not in the timed run
+            if clients not in engine_tok_s:  # the engine's decode-only figure (bench.py's), in this process
+                engine_tok_s[clients] = clients / dsv3_decode(engine, clients, 128, 128, cfg.vocab_size)[0]
+            row = {"variant": variant, **closed_loop(engine, clients, args.requests, cfg.vocab_size, seed=clients)}
+            row["engine_tok_s"] = engine_tok_s[clients]
+            row["ratio"] = row["output_tokens_per_s"] / engine_tok_s[clients]
+            rows.append(row)
+            kinds = " ".join(f"{k} {v['steps']} steps {v['gpu_s']:.2f} s ({v['rows'] / max(v['steps'], 1):.0f} rows, "
+                             f"{v['padded_rows'] / max(v['steps'], 1):.0f} pad)" for k, v in row["kinds"].items())
+            print(f"{variant} {clients} clients: {row['output_tokens_per_s']:,.0f} tok/s = {row['ratio']:.0%} of the "
+                  f"engine's {engine_tok_s[clients]:,.0f}; {row['seconds']:.2f} s, GPU busy "
+                  f"{row['gpu_busy_fraction']:.0%}; {kinds}", flush=True)
+        del engine
+    gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    path = Path(args.out) / f"{date.today()}-{gpu.replace(' ', '_')}-closed-loop-moonlight-16b.json"
+    path.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "rows": rows}, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
