@@ -168,3 +168,17 @@ def test_engine_config_rejects_what_it_does_not_know():
     with pytest.raises(ValueError, match="fp8 must be one of auto, keep, dequantize"):
         EngineConfig(fp8="yes")
     assert EngineConfig.of(dtype=torch.bfloat16).dtype == "bfloat16"
+    with pytest.raises(ValueError, match="cuda_graph_max_tokens cannot be negative"):
+        EngineConfig(cuda_graph_max_tokens=-1)
+
+
+def test_graph_sizes_follow_cuda_graph_max_tokens():
+    """The graphs captured for prefilling steps stop at the option (or at the largest size below it); above 2,048
+    rows the sizes are at most 25% apart, since a compute-bound step pays for its padding rows."""
+    from dsv3.engine.runner import GRAPH_BATCH_SIZES, graph_sizes
+
+    assert graph_sizes(256, 0) == list(GRAPH_BATCH_SIZES)
+    assert graph_sizes(256, 2048)[-1] == 2048 and graph_sizes(256, 8192)[-1] == 8192
+    assert graph_sizes(256, 5000)[-1] == 4096 and graph_sizes(64, 0)[-1] == 64
+    big = [b for b in graph_sizes(256, 8192) if b >= 2048]
+    assert all(b / a <= 1.25 for a, b in zip(big, big[1:]))

@@ -42,7 +42,12 @@ HEADER = 14  # ints that announce a broadcast step
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 # Rows of mixed steps (decode rows plus prompt tokens). Padding rows cost what real ones do once a step is
 # compute-bound, so above 2,048 the sizes are at most 25% apart.
-MIXED_GRAPH_SIZES = (384, 512, 768, 1024, 1536, 2048, 2560, 3072, 4096, 5120, 6144, 8192)
+MIXED_GRAPH_SIZES = (384, 512, 768, 1024, 1536, 2048, 2560, 3072, 3584, 4096, 5120, 6144, 7168, 8192)
+
+
+def graph_sizes(max_graph_rows: int, max_mixed_rows: int) -> list[int]:
+    """The rows of the graphs to capture: decode batches up to max_graph_rows, mixed steps up to max_mixed_rows."""
+    return [b for b in GRAPH_BATCH_SIZES + MIXED_GRAPH_SIZES if b <= max(max_graph_rows, max_mixed_rows)]
 
 
 def draft_graph_sizes(max_draft_rows: int, drafts: int) -> list[int]:
@@ -136,8 +141,7 @@ class ModelRunner:
         self.static: dict[int, tuple[StepInputs, torch.Tensor, torch.Tensor]] = {}
         self.static_drafts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if cuda_graphs and self.device.type == "cuda":
-            self.capture([b for b in GRAPH_BATCH_SIZES + MIXED_GRAPH_SIZES if b <= max(max_graph_rows, max_mixed_rows)],
-                         draft_graph_sizes(max_draft_rows, drafts))
+            self.capture(graph_sizes(max_graph_rows, max_mixed_rows), draft_graph_sizes(max_draft_rows, drafts))
 
     def fits_graph(self, rows: int) -> bool:
         """Whether a rows-mode step of this many rows replays a graph (always, where nothing is captured: eager)."""
