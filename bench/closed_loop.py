@@ -67,8 +67,10 @@ class StepLog:
         start.record()
         out = self.run(step)
         end.record()
-        kind = "decode" if step.batch.decode_only else ("graph" if step.graph_size else "eager")
-        self.steps.append((kind, int(step.batch.query_starts[-1]), step.graph_size, start, end))
+        rows = int(step.batch.query_starts[-1])
+        # a decode-only step keeps every row's logits; a prefilling one (in rows mode too) fewer
+        kind = "decode" if len(step.rows) == rows else ("prefill-graph" if step.graph_size else "prefill-eager")
+        self.steps.append((kind, rows, step.graph_size, start, end))
         return out
 
     def close(self) -> None:
