@@ -9,7 +9,8 @@ server adds.
     PYTHONPATH=src:bench python bench/closed_loop.py [--clients 64,256] [--requests 8] \\
         [--variants "d2-t8192-g2048 d2-t8192-g8192"] [--out DIR]
 
-A variant names EngineConfig fields: dF prefill_delay_factor, tN max_num_batched_tokens, gN cuda_graph_max_tokens.
+A variant names EngineConfig fields: dF prefill_delay_factor, tN max_num_batched_tokens, gN cuda_graph_max_tokens,
+mN mixed_prefill_tokens.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from dsv3.engine.sampling import SamplingParams
 from dsv3.model import DeepseekV3ForCausalLM, init_weights
 
 FIELDS = {"d": ("prefill_delay_factor", float), "t": ("max_num_batched_tokens", int),
-          "g": ("cuda_graph_max_tokens", int)}
+          "g": ("cuda_graph_max_tokens", int), "m": ("mixed_prefill_tokens", int)}
 
 
 def parse_variant(name: str) -> dict:

@@ -52,6 +52,9 @@ class EngineConfig:
                 "eagerly. Each captured size holds its outputs' memory and adds to the start-up time"})
     async_scheduling: bool = field(default=True, metadata={
         "help": "launch each step before reading the one before's tokens (host work hides behind the GPU's)"})
+    mixed_prefill_tokens: int = field(default=0, metadata={
+        "help": "while sequences decode, a step prefills at most this many prompt tokens beside them (short chunks "
+                "ride in the decode step at little cost, a long one stalls it; 0: up to max_num_batched_tokens)"})
     prefill_delay_factor: float = field(default=0.0, metadata={
         "help": "while requests decode, hold new prompts until the oldest waited this many times the last "
                 "prefilling step, so one step prefills them together (0: admit at once; serve's default differs)"})
@@ -78,7 +81,7 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be at least 1; got {value}")
         if not 0 < self.cache_memory_fraction <= 1:
             raise ValueError(f"EngineConfig.cache_memory_fraction must be in (0, 1]; got {self.cache_memory_fraction}")
-        for name in ("speculative_tokens", "prefill_delay_factor", "cuda_graph_max_tokens"):
+        for name in ("speculative_tokens", "prefill_delay_factor", "cuda_graph_max_tokens", "mixed_prefill_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"EngineConfig.{name} cannot be negative; got {getattr(self, name)}")
 

@@ -3,6 +3,10 @@ prefilled in chunks, within a token budget and without ever over-committing the 
 When the cache runs out, the newest running sequence is preempted: its blocks are freed and it is
 recomputed later from its tokens (nothing is lost).
 
+While sequences decode, `mixed_prefill_tokens` (if set) caps the prompt tokens a step takes beside them
+(Sarathi-Serve's stall-free batching): a decode step's weight reads are paid anyway, so short prompt chunks ride
+in it at little cost, where a large chunk would stall every decoding sequence for a compute-bound step.
+
 Admission can wait a little (`prefill_delay_factor`, vLLM's scheduler delay): while sequences decode, a step
 that prefills costs several decode steps (on a GPU one with long prompts runs eagerly, outside the graphs), and
 requests that arrive one by one would each bring one such step. Holding the waiting ones until the oldest has waited
@@ -25,9 +29,10 @@ from dsv3.engine.sequence import Sequence, Status
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  prefill_delay_factor: float = 0.0, clock: Callable[[], float] = time.monotonic,
-                 graphed: Callable[[list[tuple[Sequence, int]]], bool] | None = None):
+                 graphed: Callable[[list[tuple[Sequence, int]]], bool] | None = None, mixed_prefill_tokens: int = 0):
         self.blocks = blocks
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.mixed_prefill_tokens = mixed_prefill_tokens  # prompt tokens a step takes beside decoding ones (0: any)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -56,10 +61,15 @@ class Scheduler:
         if self.last_schedule[1]:
             self.prefill_latency = now - self.last_schedule[0]
         budget, scheduled = self.max_num_batched_tokens, []
+        decoding = any(seq.status == Status.RUNNING and seq.num_uncomputed == 1 for seq in self.running)
+        prompt_budget = self.mixed_prefill_tokens if decoding and self.mixed_prefill_tokens else budget
         for seq in list(self.running):
             if budget == 0:
                 break
             if seq.status != Status.RUNNING or (skip is not None and skip(seq)):  # preempted below: for an older one
+                continue
+            prefilling = seq.num_uncomputed > 1
+            if prefilling and prompt_budget == 0:  # its next chunk waits for a step with room
                 continue
             while not self.blocks.can_append(seq, 0):
                 victim = self.running[-1]
@@ -72,12 +82,15 @@ class Scheduler:
             if seq.draft and (budget < 1 + len(seq.draft) or not self.blocks.can_append(seq, len(seq.draft))):
                 seq.draft, seq.draft_probs = [], []  # no room to verify: decode plainly this step
             self.blocks.append(seq, len(seq.draft))
-            n = min(seq.num_uncomputed + len(seq.draft), budget)
+            n = min(seq.num_uncomputed + len(seq.draft), budget, prompt_budget if prefilling else budget)
             scheduled.append((seq, n))
             budget -= n
-        admitting = (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
-                     and self.admit_now(now, budget, scheduled))
+            prompt_budget -= n if prefilling else 0
+        budget_for_prompts = min(budget, prompt_budget)
+        admitting = (self.waiting and budget_for_prompts > 0 and len(self.running) < self.max_num_seqs
+                     and self.admit_now(now, budget_for_prompts, scheduled))
         self.last_schedule = (now, bool(admitting))
+        budget = budget_for_prompts
         while admitting and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if not self.blocks.can_allocate(seq):
