@@ -17,7 +17,7 @@ from triton.testing import do_bench_cudagraph
 
 from dsv3.kernels.fp8_gemm import block_scaled_matmul, gemm_config
 from dsv3.kernels.mla_decode import mla_decode
-from dsv3.kernels.moe import expert_blocks
+from dsv3.kernels.moe import expert_blocks, moe_block_m
 
 
 def us(fn) -> float:
@@ -43,10 +43,11 @@ def moe(tokens: int, experts: int = 64, dim: int = 2048, inter: int = 1408, k: i
         down_scale = torch.rand(experts, dim // 128, inter // 128, device="cuda")
     ids = torch.stack([torch.randperm(experts, device="cuda", generator=gen)[:k] for _ in range(tokens)])
     act = torch.randn(tokens * k * 64 + experts * 64, inter, device="cuda", dtype=torch.bfloat16)
-    default_m = 16 if tokens * k <= (8 if fp8 else 4) * experts else 64   # as kernels/moe.py fused_experts
+    default_m = moe_block_m(tokens * k, experts, fp8)   # as kernels/moe.py fused_experts picks it
     results = []
     # The engine's own choice first: results[0] is the default the best is compared with.
-    others = ({16, 64} | ({32} if tokens >= 64 else set()) if tokens > 1 else set()) - {default_m}
+    others = ({16, 64} | ({32} if tokens >= 64 else set()) | ({128} if tokens >= 512 else set())
+              if tokens > 1 else set()) - {default_m}
     for block_m in [default_m, *sorted(others)]:
         token_at, row_at, block_expert, _ = expert_blocks(ids.flatten(), experts, block_m, k)
         cap = token_at.numel()

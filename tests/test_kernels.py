@@ -161,13 +161,13 @@ def check_fused_experts(gen: torch.Generator) -> dict[str, float]:
     gate_up = torch.randn(n_experts, 2 * inter, dim, generator=gen) * 0.1
     down = torch.randn(n_experts, dim, inter, generator=gen) * 0.1
     ref = reference.routed_experts(x.double(), ids, weights, gate_up.double(), None, down.double(), None)
-    for block_m in (16, 64):
+    for block_m in (16, 64, 128):
         out = fused_experts(x, ids, weights, gate_up, None, down, None, block_m=block_m)
         errors[f"fused_experts/plain/block_m={block_m}"] = rel_err(out, ref)
     gate_up, gate_up_scale = reference.fp8_quantize(gate_up)
     down, down_scale = reference.fp8_quantize(down)
     ref = reference.routed_experts(x.double(), ids, weights, gate_up, gate_up_scale, down, down_scale)
-    for block_m in (16, 64):
+    for block_m in (16, 64, 128):
         out = fused_experts(x, ids, weights, gate_up, gate_up_scale, down, down_scale, quantize_activations=False,
                             block_m=block_m)
         errors[f"fused_experts/fp8/block_m={block_m}"] = rel_err(out, ref)

@@ -143,6 +143,19 @@ def _one_token_layout(k: int, block_m: int, device: torch.device) -> tuple[torch
     return token_at.index_fill(0, rows, 0), token_at.index_copy(0, rows, rows), rows
 
 
+LARGE_BLOCK_PAIRS = 256  # pairs an expert, on average, from which 128-row blocks replace 64-row ones (prefill)
+
+
+def moe_block_m(pairs: int, n_experts: int, fp8: bool) -> int:
+    """Rows a block of the fused MoE holds (gemm_config's tiles for it). 16 up to 4 pairs an expert in 16 bits, 8 in
+    FP8: DeepSeek-V3's FP8 experts at batch 256 (8 pairs an expert), H100: 4.04 ms a layer in 16-row blocks against
+    7.36 in 64-row ones (bench/results/*-tune-moe-fp8-b256-2aff41e.txt). 128 from LARGE_BLOCK_PAIRS pairs an expert,
+    where a step prefills thousands of tokens and the GEMMs are compute-bound. Else 64."""
+    if pairs <= (8 if fp8 else 4) * n_experts:
+        return 16
+    return 128 if pairs >= LARGE_BLOCK_PAIRS * n_experts else 64
+
+
 def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
                   gate_up: torch.Tensor, gate_up_scale: torch.Tensor | None,
                   down: torch.Tensor, down_scale: torch.Tensor | None, quantize_activations: bool = True,
@@ -171,11 +184,7 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tenso
                           scale=gate_up_scale)                                          # (k [+ s], I): SwiGLU'd
         y = gemv.routed(act, local_ids.view(-1), down, extra=extra_down, scale=down_scale)  # (k [+ s], D)
         return _sum(y, None, weights, k, x, shared, join, extra_down.groups if extra_down is not None else 0)
-    # 16-row blocks (gemm_config's) up to 4 pairs an expert in 16 bits, 8 in FP8, else 64 rows. DeepSeek-V3's FP8
-    # experts at batch 256 (8 pairs an expert), H100: 4.04 ms a layer in 16-row blocks against 7.36 in 64-row ones
-    # (bench/results/*-tune-moe-fp8-b256-2aff41e.txt).
-    small = 8 if gate_up_scale is not None else 4
-    block_m = FIXED_CONFIG["BLOCK_M"] if fixed else block_m or (16 if pairs <= small * n_experts else 64)
+    block_m = FIXED_CONFIG["BLOCK_M"] if fixed else block_m or moe_block_m(pairs, n_experts, gate_up_scale is not None)
     if tokens == 1 and all_local:
         token_at, row_at, row_of_pair = _one_token_layout(k, block_m, x.device)
         block_expert = local_ids.view(-1)
