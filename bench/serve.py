@@ -221,6 +221,7 @@ def summary(concurrency: int, results: list[dict], seconds: float, cpu: float, b
             "engine_prefill_steps": delta.get("dsv3_engine_prefill_steps_total", 0),
             "loop_step_fraction": delta.get("dsv3_engine_step_seconds_total", 0) / seconds,
             "loop_publish_fraction": delta.get("dsv3_engine_publish_seconds_total", 0) / seconds,
+            "loop_gpu_wait_fraction": delta.get("dsv3_engine_gpu_wait_seconds_total", 0) / seconds,
             "first_errors": [r["error"] for r in results if "error" in r][:3]}
 
 
@@ -240,7 +241,7 @@ def write_results(args, info: dict, rows: list[dict], final_check: str) -> None:
                   f"{info['served_by']}; model built in "
                   f"{info['build_s']:.0f}s, engine in {info['engine_s']:.0f}s. {final_check}"), "",
              ("| concurrency | requests | errors | output tok/s | req/s | TTFT p50 / p90 / p99 ms | server TTFT mean ms "
-              "| ITL mean / p99 ms | chunks/token | preemptions | busiest client process CPU | steps (prefilling) | loop in step / publish |"),
+              "| ITL mean / p99 ms | chunks/token | preemptions | busiest client process CPU | steps (prefilling) | loop in step / publish / waiting for the GPU |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['output_tokens_per_s']:.1f} | "
@@ -249,7 +250,7 @@ def write_results(args, info: dict, rows: list[dict], final_check: str) -> None:
                      f"{r['itl_p99_ms']:.1f} | {r['chunks_per_token']:.2f} | {r['preemptions']:.0f} | "
                      f"{r['client_cpu_fraction']:.0%} | {r.get('engine_steps', 0):.0f} "
                      f"({r.get('engine_prefill_steps', 0):.0f}) | {r.get('loop_step_fraction', 0):.0%} / "
-                     f"{r.get('loop_publish_fraction', 0):.0%} |")
+                     f"{r.get('loop_publish_fraction', 0):.0%} / {r.get('loop_gpu_wait_fraction', 0):.0%} |")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 

@@ -308,6 +308,7 @@ def test_metrics_are_prometheus_text(client):
     assert samples["dsv3_cache_blocks_free"] == samples["dsv3_cache_blocks_total"]
     assert samples["dsv3_requests_running"] == samples["dsv3_requests_waiting"] == 0
     assert samples["dsv3_spec_off_sequences_total"] == 0  # no speculation in this server
+    assert samples["dsv3_engine_gpu_wait_seconds_total"] == 0  # the CPU's results are there at once: no wait
     count = samples["dsv3_time_to_first_token_seconds_count"]
     assert count >= 1 and samples['dsv3_time_to_first_token_seconds_bucket{le="+Inf"}'] == count
 

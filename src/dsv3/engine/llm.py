@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,7 +109,8 @@ class LLMEngine:
         self.async_scheduling = options.async_scheduling
         self.in_flight: Launched | None = None
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "prefill_steps": 0, "spec_drafted": 0,
-                      "spec_accepted": 0, "spec_off_steps": 0, "spec_off_sequences": 0, "spec_async_steps": 0}
+                      "spec_accepted": 0, "spec_off_steps": 0, "spec_off_sequences": 0, "spec_async_steps": 0,
+                      "gpu_wait_seconds": 0.0}  # the host waiting for a step's results (little: host-bound)
 
     def _blocks_for_memory(self, num_layers: int, block_size: int, fraction: float, max_num_seqs: int) -> int:
         """On a GPU, what free memory holds; on the CPU, enough for max_num_seqs full-length sequences."""
@@ -301,7 +304,9 @@ class LLMEngine:
         if not launched.done:
             return []
         if launched.ready is not None:
+            start = time.perf_counter()
             launched.ready.synchronize()
+            self.stats["gpu_wait_seconds"] += time.perf_counter() - start
         if launched.speculative:
             return self._resolve_speculative(launched)
         tokens, *lp = [t.tolist() for t in launched.host]

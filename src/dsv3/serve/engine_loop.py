@@ -201,4 +201,4 @@ def engine_stats(engine: LLMEngine) -> dict[str, float]:
             "preemptions": scheduler.num_preemptions, "spec_drafted": stats["spec_drafted"],
             "spec_accepted": stats["spec_accepted"], "spec_off_steps": stats["spec_off_steps"],
             "spec_off_sequences": stats["spec_off_sequences"], "steps": stats["steps"],
-            "prefill_steps": stats["prefill_steps"]}
+            "prefill_steps": stats["prefill_steps"], "gpu_wait_seconds": stats["gpu_wait_seconds"]}

@@ -102,8 +102,10 @@ class Metrics:
             ("dsv3_spec_off_sequences_total", "counter", "Sequences that stopped drafting: their drafts rarely stood.",
              engine["spec_off_sequences"]),
             ("dsv3_engine_steps_total", "counter", "Engine steps.", engine["steps"]),
-            ("dsv3_engine_prefill_steps_total", "counter", "Engine steps that prefilled (eager, outside the decode "
-             "graphs).", engine["prefill_steps"]),
+            ("dsv3_engine_prefill_steps_total", "counter", "Engine steps that prefilled (prompt tokens beside or "
+             "instead of decoding ones).", engine["prefill_steps"]),
+            ("dsv3_engine_gpu_wait_seconds_total", "counter", "Engine time spent waiting for steps' results on the GPU "
+             "(little of the loop's time: the host is the bottleneck).", engine.get("gpu_wait_seconds", 0.0)),
             ("dsv3_engine_step_seconds_total", "counter", "Engine loop time spent in steps.",
              engine.get("loop_step_seconds", 0.0)),
             ("dsv3_engine_publish_seconds_total", "counter", "Engine loop time spent making the updates it sends.",
