@@ -126,6 +126,34 @@ def closed_loop(engine: LLMEngine, clients: int, requests: int, vocab: int, seed
             "engine_steps": steps, "kinds": kinds, "gpu_busy_fraction": gpu / seconds}
 
 
+def prefill_kernels(engine: LLMEngine, clients: int, vocab: int, top: int = 16) -> str:
+    """The GPU kernels of one wave's prefilling steps (`clients` prompts added at once, stepped until each has its
+    first token; CUPTI sees inside the graphs), summed by name: where a prompt row's time goes."""
+    from overhead import gpu_events
+
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    seqs = [engine.add_request(p, params) for p in random_prompts(clients, 128, vocab, seed=99)]
+
+    def wave():
+        while any(not s.output_token_ids for s in seqs):
+            engine.step()
+
+    events = gpu_events(wave, 1, ("kernel",))
+    while engine.has_unfinished():
+        engine.step()
+    for s in seqs:
+        engine.release(s)
+    total, by_name = sum(e["dur"] for e in events), defaultdict(lambda: [0, 0.0])
+    for e in events:
+        by_name[e["name"][:60]][0] += 1
+        by_name[e["name"][:60]][1] += e["dur"]
+    lines = [f"prefill kernels, {clients} prompts of 128 tokens: {len(events)} kernels, {total / 1e3:.1f} ms "
+             f"({total / (clients * 128):.2f} us a prompt token)"]
+    for name, (count, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]:
+        lines.append(f"  {us / 1e3:8.2f} ms {us / total:6.1%} {count:6d}x  {name}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", default="64,256")
@@ -134,6 +162,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--layers", type=int, help="fewer layers (a CPU smoke run)")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--profile-prefill", type=int, default=0, help="also profile one wave of this many prompts")
     args = ap.parse_args()
     raw = {**SHAPES["moonlight-16b"], "num_nextn_predict_layers": 0}
     cfg = ModelConfig.from_dict({**raw, **({"num_hidden_layers": args.layers} if args.layers else {})})
@@ -164,6 +193,8 @@ def main() -> None:
             print(f"{variant} {clients} clients: {row['output_tokens_per_s']:,.0f} tok/s = {row['ratio']:.0%} of the "
                   f"engine's {engine_tok_s[clients]:,.0f}; {row['seconds']:.2f} s, GPU busy "
                   f"{row['gpu_busy_fraction']:.0%}; {kinds}", flush=True)
+        if args.profile_prefill:
+            print(prefill_kernels(engine, args.profile_prefill, cfg.vocab_size), flush=True)
         del engine
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     path = Path(args.out) / f"{date.today()}-{gpu.replace(' ', '_')}-closed-loop-moonlight-16b.json"
