@@ -34,8 +34,8 @@ class EngineConfig:
     # the batch and the latent cache
     max_num_seqs: int = field(default=256, metadata={"help": "requests decoded together at most"})
     max_num_batched_tokens: int = field(default=8192, metadata={
-        "help": "tokens a step computes at most (prefill chunks beyond it continue next step); a step that prefills "
-                "runs eagerly and host-bound below a few thousand tokens, so fewer, larger ones cost less"})
+        "help": "tokens a step computes at most (prefill chunks beyond it continue next step); a step of short "
+                "prompts within cuda_graph_max_tokens replays a CUDA graph, larger or long-prompt ones run eagerly"})
     max_model_len: int | None = field(default=None, metadata={
         "help": "longest sequence, prompt and answer (default: the checkpoint's max_position_embeddings)"})
     block_size: int = field(default=16, metadata={"help": "tokens per block of the paged latent cache"})
