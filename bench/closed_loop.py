@@ -10,8 +10,7 @@ server adds.
         [--variants "d2-t8192-g2048 d2-t8192-g8192"] [--out DIR]
 
 A variant names EngineConfig fields: dF prefill_delay_factor, tN max_num_batched_tokens, gN cuda_graph_max_tokens,
-mN mixed_prefill_tokens;
-bN kernels.moe.LARGE_BLOCK_PAIRS (128-row MoE blocks from N pairs an expert).
+mN mixed_prefill_tokens.
 """
 
 from __future__ import annotations
@@ -30,22 +29,15 @@ from bench import SHAPES, dsv3_decode, random_prompts, sync
 from dsv3.config import ModelConfig
 from dsv3.engine.llm import LLMEngine
 from dsv3.engine.sampling import SamplingParams
-from dsv3.kernels import moe
 from dsv3.model import DeepseekV3ForCausalLM, init_weights
 
-LARGE_BLOCK_PAIRS = moe.LARGE_BLOCK_PAIRS
 FIELDS = {"d": ("prefill_delay_factor", float), "t": ("max_num_batched_tokens", int),
           "g": ("cuda_graph_max_tokens", int), "m": ("mixed_prefill_tokens", int)}
 
 
 def parse_variant(name: str) -> dict:
-    """EngineConfig fields of a variant; bN sets kernels.moe.LARGE_BLOCK_PAIRS for it (a kernel choice, not an option)."""
     options = {}
-    moe.LARGE_BLOCK_PAIRS = LARGE_BLOCK_PAIRS
     for part in name.split("-"):
-        if part[0] == "b":
-            moe.LARGE_BLOCK_PAIRS = int(part[1:])
-            continue
         field, kind = FIELDS[part[0]]
         options[field] = kind(part[1:])
     return options

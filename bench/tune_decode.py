@@ -17,7 +17,7 @@ from triton.testing import do_bench_cudagraph
 
 from dsv3.kernels.fp8_gemm import block_scaled_matmul, gemm_config
 from dsv3.kernels.mla_decode import mla_decode
-from dsv3.kernels.moe import expert_blocks, moe_block_m
+from dsv3.kernels.moe import expert_blocks, moe_block_m, moe_config
 
 
 def us(fn) -> float:
@@ -51,7 +51,7 @@ def moe(tokens: int, experts: int = 64, dim: int = 2048, inter: int = 1408, k: i
     for block_m in [default_m, *sorted(others)]:
         token_at, row_at, block_expert, _ = expert_blocks(ids.flatten(), experts, block_m, k)
         cap = token_at.numel()
-        base = gemm_config(block_m, 2 * inter)
+        base = moe_config(block_m, 2 * inter, tokens * k, experts, fp8)   # the engine's tiles for this block_m
         grid = itertools.product((32, 64, 128), (128,) if fp8 else (64, 128), (4, 8), (3, 4))   # FP8: K blocks 128
         configs = [base] + [dict(BLOCK_M=block_m, BLOCK_N=n, BLOCK_K=kk, num_warps=w, num_stages=st)
                             for n, kk, w, st in grid]

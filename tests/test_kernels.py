@@ -171,6 +171,18 @@ def check_fused_experts(gen: torch.Generator) -> dict[str, float]:
         out = fused_experts(x, ids, weights, gate_up, gate_up_scale, down, down_scale, quantize_activations=False,
                             block_m=block_m)
         errors[f"fused_experts/fp8/block_m={block_m}"] = rel_err(out, ref)
+    # A prefill of FP8 experts (PREFILL_PAIRS pairs an expert): PREFILL_FP8_CONFIG's tiles.
+    from dsv3.kernels.moe import PREFILL_FP8_CONFIG, PREFILL_PAIRS, moe_block_m, moe_config
+
+    many = PREFILL_PAIRS * n_experts // k
+    big_x = torch.randn(many, dim, generator=gen)
+    big_ids = torch.stack([torch.randperm(n_experts, generator=gen)[:k] for _ in range(many)])
+    big_w = torch.rand(many, k, generator=gen)
+    pairs = many * k
+    assert moe_config(moe_block_m(pairs, n_experts, True), 2 * inter, pairs, n_experts, True) is PREFILL_FP8_CONFIG
+    ref = reference.routed_experts(big_x.double(), big_ids, big_w, gate_up, gate_up_scale, down, down_scale)
+    out = fused_experts(big_x, big_ids, big_w, gate_up, gate_up_scale, down, down_scale, quantize_activations=False)
+    errors["fused_experts/fp8/prefill_tiles"] = rel_err(out, ref)
     # One token, every expert on this rank: the layout without its kernel (a block per pair).
     one = torch.randperm(n_experts, generator=gen)[:k][None]
     ref = reference.routed_experts(x[:1].double(), one, weights[:1], gate_up, gate_up_scale, down, down_scale)

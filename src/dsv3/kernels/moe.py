@@ -143,17 +143,26 @@ def _one_token_layout(k: int, block_m: int, device: torch.device) -> tuple[torch
     return token_at.index_fill(0, rows, 0), token_at.index_copy(0, rows, rows), rows
 
 
-LARGE_BLOCK_PAIRS = 256  # pairs an expert, on average, from which 128-row blocks replace 64-row ones (prefill)
+# DeepSeek-V3's FP8 experts at 8,192 tokens (256 pairs an expert), H200: both GEMMs in 21.1 ms with these tiles,
+# against 32.2 ms in 128-row blocks and over 30.7 ms in gemm_config(64)'s 64 x 64 tiles
+# (bench/results/*-tune-moe-fp8-b8192-6550fd5.txt). Smaller prefills are not measured: they keep gemm_config's.
+PREFILL_PAIRS = 256  # pairs an expert, on average, from which FP8 experts take PREFILL_FP8_CONFIG
+PREFILL_FP8_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=4)
 
 
 def moe_block_m(pairs: int, n_experts: int, fp8: bool) -> int:
-    """Rows a block of the fused MoE holds (gemm_config's tiles for it). 16 up to 4 pairs an expert in 16 bits, 8 in
-    FP8: DeepSeek-V3's FP8 experts at batch 256 (8 pairs an expert), H100: 4.04 ms a layer in 16-row blocks against
-    7.36 in 64-row ones (bench/results/*-tune-moe-fp8-b256-2aff41e.txt). 128 from LARGE_BLOCK_PAIRS pairs an expert,
-    where a step prefills thousands of tokens and the GEMMs are compute-bound. Else 64."""
-    if pairs <= (8 if fp8 else 4) * n_experts:
-        return 16
-    return 128 if pairs >= LARGE_BLOCK_PAIRS * n_experts else 64
+    """Rows a block of the fused MoE holds: 16 up to 4 pairs an expert in 16 bits, 8 in FP8, else 64. DeepSeek-V3's
+    FP8 experts at batch 256 (8 pairs an expert), H100: 4.04 ms a layer in 16-row blocks against 7.36 in 64-row
+    ones (bench/results/*-tune-moe-fp8-b256-2aff41e.txt)."""
+    return 16 if pairs <= (8 if fp8 else 4) * n_experts else 64
+
+
+def moe_config(block_m: int, n: int, pairs: int, n_experts: int, fp8: bool) -> dict:
+    """The fused MoE's tiles: gemm_config's for block_m, except FP8 experts in a prefill of PREFILL_PAIRS pairs an
+    expert or more, whose GEMMs are compute-bound."""
+    if fp8 and block_m == PREFILL_FP8_CONFIG["BLOCK_M"] and pairs >= PREFILL_PAIRS * n_experts:
+        return PREFILL_FP8_CONFIG
+    return gemm_config(block_m, n)
 
 
 def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
@@ -191,7 +200,8 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tenso
     else:
         token_at, row_at, block_expert, row_of_pair = expert_blocks(local_ids.flatten(), n_experts, block_m, k)
     capacity = token_at.numel()
-    config = FIXED_CONFIG if fixed else gemm_config(block_m, gate_up.shape[1])          # its BLOCK_M is block_m
+    config = (FIXED_CONFIG if fixed else                                                 # its BLOCK_M is block_m
+              moe_config(block_m, gate_up.shape[1], pairs, n_experts, gate_up_scale is not None))
 
     act = block_scaled_matmul(x, gate_up, gate_up_scale, capacity, token_at, block_expert,
                               quantize_activations, config, swiglu=True)               # (capacity, I): SwiGLU'd
