@@ -7,7 +7,7 @@ process, so the ratio says how far the schedule itself is from the engine; serve
 server adds.
 
     PYTHONPATH=src:bench python bench/closed_loop.py [--clients 64,256] [--requests 8] \\
-        [--variants "d2-t8192-g2048 d2-t8192-g8192"] [--out DIR]
+        [--variants "d2-t8192-g2048 d2-t8192-g8192"] [--profile-prefill 256] [--out DIR]
 
 A variant names EngineConfig fields: dF prefill_delay_factor, tN max_num_batched_tokens, gN cuda_graph_max_tokens,
 mN mixed_prefill_tokens.
@@ -38,6 +38,8 @@ FIELDS = {"d": ("prefill_delay_factor", float), "t": ("max_num_batched_tokens", 
 def parse_variant(name: str) -> dict:
     options = {}
     for part in name.split("-"):
+        if not part or part[0] not in FIELDS:
+            raise SystemExit(f"variant {name!r}: {part!r} is not one of {', '.join(k + 'N' for k in FIELDS)}")
         field, kind = FIELDS[part[0]]
         options[field] = kind(part[1:])
     return options

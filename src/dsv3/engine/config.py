@@ -53,8 +53,8 @@ class EngineConfig:
     async_scheduling: bool = field(default=True, metadata={
         "help": "launch each step before reading the one before's tokens (host work hides behind the GPU's)"})
     mixed_prefill_tokens: int = field(default=0, metadata={
-        "help": "while sequences decode, a step prefills at most this many prompt tokens beside them (short chunks "
-                "ride in the decode step at little cost, a long one stalls it; 0: up to max_num_batched_tokens)"})
+        "help": "while sequences decode, a step prefills at most this many prompt tokens beside them, so a long "
+                "prompt does not stall them for a whole step; costs throughput (0: up to max_num_batched_tokens)"})
     prefill_delay_factor: float = field(default=0.0, metadata={
         "help": "while requests decode, hold new prompts until the oldest waited this many times the last "
                 "prefilling step, so one step prefills them together (0: admit at once; serve's default differs)"})

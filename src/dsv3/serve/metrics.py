@@ -105,7 +105,7 @@ class Metrics:
             ("dsv3_engine_prefill_steps_total", "counter", "Engine steps that prefilled (prompt tokens beside or "
              "instead of decoding ones).", engine["prefill_steps"]),
             ("dsv3_engine_gpu_wait_seconds_total", "counter", "Engine time spent waiting for steps' results on the GPU "
-             "(little of the loop's time: the host is the bottleneck).", engine.get("gpu_wait_seconds", 0.0)),
+             "(little of the loop's time: the host is the bottleneck).", engine["gpu_wait_seconds"]),
             ("dsv3_engine_step_seconds_total", "counter", "Engine loop time spent in steps.",
              engine.get("loop_step_seconds", 0.0)),
             ("dsv3_engine_publish_seconds_total", "counter", "Engine loop time spent making the updates it sends.",
