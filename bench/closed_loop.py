@@ -10,7 +10,8 @@ server adds.
         [--variants "d2-t8192-g2048 d2-t8192-g8192"] [--profile-prefill 256] [--out DIR]
 
 A variant names EngineConfig fields: dF prefill_delay_factor, tN max_num_batched_tokens, gN cuda_graph_max_tokens,
-mN mixed_prefill_tokens.
+mN mixed_prefill_tokens; and kernel options (dispatch.KernelOptions, for the engine's capture and its steps): r0
+attends rows mode's prompt rows one by one (runs=False, DSV3_RUNS=0).
 """
 
 from __future__ import annotations
@@ -29,20 +30,24 @@ from bench import SHAPES, dsv3_decode, random_prompts, sync
 from dsv3.config import ModelConfig
 from dsv3.engine.llm import LLMEngine
 from dsv3.engine.sampling import SamplingParams
+from dsv3.kernels import dispatch
 from dsv3.model import DeepseekV3ForCausalLM, init_weights
 
 FIELDS = {"d": ("prefill_delay_factor", float), "t": ("max_num_batched_tokens", int),
           "g": ("cuda_graph_max_tokens", int), "m": ("mixed_prefill_tokens", int)}
+KERNEL_FIELDS = {"r": ("runs", lambda v: v != "0")}
 
 
-def parse_variant(name: str) -> dict:
-    options = {}
+def parse_variant(name: str) -> tuple[dict, dict]:
+    """A variant's EngineConfig fields and its kernel options."""
+    options, kernels = {}, {}
     for part in name.split("-"):
-        if not part or part[0] not in FIELDS:
-            raise SystemExit(f"variant {name!r}: {part!r} is not one of {', '.join(k + 'N' for k in FIELDS)}")
-        field, kind = FIELDS[part[0]]
-        options[field] = kind(part[1:])
-    return options
+        if not part or part[0] not in FIELDS | KERNEL_FIELDS:
+            raise SystemExit(f"variant {name!r}: {part!r} is not one of "
+                             f"{', '.join(k + 'N' for k in FIELDS | KERNEL_FIELDS)}")
+        field, kind = (FIELDS | KERNEL_FIELDS)[part[0]]
+        (options if part[0] in FIELDS else kernels)[field] = kind(part[1:])
+    return options, kernels
 
 
 class _HostClock:
@@ -171,24 +176,26 @@ def main() -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         built = time.perf_counter()
-        engine = LLMEngine(model, None, max_num_seqs=256, **parse_variant(variant))
-        print(f"{variant}: engine in {time.perf_counter() - built:.1f} s, graphs up to "
-              f"{max(engine.runner.graphs, default=0)} rows", flush=True)
-        for clients in levels:
-            closed_loop(engine, clients, 1, cfg.vocab_size, seed=7)  # new shapes compile here, not in the timed run
-            if clients not in engine_tok_s:  # the engine's decode-only figure (bench.py's), in this process
-                engine_tok_s[clients] = clients / dsv3_decode(engine, clients, 128, 128, cfg.vocab_size)[0]
-            row = {"variant": variant, **closed_loop(engine, clients, args.requests, cfg.vocab_size, seed=clients)}
-            row["engine_tok_s"] = engine_tok_s[clients]
-            row["ratio"] = row["output_tokens_per_s"] / engine_tok_s[clients]
-            rows.append(row)
-            kinds = " ".join(f"{k} {v['steps']} steps {v['gpu_s']:.2f} s ({v['rows'] / max(v['steps'], 1):.0f} rows, "
-                             f"{v['padded_rows'] / max(v['steps'], 1):.0f} pad)" for k, v in row["kinds"].items())
-            print(f"{variant} {clients} clients: {row['output_tokens_per_s']:,.0f} tok/s = {row['ratio']:.0%} of the "
-                  f"engine's {engine_tok_s[clients]:,.0f}; {row['seconds']:.2f} s, GPU busy "
-                  f"{row['gpu_busy_fraction']:.0%}; {kinds}", flush=True)
-        if args.profile_prefill:
-            print(prefill_kernels(engine, args.profile_prefill, cfg.vocab_size), flush=True)
+        options, kernels = parse_variant(variant)
+        with dispatch.using(**kernels):  # the graphs keep the kernels they were captured with
+            engine = LLMEngine(model, None, max_num_seqs=256, **options)
+            print(f"{variant}: engine in {time.perf_counter() - built:.1f} s, graphs up to "
+                  f"{max(engine.runner.graphs, default=0)} rows", flush=True)
+            for clients in levels:
+                closed_loop(engine, clients, 1, cfg.vocab_size, seed=7)  # new shapes compile here, not in the timed run
+                if clients not in engine_tok_s:  # the engine's decode-only figure (bench.py's), in this process
+                    engine_tok_s[clients] = clients / dsv3_decode(engine, clients, 128, 128, cfg.vocab_size)[0]
+                row = {"variant": variant, **closed_loop(engine, clients, args.requests, cfg.vocab_size, seed=clients)}
+                row["engine_tok_s"] = engine_tok_s[clients]
+                row["ratio"] = row["output_tokens_per_s"] / engine_tok_s[clients]
+                rows.append(row)
+                kinds = " ".join(f"{k} {v['steps']} steps {v['gpu_s']:.2f} s ({v['rows'] / max(v['steps'], 1):.0f} rows, "
+                                 f"{v['padded_rows'] / max(v['steps'], 1):.0f} pad)" for k, v in row["kinds"].items())
+                print(f"{variant} {clients} clients: {row['output_tokens_per_s']:,.0f} tok/s = {row['ratio']:.0%} of the "
+                      f"engine's {engine_tok_s[clients]:,.0f}; {row['seconds']:.2f} s, GPU busy "
+                      f"{row['gpu_busy_fraction']:.0%}; {kinds}", flush=True)
+            if args.profile_prefill:
+                print(prefill_kernels(engine, args.profile_prefill, cfg.vocab_size), flush=True)
         del engine
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     path = Path(args.out) / f"{date.today()}-{gpu.replace(' ', '_')}-closed-loop-moonlight-16b.json"
