@@ -153,6 +153,59 @@ def prefill_kernels(engine: LLMEngine, clients: int, vocab: int, top: int = 16) 
     return "\n".join(lines)
 
 
+def mixed_kernels(engine: LLMEngine, vocab: int, prompt_rows: list[int], decoding: int = 256, context: int = 200,
+                  replays: int = 3) -> str:
+    """What prompt rows add to a decode step: rows-mode steps of `decoding` decode rows (contexts of `context`
+    tokens) beside P rows of whole 128-token prompts, each replayed from its graph under CUPTI, the kernels summed
+    by name; per kernel its time in the decode-only step and what each prompt row adds. The cache holds random
+    latents (attention then weighs its keys as on real ones); token ids are random."""
+    from types import SimpleNamespace
+
+    from overhead import gpu_events
+
+    from dsv3.engine.sequence import ScheduledItem
+
+    runner, bs = engine.runner, engine.blocks.block_size
+    for cache in engine.latent_caches:
+        cache.normal_()
+    gen = torch.Generator().manual_seed(5)
+    tables, next_block = [], 0
+
+    def table(tokens: int) -> list[int]:
+        nonlocal next_block
+        n = -(-tokens // bs)
+        next_block += n
+        return list(range(next_block - n, next_block))
+
+    decode_items = [ScheduledItem(SimpleNamespace(block_table=table(context)), context - 1,
+                                  [int(torch.randint(vocab, (1,), generator=gen))], 1) for _ in range(decoding)]
+    per_step, sizes = [], [0, *prompt_rows]
+    for p in sizes:
+        prompts = [ScheduledItem(SimpleNamespace(block_table=table(128)), 0,
+                                 torch.randint(vocab, (128,), generator=gen).tolist(), 1) for _ in range(p // 128)]
+        step = runner.pack(decode_items + prompts, rows_mode=True)
+        runner.run(step)
+        sync()
+        events = gpu_events(lambda step=step: runner.run(step), replays, ("kernel",))
+        by_name = defaultdict(float)
+        for e in events:
+            by_name[e["name"][:40]] += e["dur"] / replays
+        tables.append((p, step.graph_size, by_name))
+        per_step.append(sum(by_name.values()))
+    base = tables[0][2]
+    names = sorted(set().union(*(t[2] for t in tables)), key=lambda n: -max(t[2].get(n, 0) for t in tables))[:18]
+    head = f"{'kernel (us a step; then us each prompt row adds)':44s}" + "".join(
+        f"{f'+{p} ({g})':>16s}" for p, g, _ in tables)
+    lines = [f"rows-mode steps of {decoding} decode rows at {context} tokens beside P prompt rows (graph size):", head,
+             f"{'all kernels':44s}" + "".join(f"{t:16.0f}" if not p else f"{t:9.0f} {(t - per_step[0]) / p:5.2f}"
+                                              for (p, _, _), t in zip(tables, per_step))]
+    for name in names:
+        lines.append(f"  {name:42s}" + "".join(f"{by.get(name, 0):16.0f}" if not p else
+                                               f"{by.get(name, 0):9.0f} {(by.get(name, 0) - base.get(name, 0)) / p:5.2f}"
+                                               for p, _, by in tables))
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", default="64,256")
@@ -162,6 +215,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, help="fewer layers (a CPU smoke run)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--profile-prefill", type=int, default=0, help="also profile one wave of this many prompts")
+    ap.add_argument("--profile-mixed", default="", help="also profile steps of 256 decode rows beside this many prompt "
+                    "rows, e.g. 128,512,1792,7936 (graph sizes: the padding counts too)")
     args = ap.parse_args()
     raw = {**SHAPES["moonlight-16b"], "num_nextn_predict_layers": 0}
     cfg = ModelConfig.from_dict({**raw, **({"num_hidden_layers": args.layers} if args.layers else {})})
@@ -196,6 +251,8 @@ def main() -> None:
                       f"{row['gpu_busy_fraction']:.0%}; {kinds}", flush=True)
             if args.profile_prefill:
                 print(prefill_kernels(engine, args.profile_prefill, cfg.vocab_size), flush=True)
+            if args.profile_mixed:
+                print(mixed_kernels(engine, cfg.vocab_size, [int(p) for p in args.profile_mixed.split(",")]), flush=True)
         del engine
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     path = Path(args.out) / f"{date.today()}-{gpu.replace(' ', '_')}-closed-loop-moonlight-16b.json"
