@@ -181,8 +181,8 @@ def mixed_kernels(engine: LLMEngine, vocab: int, prompt_rows: list[int], decodin
                                   [int(torch.randint(vocab, (1,), generator=gen))], 1) for _ in range(decoding)]
     per_step, sizes = [], [0, *prompt_rows]
     for p in sizes:
-        prompts = [ScheduledItem(SimpleNamespace(block_table=table(128)), 0,
-                                 torch.randint(vocab, (128,), generator=gen).tolist(), 1) for _ in range(p // 128)]
+        prompts = [ScheduledItem(SimpleNamespace(block_table=table(128)), 0,   # no logits: a graph keeps 256 rows'
+                                 torch.randint(vocab, (128,), generator=gen).tolist(), 0) for _ in range(p // 128)]
         step = runner.pack(decode_items + prompts, rows_mode=True)
         runner.run(step)
         sync()
@@ -224,7 +224,7 @@ def main() -> None:
     with torch.device(args.device):
         model = DeepseekV3ForCausalLM(cfg, dtype=torch.bfloat16 if args.device.startswith("cuda") else torch.float32).eval()
     init_weights(model, cfg.initializer_range)
-    levels = [int(c) for c in args.clients.split(",")]
+    levels = [int(c) for c in args.clients.split(",") if c]
     rows, engine_tok_s = [], {}
     for variant in args.variants.split():
         gc.collect()
