@@ -11,7 +11,9 @@ server adds.
 
 A variant names EngineConfig fields: dF prefill_delay_factor, tN max_num_batched_tokens, gN cuda_graph_max_tokens,
 mN mixed_prefill_tokens; and kernel options (dispatch.KernelOptions, for the engine's capture and its steps): r0
-attends rows mode's prompt rows one by one (runs=False, DSV3_RUNS=0).
+attends rows mode's prompt rows one by one (runs=False, DSV3_RUNS=0), oN overlaps the shared experts and kv_a_proj
+on a side stream up to N tokens (overlap_tokens), fN takes bf16 experts' fused MoE up to N pairs an expert
+(fused_pairs).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from dsv3.model import DeepseekV3ForCausalLM, init_weights
 
 FIELDS = {"d": ("prefill_delay_factor", float), "t": ("max_num_batched_tokens", int),
           "g": ("cuda_graph_max_tokens", int), "m": ("mixed_prefill_tokens", int)}
-KERNEL_FIELDS = {"r": ("runs", lambda v: v != "0")}
+KERNEL_FIELDS = {"r": ("runs", lambda v: v != "0"), "o": ("overlap_tokens", int), "f": ("fused_pairs", int)}
 
 
 def parse_variant(name: str) -> tuple[dict, dict]:
@@ -179,13 +181,22 @@ def mixed_kernels(engine: LLMEngine, vocab: int, prompt_rows: list[int], decodin
 
     decode_items = [ScheduledItem(SimpleNamespace(block_table=table(context)), context - 1,
                                   [int(torch.randint(vocab, (1,), generator=gen))], 1) for _ in range(decoding)]
-    per_step, sizes = [], [0, *prompt_rows]
+    per_step, wall, sizes = [], [], [0, *prompt_rows]
     for p in sizes:
         prompts = [ScheduledItem(SimpleNamespace(block_table=table(128)), 0,   # no logits: a graph keeps 256 rows'
                                  torch.randint(vocab, (128,), generator=gen).tolist(), 0) for _ in range(p // 128)]
         step = runner.pack(decode_items + prompts, rows_mode=True)
         runner.run(step)
         sync()
+        walls = []
+        for _ in range(5):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            runner.run(step)
+            end.record()
+            end.synchronize()
+            walls.append(start.elapsed_time(end) * 1e3)
+        wall.append(sorted(walls)[2])
         events = gpu_events(lambda step=step: runner.run(step), replays, ("kernel",))
         by_name = defaultdict(float)
         for e in events:
@@ -197,6 +208,8 @@ def mixed_kernels(engine: LLMEngine, vocab: int, prompt_rows: list[int], decodin
     head = f"{'kernel (us a step; then us each prompt row adds)':44s}" + "".join(
         f"{f'+{p} ({g})':>16s}" for p, g, _ in tables)
     lines = [f"rows-mode steps of {decoding} decode rows at {context} tokens beside P prompt rows (graph size):", head,
+             f"{'step (the replay, median of 5)':44s}" + "".join(f"{t:16.0f}" if not p else f"{t:9.0f} {(t - wall[0]) / p:5.2f}"
+                                                                 for (p, _, _), t in zip(tables, wall)),
              f"{'all kernels':44s}" + "".join(f"{t:16.0f}" if not p else f"{t:9.0f} {(t - per_step[0]) / p:5.2f}"
                                               for (p, _, _), t in zip(tables, per_step))]
     for name in names:

@@ -36,6 +36,10 @@ class KernelOptions:
     # Independent work of a small batch (the shared experts beside the router and routed experts; kv_a_proj beside
     # q_proj) on a second CUDA stream: at decode sizes each kernel is too short to use the whole GPU (DSV3_OVERLAP).
     overlap: bool = True
+    overlap_tokens: int = 256          # the most tokens a forward overlaps that work for (DSV3_OVERLAP_TOKENS)
+    # bf16: (token, expert) pairs per expert, on average, up to which the fused MoE runs (fused_experts_available;
+    # DSV3_FUSED_PAIRS); beyond, the grouped GEMM.
+    fused_pairs: int = 32
     # One token: the shared experts inside the routed experts' launches, shared_experts_inline (DSV3_SHARED_INLINE).
     shared_inline: bool = True
     # DeepSeek's scheme (activations to e4m3 per 128 columns) on the FP8 tensor cores; False keeps bf16 activations
@@ -57,11 +61,12 @@ class KernelOptions:
     def from_env(cls) -> KernelOptions:
         return cls(kernels=os.environ.get("DSV3_KERNELS", "auto"), overlap=os.environ.get("DSV3_OVERLAP", "1") != "0",
                    shared_inline=os.environ.get("DSV3_SHARED_INLINE", "1") != "0",
-                   runs=os.environ.get("DSV3_RUNS", "1") != "0")
+                   runs=os.environ.get("DSV3_RUNS", "1") != "0",
+                   overlap_tokens=int(os.environ.get("DSV3_OVERLAP_TOKENS", "256")),
+                   fused_pairs=int(os.environ.get("DSV3_FUSED_PAIRS", "32")))
 
 
 OPTIONS = KernelOptions.from_env()
-OVERLAP_MAX_TOKENS = 256
 _side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
@@ -244,21 +249,18 @@ def grouped_mm(x: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -> 
     return reference.grouped_mm(x, weights, counts)
 
 
-# bf16: (token, expert) pairs per expert up to which the fused MoE runs. moonlight-16b batch 256 on an H100 (24 a
-# expert): 15.73 ms a step fused against 16.66 on the grouped GEMM with its sort, gathers and scans.
-FUSED_MAX_PAIRS_PER_EXPERT = 32
-
-
 def fused_experts_available(x: torch.Tensor, gate_up: torch.Tensor, pairs: int) -> bool:
     """The fused Triton MoE takes FP8 experts on a GPU: it reads only the experts that got tokens and never
     dequantizes them. bf16 experts take it too for decode-sized batches: torch._grouped_mm reads every
     expert's weights even when most got no token (moonlight-16b, batch 1 on an H100: 9.1 ms a step, the
-    time to read all experts). Prefill-sized bf16 batches stay on the grouped GEMM, 10-20% faster there."""
+    time to read all experts). Prefill-sized bf16 batches stay on the grouped GEMM, 10-20% faster there; the
+    bound is OPTIONS.fused_pairs pairs an expert (moonlight-16b batch 256 on an H100, 24 an expert: 15.73 ms a step
+    fused against 16.66 on the grouped GEMM with its sort, gathers and scans)."""
     if not use_triton(x) or x.dtype not in (torch.bfloat16, torch.float16):  # the kernels are checked in 16 bits
         return False
     if OPTIONS.deterministic:  # the fixed GEMM at every batch size
         return True
-    return gate_up.dtype == torch.float8_e4m3fn or pairs <= FUSED_MAX_PAIRS_PER_EXPERT * gate_up.shape[0]
+    return gate_up.dtype == torch.float8_e4m3fn or pairs <= OPTIONS.fused_pairs * gate_up.shape[0]
 
 
 def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
@@ -361,7 +363,7 @@ def argmax(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
 class Fork:
     """Work queued inside `with fork:` runs on a side stream, after everything queued before it and beside
     what the main stream queues next; `join()` makes the main stream wait for it. Where overlap does not
-    apply (CPU, the reference path, training, batches above OVERLAP_MAX_TOKENS) both are no-ops and the
+    apply (CPU, the reference path, training, batches above OPTIONS.overlap_tokens) both are no-ops and the
     block runs in order. Inside a CUDA graph capture the fork and join become the graph's edges.
 
     Tensors cross safely: the side stream starts after the inputs were written, and whatever it allocates
@@ -369,7 +371,7 @@ class Fork:
     stream (and so for every use of those tensors) when it forks again."""
 
     def __init__(self, x: torch.Tensor):
-        on = OPTIONS.overlap and x.is_cuda and use_fast(x) and x.numel() <= OVERLAP_MAX_TOKENS * x.shape[-1]
+        on = OPTIONS.overlap and x.is_cuda and use_fast(x) and x.numel() <= OPTIONS.overlap_tokens * x.shape[-1]
         if on and x.device not in _side_streams:
             _side_streams[x.device] = torch.cuda.Stream(x.device)
         self.stream = _side_streams[x.device] if on else None
