@@ -10,8 +10,7 @@ server adds.
         [--variants "d2-t8192-g2048 d2-t8192-g8192"] [--profile-prefill 256] [--out DIR]
 
 A variant names EngineConfig fields: dF prefill_delay_factor, tN max_num_batched_tokens, gN cuda_graph_max_tokens,
-mN mixed_prefill_tokens; and kernel options (dispatch.KernelOptions, for the engine's capture and its steps): r0
-attends rows mode's prompt rows one by one (runs=False, DSV3_RUNS=0), oN overlaps the shared experts and kv_a_proj
+mN mixed_prefill_tokens; and kernel options (dispatch.KernelOptions, for the engine's capture and its steps): oN overlaps the shared experts and kv_a_proj
 on a side stream up to N tokens (overlap_tokens), fN takes bf16 experts' fused MoE up to N pairs an expert
 (fused_pairs).
 """
@@ -37,7 +36,7 @@ from dsv3.model import DeepseekV3ForCausalLM, init_weights
 
 FIELDS = {"d": ("prefill_delay_factor", float), "t": ("max_num_batched_tokens", int),
           "g": ("cuda_graph_max_tokens", int), "m": ("mixed_prefill_tokens", int)}
-KERNEL_FIELDS = {"r": ("runs", lambda v: v != "0"), "o": ("overlap_tokens", int), "f": ("fused_pairs", int)}
+KERNEL_FIELDS = {"o": ("overlap_tokens", int), "f": ("fused_pairs", int)}
 
 
 def parse_variant(name: str) -> tuple[dict, dict]:

@@ -278,54 +278,6 @@ class Bench:
                                      "us": sec * 1e6, "GBps": nbytes / sec / 1e9, "mode": mode})
                         print(rows[-1], flush=True)
 
-    def rows_layout(self, prompts: int, length: int, decodes: int, decode_ctx: int, heads: int, c: int, r: int,
-                    block_size: int = 16):
-        """A rows-mode mixed step: `prompts` whole prompts of `length` tokens (a row each, its context growing by
-        one), then `decodes` decode rows over decode_ctx tokens; each sequence's blocks shuffled in one pool."""
-        dev, dt = self.device, self.dtype
-        spans = [(0, length)] * prompts + [(decode_ctx - 1, 1)] * decodes
-        width = max(-(-(first + n) // block_size) for first, n in spans)
-        pool = torch.randn(len(spans) * width, block_size, c + r, device=dev).to(dt)
-        tables = torch.randperm(pool.shape[0], device=dev).view(len(spans), width).int()
-        seq_of_row = torch.tensor([s for s, (_, n) in enumerate(spans) for _ in range(n)], device=dev)
-        starts = torch.tensor([0] + [n for _, n in spans], device=dev).cumsum(0)
-        ctx = torch.tensor([p + 1 for first, n in spans for p in range(first, first + n)], dtype=torch.int32, device=dev)
-        q = torch.randn(len(ctx), heads, c, device=dev).to(dt)
-        qr = torch.randn(len(ctx), heads, r, device=dev).to(dt)
-        return q, qr, pool, tables[seq_of_row].contiguous(), ctx, starts[seq_of_row].int()
-
-    def mla_rows(self):
-        """Rows mode's attention for a mixed step: mla_decode (each row alone) against mla_rows (a sequence's
-        rows sharing their cache reads), checked against the reference on the same inputs."""
-        rows = self.results.setdefault("mla_rows", [])
-        s = self.args.smoke
-        c, r = (32, 16) if s else (512, 64)
-        layouts = [(3, 9, 2, 20, 4)] if s else [(57, 128, 256, 200, 16), (8, 512, 256, 200, 16),
-                                               (57, 128, 256, 200, 128), (2, 128, 64, 1000, 16)]
-        for prompts, length, decodes, decode_ctx, heads in layouts:
-            q, qr, pool, tables, ctx, firsts = self.rows_layout(prompts, length, decodes, decode_ctx, heads, c, r)
-            case = dict(heads=heads, layout=f"{prompts}x{length} + {decodes} decoding at {decode_ctx}", rows=len(ctx))
-            flops = 2 * heads * (2 * c + r) * ctx.sum().item()                 # scores and output, each visible key
-            check = torch.randperm(len(ctx), device=self.device)[:64].sort().values   # a sample of rows, in float64
-            ref = reference.mla_decode(q[check].double(), qr[check].double(), pool.double(), tables[check], ctx[check],
-                                       c, 0.1)
-            sweep = [{}] if s else [{}, dict(block_n=64), dict(block_n=16), dict(num_stages=1), dict(num_stages=3),
-                                    dict(num_warps=4)]
-            variants = [("mla_decode", lambda: mla_kernel.mla_decode(q, qr, pool, tables, ctx, c, 0.1))]
-            variants += [(f"mla_rows {kw}" if kw else "mla_rows",
-                          lambda kw=kw: mla_kernel.mla_rows(q, qr, pool, tables, ctx, firsts, c, 0.1, **kw))
-                         for kw in sweep]
-            for name, fn in variants:
-                try:
-                    err = ((fn()[check].double() - ref).norm() / ref.norm()).item()
-                    sec, mode = self.timed([fn])
-                except Exception as e:
-                    rows.append({**case, "variant": name, "error": str(e)[:300]})
-                    continue
-                rows.append({**case, "variant": name, "us": sec * 1e6, "TFLOPs": flops / sec / 1e12, "rel_err": err,
-                             "mode": mode})
-                print(rows[-1], flush=True)
-
     def gemm(self):
         rows = self.results.setdefault("fp8_gemm", [])
         s = self.args.smoke
@@ -495,11 +447,6 @@ class Bench:
                 frac = f"{x['copy_fraction']:.0%}" if x.get("copy_fraction") else ""
                 lines.append(f"| {x['heads']} | {x['batch']} | {x['context']} | {x['variant']} | {x['us']:.1f} | "
                              f"{x['GBps']:.0f} | {frac} |")
-        lines += ["", "## Rows mode's attention in a mixed step (C=512, R=64, block 16): each row alone or by runs", "",
-                  "| H | layout | rows | variant | µs | TFLOP/s (visible keys) | rel err |", "| --- | --- | --- | --- | --- | --- | --- |"]
-        lines += [table_row(x, ["heads", "layout", "rows", "variant"],
-                            lambda x: [f"{x['us']:.1f}", f"{x['TFLOPs']:.0f}", f"{x['rel_err']:.1e}"], width=3)
-                  for x in r.get("mla_rows", [])]
         lines += ["", "## FP8 GEMM (y = x W^T, W e4m3 128x128 blocks)", "",
                   "| M | N | K | method | µs | TFLOP/s | weight GB/s | rel err vs dequantized |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -535,7 +482,7 @@ def main():
     p.add_argument("--commit", default=os.environ.get("DSV3_COMMIT", "unknown"))
     p.add_argument("--budget", type=float, default=300.0, help="seconds; later rows are skipped past it")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (with TRITON_INTERPRET=1)")
-    p.add_argument("--sections", default="environment,correctness,sync_free,mla,mla_rows,gemm,moe,dequant")
+    p.add_argument("--sections", default="environment,correctness,sync_free,mla,gemm,moe,dequant")
     args = p.parse_args()
     bench = Bench(args)
     torch.manual_seed(0)

@@ -103,36 +103,6 @@ def check_mla_decode(gen: torch.Generator) -> dict[str, float]:
     return errors
 
 
-def check_mla_rows(gen: torch.Generator) -> dict[str, float]:
-    """Rows-mode attention (every token its own row) with a sequence's rows adjacent: prompt chunks from position
-    0 and later, decode rows, and padding rows (each its own, context 1 over a block), against each row's own
-    reference.mla_decode."""
-    from dsv3.kernels.mla_decode import mla_rows
-
-    errors = {}
-    # (first position, rows) per sequence: chunks that start and end inside a program's rows and span several
-    spans = [(0, 7), (39, 1), (20, 10), (4, 1), (0, 3), (60, 2)]
-    for name, heads, block_size, dtype, block_n in (("4_heads", 4, 16, torch.float32, 16),
-                                                     ("20_heads", 20, 4, torch.float32, 16),
-                                                     ("float16", 4, 16, torch.float16, None)):
-        lens = [first + n for first, n in spans]
-        cache, tables, _ = paged_cache(gen, lens, block_size, 48, dtype)
-        row_tables = torch.cat([tables[s].expand(n, -1) for s, (_, n) in enumerate(spans)] + [tables[:1]] * 3)
-        ctx = torch.tensor([p + 1 for first, n in spans for p in range(first, first + n)] + [1] * 3, dtype=torch.int32)
-        starts = torch.tensor([0] + [n for _, n in spans]).cumsum(0)
-        firsts = torch.cat([starts[s].repeat(n) for s, (_, n) in enumerate(spans)] + [starts[-1] + torch.arange(3)])
-        q_latent = torch.randn(len(ctx), heads, 32, generator=gen).to(dtype)
-        q_rope = torch.randn(len(ctx), heads, 16, generator=gen).to(dtype)
-        ref = reference.mla_decode(q_latent.double(), q_rope.double(), cache.double(), row_tables, ctx, 32, 0.3)
-        out = mla_rows(q_latent, q_rope, cache, row_tables, ctx, firsts.int(), 32, 0.3, block_n=block_n)
-        errors[f"mla_rows/{name}"] = rel_err(out, ref)
-        if dtype == torch.float16:
-            w_uv = torch.randn(heads, 24, 32, generator=gen).half()
-            out = mla_rows(q_latent, q_rope, cache, row_tables, ctx, firsts.int(), 32, 0.3, w_uv=w_uv)
-            errors["mla_rows/w_uv/float16"] = rel_err(out, reference.per_head(ref, w_uv.double()))
-    return errors
-
-
 def exact_e4m3_activations(gen: torch.Generator, rows: int, cols: int) -> torch.Tensor:
     """Rows of e4m3 values times a power of two, each 128-column block holding a 448: quantizing them is exact."""
     q = torch.randn(rows, cols, generator=gen).mul(40).clamp(-440, 440).to(torch.float8_e4m3fn).float()
@@ -480,24 +450,19 @@ def check_paged_model(gen: torch.Generator) -> dict[str, float]:
     def slots(seq: int, positions) -> list[int]:
         return [int(tables[seq, p // block_size]) * block_size + p % block_size for p in positions]
 
-    def run(model, caches, fast: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Two sequences of 5 and 9 prompt tokens, then one new token each, then a rows-mode step: the first
-        sequence's next token beside the second's next two (their rows sharing reads: first_rows)."""
+    def run(model, caches, fast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two sequences of 5 and 9 prompt tokens, then one new token each."""
         prefill = PagedBatch([0, 5, 14], torch.tensor([5, 9], dtype=torch.int32), tables,
                              torch.tensor(slots(0, range(5)) + slots(1, range(9))), caches)
         decode = PagedBatch([0, 1, 2], torch.tensor([6, 10], dtype=torch.int32), tables,
                             torch.tensor(slots(0, [5]) + slots(1, [9])), caches, decode_only=True)
-        rows = PagedBatch([0, 1, 2, 3], torch.tensor([7, 11, 12], dtype=torch.int32), tables[[0, 1, 1]],
-                          torch.tensor(slots(0, [6]) + slots(1, [10, 11])), caches, decode_only=True,
-                          first_rows=torch.tensor([0, 1, 1], dtype=torch.int32))
         use_fast = dispatch.use_fast
         if fast:
             dispatch.use_fast = lambda t: not (t.requires_grad and torch.is_grad_enabled())
         try:
             with torch.no_grad():
                 return (model.model(ids[:14], torch.tensor([*range(5), *range(9)]), prefill),
-                        model.model(ids[14:], torch.tensor([5, 9]), decode),
-                        model.model(ids[1:4], torch.tensor([6, 10, 11]), rows))
+                        model.model(ids[14:], torch.tensor([5, 9]), decode))
         finally:
             dispatch.use_fast = use_fast
 
@@ -516,7 +481,6 @@ def check_paged_model(gen: torch.Generator) -> dict[str, float]:
         ref, out = run(model, ref_caches, fast=False), run(model, caches, fast=True)
         errors[f"paged_model/{name}/prefill"] = rel_err(out[0], ref[0])
         errors[f"paged_model/{name}/decode"] = rel_err(out[1], ref[1])
-        errors[f"paged_model/{name}/rows_by_runs"] = rel_err(out[2], ref[2])
         errors[f"paged_model/{name}/cache"] = rel_err(torch.stack(caches), torch.stack(ref_caches))
     def one_token(model: DeepseekV3ForCausalLM) -> list[torch.Tensor]:
         """One float16 sequence's 5-token prefill (reference path), then its decode step on the reference path and
@@ -588,7 +552,7 @@ def check_paged_model(gen: torch.Generator) -> dict[str, float]:
 
 def run_checks() -> dict[str, float]:
     gen = torch.Generator().manual_seed(0)
-    return {**check_mla_decode(gen), **check_mla_rows(gen), **check_fp8_gemm(gen), **check_fused_experts(gen), **check_expert_sum(gen),
+    return {**check_mla_decode(gen), **check_fp8_gemm(gen), **check_fused_experts(gen), **check_expert_sum(gen),
             **check_norms_and_elementwise(gen), **check_gemv(gen), **check_mla_rope_and_cache(gen), **check_route(gen),
             **check_expert_blocks(gen), **check_paged_model(gen), **check_step_edges(gen)}
 
@@ -613,7 +577,7 @@ BOUNDS = {"one_token/float16": 5e-3, "float16": 2e-3, "empty_context_abs": 0.0, 
 
 
 @needs_triton
-@pytest.mark.parametrize("kernel", ["mla_decode", "mla_rows", "fp8_linear", "fp8_dequantize", "fused_experts", "expert_sum", "rms_norm",
+@pytest.mark.parametrize("kernel", ["mla_decode", "fp8_linear", "fp8_dequantize", "fused_experts", "expert_sum", "rms_norm",
                                     "silu_mul", "moe_combine", "gemv", "mla_rope_and_cache", "route", "expert_blocks",
                                     "paged_model", "fill_pending", "argmax", "continue_speculation",
                                     "record_speculation"])
@@ -685,10 +649,6 @@ def sm90_cases():
            {"softmax_scale"}, {"C": 512, "R": 64, "BLOCK_H": block_h, "BLOCK_N": block_n, "SPLIT": True,
                                "EARLY_TILE": early})
           for block_h, early, block_n in ((16, True, 64), (16, False, 32), (16, False, 64), (64, False, 32))),
-        *((mla_decode._mla_rows, {**dict.fromkeys(["q_latent", "q_rope", "cache", "out"], "bf16"),
-                                   **dict.fromkeys(["block_tables", "context_lens", "first_rows"], "i32")},
-           {"softmax_scale"}, {"C": 512, "R": 64, "BLOCK_H": block_h, "ROWS": 64 // block_h, "BLOCK_N": block_n})
-          for block_h, block_n in ((16, 32), (16, 64), (64, 32))),
         (mla_decode._mla_decode_merge, {"partial": "fp32", "lse": "fp32", "out": "bf16"}, set(),
          {"C": 512, "SPLITS_POW2": 8}),
     ]

@@ -2,7 +2,7 @@
 
 CUDA tensors take the Triton kernels when Triton is installed; everything else (CPU runs, tests, CI)
 takes the PyTorch path. The switches for A/B runs (DSV3_KERNELS=reference: the PyTorch path everywhere;
-DSV3_OVERLAP=0, DSV3_SHARED_INLINE=0, DSV3_RUNS=0) are read once, into the frozen `OPTIONS`; `configure(...)` replaces it,
+DSV3_OVERLAP=0, DSV3_SHARED_INLINE=0, DSV3_OVERLAP_TOKENS, DSV3_FUSED_PAIRS) are read once, into the frozen `OPTIONS`; `configure(...)` replaces it,
 `using(...)` for the length of a `with` block.
 
 The deterministic mode (`KernelOptions.deterministic`, the engine's `--deterministic`) makes every row's result
@@ -46,9 +46,6 @@ class KernelOptions:
     # and computes the reference's function. Both measured alike on an H100 in decode
     # (bench/results/2026-11-22-NVIDIA-H100-80GB-HBM3-kernels.md); torch._scaled_mm quantizes them too.
     quantize_activations: bool = True
-    # Rows mode's prompt rows attend in runs of a sequence's rows that share their cache reads (mla_rows), where
-    # the engine marks them (PagedBatch.first_rows); False: each row alone, as a decode row (DSV3_RUNS=0).
-    runs: bool = True
     # Batch-invariant results (the module docstring): each row's values do not depend on what else is in its
     # batch. The engine sets it around its forwards (EngineConfig.deterministic), CUDA graph capture included.
     deterministic: bool = False
@@ -61,7 +58,6 @@ class KernelOptions:
     def from_env(cls) -> KernelOptions:
         return cls(kernels=os.environ.get("DSV3_KERNELS", "auto"), overlap=os.environ.get("DSV3_OVERLAP", "1") != "0",
                    shared_inline=os.environ.get("DSV3_SHARED_INLINE", "1") != "0",
-                   runs=os.environ.get("DSV3_RUNS", "1") != "0",
                    overlap_tokens=int(os.environ.get("DSV3_OVERLAP_TOKENS", "256")),
                    fused_pairs=int(os.environ.get("DSV3_FUSED_PAIRS", "32")))
 
@@ -196,10 +192,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor) -
 
 def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch.Tensor, block_tables: torch.Tensor,
                context_lens: torch.Tensor, kv_lora_rank: int, softmax_scale: float,
-               w_uv: torch.Tensor | None = None, first_rows: torch.Tensor | None = None) -> torch.Tensor:
+               w_uv: torch.Tensor | None = None) -> torch.Tensor:
     """Attention over the latent cache, (S, H, C); given w_uv (H, v, C), projected per head: (S, H, v).
-    first_rows (rows mode's prompt rows, PagedBatch.first_rows): the same function, a sequence's rows sharing
-    their cache reads on the GPU (mla_decode_kernel.mla_rows).
     Deterministic: a fixed number of KV splits merged in a fixed order (mla_decode_kernel.DETERMINISTIC_SPLITS),
     each row over exactly its own context on the CPU, and W_UV through per_head's fixed GEMM."""
     if OPTIONS.deterministic:
@@ -212,9 +206,6 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch
 
             out = _by_row(one, q_latent, q_rope, block_tables, context_lens)
         return out if w_uv is None else per_head(out, w_uv)
-    if use_triton(q_latent) and first_rows is not None and OPTIONS.runs:
-        return mla_decode_kernel.mla_rows(q_latent, q_rope, latent_cache, block_tables, context_lens, first_rows,
-                                          kv_lora_rank, softmax_scale, w_uv=w_uv)
     if use_triton(q_latent):
         return mla_decode_kernel.mla_decode(q_latent, q_rope, latent_cache, block_tables, context_lens,
                                             kv_lora_rank, softmax_scale, w_uv=w_uv)

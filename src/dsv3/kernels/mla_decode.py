@@ -148,58 +148,6 @@ def _mla_decode_merge(partial, lse, out, num_splits, stride_pb, stride_ph, strid
     tl.store(out + seq * stride_ob + head * stride_oh + c, (acc / tl.where(total > 0, total, 1.0)).to(out.dtype.element_ty))
 
 
-@triton.jit
-def _mla_rows(q_latent, q_rope, cache, block_tables, context_lens, first_rows, out, softmax_scale,  # scale * log2(e)
-              num_rows, num_heads, block_size,
-              stride_qb, stride_qh, stride_rb, stride_rh, stride_cache_block, stride_cache_token,
-              stride_table, stride_ob, stride_oh,
-              C: tl.constexpr, R: tl.constexpr, BLOCK_H: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-              USE_GDC: tl.constexpr):
-    """A program a row and head block; the row's program works if the row starts a run of ROWS rows of its
-    sequence (first_rows: each row's sequence's first row), and attends that run's rows x BLOCK_H heads as one
-    tile of ROWS * BLOCK_H queries, each row masked to its own context: every cache tile is read once for the
-    run. The other programs return at once."""
-    pdl.start(USE_GDC)
-    head_block, lead = tl.program_id(0), tl.program_id(1)
-    own = tl.load(first_rows + lead)
-    if (lead - own) % ROWS == 0:
-        i = tl.arange(0, ROWS * BLOCK_H)
-        row = lead + i // BLOCK_H
-        head = head_block * BLOCK_H + i % BLOCK_H
-        in_run = tl.load(first_rows + row, mask=row < num_rows, other=-1) == own
-        ok = tl.where(in_run, head < num_heads, False)
-        c, r = tl.arange(0, C), tl.arange(0, R)
-        kv_dtype = cache.dtype.element_ty
-        ctx = tl.load(context_lens + row, mask=in_run, other=0)            # each query's own context
-        q = tl.load(q_latent + row[:, None] * stride_qb + head[:, None] * stride_qh + c[None, :],
-                    mask=ok[:, None], other=0.0).to(kv_dtype)               # (ROWS * BLOCK_H, C)
-        q_pe = tl.load(q_rope + row[:, None] * stride_rb + head[:, None] * stride_rh + r[None, :],
-                       mask=ok[:, None], other=0.0).to(kv_dtype)            # (ROWS * BLOCK_H, R)
-        m = tl.full([ROWS * BLOCK_H], float("-inf"), tl.float32)
-        l = tl.zeros([ROWS * BLOCK_H], tl.float32)
-        acc = tl.zeros([ROWS * BLOCK_H, C], tl.float32)
-        end = tl.max(ctx, 0)                                                # the run's longest context
-        for n0 in range(0, end, BLOCK_N):
-            tok = n0 + tl.arange(0, BLOCK_N)
-            tok_ok = tok < end
-            page = tl.load(block_tables + lead * stride_table + tok // block_size, mask=tok_ok, other=0)
-            at = cache + page.to(tl.int64) * stride_cache_block + (tok % block_size) * stride_cache_token
-            latent = tl.load(at[:, None] + c[None, :], mask=tok_ok[:, None], other=0.0)      # (BLOCK_N, C)
-            k_pe = tl.load(at[:, None] + C + r[None, :], mask=tok_ok[:, None], other=0.0)    # (BLOCK_N, R)
-            s = tl.dot(q, tl.trans(latent)) + tl.dot(q_pe, tl.trans(k_pe))
-            s = tl.where(tok[None, :] < ctx[:, None], s * softmax_scale, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)            # a query that sees nothing yet
-            alpha = tl.exp2(m - shift)
-            p = tl.exp2(s - shift[:, None])
-            l = l * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(latent.dtype), latent)
-            m = m_new
-        result = acc / tl.where(l > 0, l, 1.0)[:, None]
-        tl.store(out + row[:, None] * stride_ob + head[:, None] * stride_oh + c[None, :],
-                 result.to(out.dtype.element_ty), mask=ok[:, None])
-
-
 @functools.lru_cache(maxsize=None)
 def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
@@ -307,36 +255,3 @@ def mla_decode_fixed(q_latent: torch.Tensor, q_rope: torch.Tensor, latent_cache:
     values as when it is decoded."""
     return mla_decode(q_latent, q_rope, latent_cache, block_tables, context_lens, kv_lora_rank, softmax_scale,
                       num_splits=DETERMINISTIC_SPLITS, block_n=32, num_stages=2, early_tile=False)
-
-
-def mla_rows(q_latent: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch.Tensor, block_tables: torch.Tensor,
-             context_lens: torch.Tensor, first_rows: torch.Tensor, kv_lora_rank: int, softmax_scale: float, *,
-             block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-             w_uv: torch.Tensor | None = None) -> torch.Tensor:
-    """reference.mla_decode of attention rows where those of one sequence are adjacent, first_rows ((N,) int32)
-    giving each row its sequence's first row: a rows-mode step's prompt tokens, each over its own context.
-    mla_decode reads each row's context alone, in 16-query tiles (a 128-token prompt's cache tiles are read once
-    for each of its tokens); here runs of a sequence's rows share the reads, 64 queries a tile (ROWS rows x
-    BLOCK_H heads). A decode row (a run of one) reads as in mla_decode, in one split. Given w_uv, projected per
-    head as mla_decode does. 64-token tiles (bench/kernels.py mla_rows, H200, 16 heads): 57 prompts of 128 tokens
-    beside 256 decode rows at 200 took 287 us against 308 for 32-token tiles and 326 for mla_decode."""
-    rows, heads, c = q_latent.shape
-    r = q_rope.shape[-1]
-    if c != kv_lora_rank or latent_cache.shape[-1] != c + r or first_rows.shape != (rows,):
-        raise ValueError(f"mla_rows: q_latent {tuple(q_latent.shape)}, q_rope {tuple(q_rope.shape)}, cache rows of "
-                         f"{latent_cache.shape[-1]} values and first_rows {tuple(first_rows.shape)} do not match "
-                         f"(kv_lora_rank={kv_lora_rank})")
-    q_latent = q_latent if q_latent.stride(-1) == 1 else q_latent.contiguous()
-    q_rope = q_rope if q_rope.stride(-1) == 1 else q_rope.contiguous()
-    block_h = min(64, max(16, triton.next_power_of_2(heads)))
-    out = torch.empty(rows, heads, c, dtype=q_latent.dtype, device=q_latent.device)
-    _mla_rows[(triton.cdiv(heads, block_h), rows)](
-        q_latent, q_rope, latent_cache, block_tables, context_lens, first_rows, out, softmax_scale * LOG2_E,
-        rows, heads, latent_cache.shape[1],
-        q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1),
-        latent_cache.stride(0), latent_cache.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
-        C=c, R=r, BLOCK_H=block_h, ROWS=64 // block_h, BLOCK_N=block_n or 64, num_warps=num_warps or 8,
-        num_stages=num_stages or 2, **pdl.launch(q_latent))
-    if w_uv is None:
-        return out
-    return gemv.per_head(out, w_uv) if gemv.applies(q_latent, w_uv) else reference.per_head(out, w_uv)

@@ -41,9 +41,6 @@ class PagedBatch:
     latent_caches: list[torch.Tensor]  # per layer: (num_blocks, block_size, kv_lora_rank + rope)
     decode_only: bool = False        # every sequence brings exactly one token: the absorbed path
     context_lens_host: list[int] | None = None  # context_lens on the host, when the engine has them
-    # A rows-mode step's prompt rows: each attention row's sequence's first row, so that a sequence's rows share
-    # their reads of its cache (kernels/mla_decode.mla_rows); None: each row attends alone.
-    first_rows: torch.Tensor | None = None
 
     def host_context_lens(self) -> list[int]:
         """context_lens as a list, read from the device at most once per batch (a read waits for the GPU)."""
@@ -258,7 +255,7 @@ class MLA(nn.Module):
         q_latent = dispatch.per_head(q_nope, w_uk.to(q_nope.dtype).transpose(1, 2))  # (S, H, C)
         return dispatch.mla_decode(q_latent, q_pe, batch.latent_caches[self.layer_idx], batch.block_tables,
                                    batch.context_lens, self.kv_lora_rank, self.softmax_scale,
-                                   w_uv=w_uv.to(q_latent.dtype), first_rows=batch.first_rows)  # (S, H, v)
+                                   w_uv=w_uv.to(q_latent.dtype))                   # (S, H, v)
 
     def absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
                  causal_offset: int = 0) -> torch.Tensor:
