@@ -228,6 +228,23 @@ def test_a_graph_steps_inputs_land_in_its_static_buffer(model):
     assert eager.graph_size == 0 and eager.ids.tolist() == [11, -1] and eager.buffer.data_ptr() != dest.data_ptr()
 
 
+def test_rows_mode_steps_beyond_a_decode_step_mark_their_prompts(model):
+    """A rows-mode step of more rows than a decode step holds prompt rows: each row carries its sequence's first
+    row, so that the rows of prompts that start in the step attend expanded (MLA.rows_attention); a step within
+    a decode step's rows, and every step of the deterministic mode, attend every row absorbed."""
+    from types import SimpleNamespace
+
+    prompt = ScheduledItem(SimpleNamespace(block_table=[3, 7]), 0, [5, 6, 7], 1)
+    decoding = ScheduledItem(SimpleNamespace(block_table=[2]), 2, [9], 1)
+    runner = LLMEngine(model, None, num_blocks=64, block_size=4, max_model_len=32, max_num_seqs=2).runner
+    step = runner.pack([prompt, decoding], rows_mode=True, graph=False)
+    assert step.batch.first_rows.tolist() == [0, 0, 0, 3] and step.batch.context_lens.tolist() == [1, 2, 3, 3]
+    assert runner.pack([decoding, decoding], rows_mode=True, graph=False).batch.first_rows is None
+    assert runner.pack([prompt, decoding], rows_mode=False, graph=False).batch.first_rows is None
+    fixed = LLMEngine(model, None, num_blocks=64, block_size=4, max_model_len=32, max_num_seqs=2, deterministic=True)
+    assert fixed.runner.pack([prompt, decoding], rows_mode=True, graph=False).batch.first_rows is None
+
+
 def test_admission_delay_holds_prompts_to_prefill_them_together():
     """prefill_delay_factor: while sequences run, a waiting prompt is held until the oldest waiting one has
     waited that many times the last prefilling step; never when nothing runs, nor once the budget is full."""

@@ -103,6 +103,31 @@ def check_mla_decode(gen: torch.Generator) -> dict[str, float]:
     return errors
 
 
+def check_prompt_attention(gen: torch.Generator) -> dict[str, float]:
+    """A rows-mode step's fresh prompts in the expanded form: prompts that start and end inside a block of rows
+    and span blocks, beside rows that are not fresh (a decode row, a later chunk: left as they were) and padding
+    rows (each its own one-row prompt)."""
+    from dsv3.kernels.mla_prompt import prompt_attention
+
+    errors = {}
+    spans = [(0, 7, True), (39, 1, False), (0, 20, True), (20, 3, False), (0, 1, True), (0, 1, True)]
+    first_rows = torch.cat([torch.full((n,), sum(m for _, m, _ in spans[:s])) for s, (_, n, _) in enumerate(spans)])
+    fresh = torch.cat([torch.full((n,), f) for _, n, f in spans])
+    rows, heads = len(first_rows), 3
+    for name, dtype, block in (("float32", torch.float32, 16), ("float16", torch.float16, 16),
+                               ("one_tile", torch.float32, 64)):
+        q_nope, k_nope = (torch.randn(rows, heads, 32, generator=gen).to(dtype) for _ in range(2))
+        v = torch.randn(rows, heads, 24, generator=gen).to(dtype)                  # masked to 24 of a 32-wide tile
+        q_pe, k_pe = torch.randn(rows, heads, 16, generator=gen).to(dtype), torch.randn(rows, 16, generator=gen).to(dtype)
+        kept = torch.randn(rows, heads, 24, generator=gen).to(dtype)
+        ref = reference.prompt_attention(q_nope.double(), q_pe.double(), k_nope.double(), k_pe.double(), v.double(),
+                                         first_rows, fresh, 0.3, kept.double().clone())
+        out = prompt_attention(q_nope, q_pe, k_nope, k_pe, v, first_rows.int(), fresh, 0.3, kept.clone(),
+                               block_m=block, block_n=block)
+        errors[f"prompt_attention/{name}"] = rel_err(out, ref)
+    return errors
+
+
 def exact_e4m3_activations(gen: torch.Generator, rows: int, cols: int) -> torch.Tensor:
     """Rows of e4m3 values times a power of two, each 128-column block holding a 448: quantizing them is exact."""
     q = torch.randn(rows, cols, generator=gen).mul(40).clamp(-440, 440).to(torch.float8_e4m3fn).float()
@@ -450,19 +475,26 @@ def check_paged_model(gen: torch.Generator) -> dict[str, float]:
     def slots(seq: int, positions) -> list[int]:
         return [int(tables[seq, p // block_size]) * block_size + p % block_size for p in positions]
 
-    def run(model, caches, fast: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two sequences of 5 and 9 prompt tokens, then one new token each."""
+    def run(model, caches, fast: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Two sequences of 5 and 9 prompt tokens, then one new token each, then a rows-mode step: the first
+        sequence's next token, the second's next two, and a fresh 3-token prompt in block 8 (expanded)."""
         prefill = PagedBatch([0, 5, 14], torch.tensor([5, 9], dtype=torch.int32), tables,
                              torch.tensor(slots(0, range(5)) + slots(1, range(9))), caches)
         decode = PagedBatch([0, 1, 2], torch.tensor([6, 10], dtype=torch.int32), tables,
                             torch.tensor(slots(0, [5]) + slots(1, [9])), caches, decode_only=True)
+        third = torch.tensor([[8, 8, 8]], dtype=tables.dtype)
+        rows = PagedBatch(list(range(7)), torch.tensor([7, 11, 12, 1, 2, 3], dtype=torch.int32),
+                          torch.cat([tables[[0, 1, 1]], third.expand(3, -1)]),
+                          torch.tensor(slots(0, [6]) + slots(1, [10, 11]) + [32, 33, 34]), caches, decode_only=True,
+                          first_rows=torch.tensor([0, 1, 1, 3, 3, 3], dtype=torch.int32))
         use_fast = dispatch.use_fast
         if fast:
             dispatch.use_fast = lambda t: not (t.requires_grad and torch.is_grad_enabled())
         try:
             with torch.no_grad():
                 return (model.model(ids[:14], torch.tensor([*range(5), *range(9)]), prefill),
-                        model.model(ids[14:], torch.tensor([5, 9]), decode))
+                        model.model(ids[14:], torch.tensor([5, 9]), decode),
+                        model.model(ids[1:7], torch.tensor([6, 10, 11, 0, 1, 2]), rows))
         finally:
             dispatch.use_fast = use_fast
 
@@ -476,11 +508,12 @@ def check_paged_model(gen: torch.Generator) -> dict[str, float]:
         model = DeepseekV3ForCausalLM(cfg, dtype=torch.float32).eval()
         init_weights(model, 0.2)
         random_bias(model)
-        caches = [torch.zeros(8, block_size, cfg.latent_dim) for _ in model.model.layers]
+        caches = [torch.zeros(9, block_size, cfg.latent_dim) for _ in model.model.layers]
         ref_caches = [c.clone() for c in caches]
         ref, out = run(model, ref_caches, fast=False), run(model, caches, fast=True)
         errors[f"paged_model/{name}/prefill"] = rel_err(out[0], ref[0])
         errors[f"paged_model/{name}/decode"] = rel_err(out[1], ref[1])
+        errors[f"paged_model/{name}/rows_expanded"] = rel_err(out[2], ref[2])
         errors[f"paged_model/{name}/cache"] = rel_err(torch.stack(caches), torch.stack(ref_caches))
     def one_token(model: DeepseekV3ForCausalLM) -> list[torch.Tensor]:
         """One float16 sequence's 5-token prefill (reference path), then its decode step on the reference path and
@@ -552,7 +585,7 @@ def check_paged_model(gen: torch.Generator) -> dict[str, float]:
 
 def run_checks() -> dict[str, float]:
     gen = torch.Generator().manual_seed(0)
-    return {**check_mla_decode(gen), **check_fp8_gemm(gen), **check_fused_experts(gen), **check_expert_sum(gen),
+    return {**check_mla_decode(gen), **check_prompt_attention(gen), **check_fp8_gemm(gen), **check_fused_experts(gen), **check_expert_sum(gen),
             **check_norms_and_elementwise(gen), **check_gemv(gen), **check_mla_rope_and_cache(gen), **check_route(gen),
             **check_expert_blocks(gen), **check_paged_model(gen), **check_step_edges(gen)}
 
@@ -577,7 +610,7 @@ BOUNDS = {"one_token/float16": 5e-3, "float16": 2e-3, "empty_context_abs": 0.0, 
 
 
 @needs_triton
-@pytest.mark.parametrize("kernel", ["mla_decode", "fp8_linear", "fp8_dequantize", "fused_experts", "expert_sum", "rms_norm",
+@pytest.mark.parametrize("kernel", ["mla_decode", "prompt_attention", "fp8_linear", "fp8_dequantize", "fused_experts", "expert_sum", "rms_norm",
                                     "silu_mul", "moe_combine", "gemv", "mla_rope_and_cache", "route", "expert_blocks",
                                     "paged_model", "fill_pending", "argmax", "continue_speculation",
                                     "record_speculation"])
@@ -592,7 +625,7 @@ def test_triton_kernel_matches_reference(interpreted, kernel):
 
 def sm90_cases():
     """(kernel, its pointer arguments' element types, its float arguments, constexprs) at the model's shapes."""
-    from dsv3.kernels import fp8_gemm, gemv, glue, mla_decode, moe
+    from dsv3.kernels import fp8_gemm, gemv, glue, mla_decode, mla_prompt, moe
 
     bf16 = dict.fromkeys(["x", "residual", "weight", "out", "summed"], "bf16")
     cases = [
@@ -649,6 +682,9 @@ def sm90_cases():
            {"softmax_scale"}, {"C": 512, "R": 64, "BLOCK_H": block_h, "BLOCK_N": block_n, "SPLIT": True,
                                "EARLY_TILE": early})
           for block_h, early, block_n in ((16, True, 64), (16, False, 32), (16, False, 64), (64, False, 32))),
+        (mla_prompt._prompt_attention, {**dict.fromkeys(["q_nope", "q_pe", "k_nope", "k_pe", "v", "out"], "bf16"),
+                                        "first_rows": "i32", "fresh": "i1"},
+         {"softmax_scale"}, {"NOPE": 128, "ROPE": 64, "V": 128, "BLOCK_M": 64, "BLOCK_N": 64}),
         (mla_decode._mla_decode_merge, {"partial": "fp32", "lse": "fp32", "out": "bf16"}, set(),
          {"C": 512, "SPLITS_POW2": 8}),
     ]

@@ -209,3 +209,52 @@ def test_mixed_step_equals_full_forward(overrides):
         err = relative_error(full, torch.stack([logits[i], nxt[i]]))
         print(f"mixed step vs full, sequence {i}: {err:.2e}")
         assert err < 1e-5
+
+
+def rows_step(model, caches, tables, ids_per_seq, starts_per_seq, block_size, expand: bool):
+    """paged_step in rows mode (a CUDA graph's layout): every token its own attention row over its own context;
+    expand: the rows carry their sequence's first row (PagedBatch.first_rows), so that fresh prompts attend
+    expanded (MLA.rows_attention)."""
+    ids, positions, slots, row_tables, context_lens, first_rows, last_rows = [], [], [], [], [], [], []
+    for seq_ids, start, table in zip(ids_per_seq, starts_per_seq, tables):
+        first = len(ids)
+        for p in range(start, start + len(seq_ids)):
+            positions.append(p)
+            slots.append(table[p // block_size] * block_size + p % block_size)
+            row_tables.append(table)
+            context_lens.append(p + 1)
+            first_rows.append(first)
+        ids += seq_ids
+        last_rows.append(len(ids) - 1)
+    batch = PagedBatch(list(range(len(ids) + 1)), torch.tensor(context_lens, dtype=torch.int32),
+                       torch.tensor(row_tables), torch.tensor(slots), caches, decode_only=True,
+                       first_rows=torch.tensor(first_rows, dtype=torch.int32) if expand else None)
+    with torch.no_grad():
+        hidden = model.model(torch.tensor(ids), torch.tensor(positions), batch)
+        return model.logits(hidden[last_rows])
+
+
+@pytest.mark.parametrize("overrides,expand", [({}, True), ({}, False),
+                                              ({"q_lora_rank": None, "rope_scaling": YARN}, True)])
+def test_rows_mode_mixed_step_equals_full_forward(overrides, expand):
+    """The mixed step of test_mixed_step_equals_full_forward in rows mode: decoding sequences, fresh prompts (the
+    expanded form's rows when expand) and a later chunk (absorbed either way) in one flat batch of rows; each
+    sequence's logits are those of one full forward."""
+    model = random_model(**overrides)
+    block_size, n = 4, 5
+    seqs = [torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(s)).tolist() for s in range(n)]
+    caches = [torch.zeros(32, block_size, model.config.latent_dim) for _ in model.model.layers]
+    tables = [[5 * s + b for b in range(5)] for s in range(n)]
+    paged_step(model, caches, [tables[0], tables[1], tables[4]], [seqs[0][:6], seqs[1][:5], seqs[4][:3]],
+               [0, 0, 0], block_size)
+    chunks = [(6, 7), (5, 6), (0, 7), (0, 4), (3, 8)]    # per sequence, as in test_mixed_step_equals_full_forward
+    order = [0, 2, 1, 3, 4]                               # a decode row first, a fresh prompt straight after it
+    chunks = [chunks[i] for i in order]
+    logits = rows_step(model, caches, [tables[i] for i in order], [seqs[i][a:b] for i, (a, b) in zip(order, chunks)],
+                       [a for a, _ in chunks], block_size, expand)
+    for k, (i, (_, b)) in enumerate(zip(order, chunks)):
+        with torch.no_grad():
+            full = model(torch.tensor([seqs[i][:b]]))[0, -1]
+        err = relative_error(full, logits[k])
+        print(f"rows-mode mixed step vs full, sequence {i}: {err:.2e}")
+        assert err < 1e-5

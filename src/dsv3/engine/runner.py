@@ -70,7 +70,8 @@ class Fields:
         n, a = self.n, self.a
         return [("ids", torch.int64, (n,)), ("positions", torch.int64, (n,)), ("slots", torch.int64, (n,)),
                 ("sources", torch.int64, (n,)), ("continues", torch.int64, (n,)), ("rows", torch.int64, (self.r,)),
-                ("context_lens", torch.int32, (a,)), ("tables", torch.int32, (a, self.w))]
+                ("context_lens", torch.int32, (a,)), ("tables", torch.int32, (a, self.w)),
+                ("first_rows", torch.int32, (a,))]
 
     @property
     def nbytes(self) -> int:
@@ -164,6 +165,7 @@ class ModelRunner:
         moves its last drafts + 1 rows, packed as if that step's drafts were rejected: `continue_speculation`).
         """
         ids, positions, slots, starts, context_lens, tables, rows, fill, cont = [], [], [], [0], [], [], [], [], []
+        first_rows = []
         for k, (seq, first, tokens, keep) in enumerate(items):
             n = len(tokens)
             ids += tokens
@@ -176,9 +178,11 @@ class ModelRunner:
             if rows_mode:
                 context_lens += [p + 1 for p in span]
                 tables.append((seq.block_table, n))
+                first_rows += [starts[-1]] * n
             else:
                 context_lens.append(first + n)
                 tables.append((seq.block_table, 1))
+                first_rows.append(k)
             rows += range(starts[-1] + n - keep, starts[-1] + n)
             starts.append(starts[-1] + n)
         graphs = self.draft_graphs if greedy_draft else self.graphs
@@ -188,18 +192,28 @@ class ModelRunner:
             ids, positions, fill, cont = ids + [0] * pad, positions + [0] * pad, fill + [-1] * pad, cont + [-1] * pad
             slots += [self.scratch_block * self.block_size] * pad
             context_lens += [1] * pad
+            first_rows += range(len(first_rows), len(first_rows) + pad)
             fields = self.graph_fields(graph_size)
         else:
             fields = Fields(len(ids), len(rows), len(context_lens), max(len(item.seq.block_table) for item in items))
         values = dict(ids=ids, positions=positions, slots=slots, sources=fill, continues=cont, rows=rows,
-                      context_lens=context_lens, tables=tables)
+                      context_lens=context_lens, tables=tables, first_rows=first_rows)
         step = self.stage(fields, values, self.static[graph_size][0].buffer if graph_size else None)
+        if not self.expands_prompts(rows_mode, fields.n):
+            step.batch.first_rows = None
         step.batch.query_starts, step.batch.decode_only = starts, rows_mode
         step.batch.context_lens_host = None if rows_mode else context_lens
         step.rows, step.graph_size, step.greedy_draft = step.rows[:len(rows)], graph_size, greedy_draft
         step.fills, step.rows_prefix = max(fill) >= 0, rows == list(range(len(rows)))
         step.continuing = max(cont) >= 0
         return step
+
+    def expands_prompts(self, rows_mode: bool, rows: int) -> bool:
+        """Whether a step's fresh prompt rows attend in the expanded form (MLA.rows_attention, which reads
+        first_rows): rows-mode steps of more rows than a decode step has, which then hold prompt rows (a graph
+        captured at that size keeps the choice); not in the deterministic mode, where a prompt token takes a
+        decoded one's path."""
+        return rows_mode and not self.deterministic and rows > self.max_kept
 
     def graph_fields(self, size: int) -> Fields:
         return Fields(size, min(size, self.max_kept), size, self.max_blocks)
@@ -213,6 +227,7 @@ class ModelRunner:
         for name in ("ids", "positions", "slots", "sources", "context_lens"):
             views[name].numpy()[:] = values[name]
         views["continues"].numpy()[:] = values.get("continues", -1)  # (none given: no row continues)
+        views["first_rows"].numpy()[:] = values.get("first_rows", range(fields.a))  # (none given: each its own)
         kept = views["rows"].numpy()
         kept[:] = 0
         kept[:len(values["rows"])] = values["rows"]
@@ -232,7 +247,8 @@ class ModelRunner:
     def as_step(self, fields: Fields, buffer: torch.Tensor, starts: list[int]) -> StepInputs:
         v = fields.views(buffer)
         batch = PagedBatch(query_starts=starts, context_lens=v["context_lens"], block_tables=v["tables"],
-                           slot_mapping=v["slots"], latent_caches=self.latent_caches, decode_only=True)
+                           slot_mapping=v["slots"], latent_caches=self.latent_caches, decode_only=True,
+                           first_rows=v["first_rows"])
         return StepInputs(v["ids"], v["positions"], batch, v["rows"], sources=v["sources"], rows_prefix=True,
                           continues=v["continues"], fields=fields, buffer=buffer)
 
@@ -415,6 +431,8 @@ class ModelRunner:
                           sources=[-1] * size, rows=list(range(fields.r)), context_lens=[1] * size, tables=[])
             static = self.stage(fields, values, torch.empty(fields.nbytes, dtype=torch.uint8, device=self.device))
             static.graph_size, static.drafts = size, self.drafts
+            if not self.expands_prompts(True, size):
+                static.batch.first_rows = None
 
             def forward():
                 hidden = self.model.model(self.fill_pending(static.ids, static.sources), static.positions, static.batch)
@@ -485,6 +503,8 @@ class ModelRunner:
         step = self.as_step(fields, buffer, starts.tolist())
         step.rows, step.graph_size, step.mtp_depth, step.hidden_rows = step.rows[:kept], graph_size, depth, hidden_rows
         step.batch.decode_only, step.greedy_draft, step.rows_prefix = bool(decode_only), bool(draft), bool(rows_prefix)
+        if not self.expands_prompts(step.batch.decode_only, graph_size or n):
+            step.batch.first_rows = None
         step.drafts = drafts
         return step
 

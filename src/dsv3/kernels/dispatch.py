@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from dsv3.kernels import reference, scaled_mm
 
 if importlib.util.find_spec("triton") is not None:
-    from dsv3.kernels import fp8_gemm, gemv, glue, mla_decode as mla_decode_kernel, moe as moe_kernel
+    from dsv3.kernels import fp8_gemm, gemv, glue, mla_decode as mla_decode_kernel, mla_prompt, moe as moe_kernel
 else:
-    fp8_gemm = gemv = glue = mla_decode_kernel = moe_kernel = None
+    fp8_gemm = gemv = glue = mla_decode_kernel = mla_prompt = moe_kernel = None
 
 @dataclass(frozen=True)
 class KernelOptions:
@@ -212,6 +212,15 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch
     out = reference.mla_decode(q_latent, q_rope, latent_cache, block_tables, context_lens, kv_lora_rank,
                                softmax_scale)
     return out if w_uv is None else reference.per_head(out, w_uv)
+
+
+def prompt_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor,
+                     v: torch.Tensor, first_rows: torch.Tensor, fresh: torch.Tensor, softmax_scale: float,
+                     out: torch.Tensor) -> torch.Tensor:
+    """The expanded attention of a rows-mode step's fresh prompt rows, into out (reference.prompt_attention)."""
+    if use_triton(q_nope):
+        return mla_prompt.prompt_attention(q_nope, q_pe, k_nope, k_pe, v, first_rows, fresh, softmax_scale, out)
+    return reference.prompt_attention(q_nope, q_pe, k_nope, k_pe, v, first_rows, fresh, softmax_scale, out)
 
 
 def _grouped_mm_aligned(x: torch.Tensor, weights: torch.Tensor) -> bool:

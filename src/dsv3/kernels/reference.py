@@ -98,6 +98,24 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch
     return torch.einsum("bhs,bsc->bhc", probs, kv[..., :kv_lora_rank]).to(q_latent.dtype)
 
 
+def prompt_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor,
+                     v: torch.Tensor, first_rows: torch.Tensor, fresh: torch.Tensor, softmax_scale: float,
+                     out: torch.Tensor) -> torch.Tensor:
+    """Expanded MLA for the rows of whole prompts in a flat step of N rows, one token a row: a fresh row r (its
+    prompt's first row in the step is at position 0) attends the rows first_rows[r]..r, which are its whole
+    context. q_nope (N, H, nope), q_pe (N, H, rope) rotated, keys k_nope (N, H, nope) and k_pe (N, rope) (one rope
+    key for all heads), values v (N, H, v). Writes out[r] (N, H, v) for the fresh rows, leaves the others; returns
+    out. float32 accumulation."""
+    rows = torch.arange(q_nope.shape[0], device=q_nope.device)
+    visible = (rows[None, :] >= first_rows[:, None]) & (rows[None, :] <= rows[:, None]) & fresh[:, None]   # (N, N)
+    scores = (torch.einsum("rhd,jhd->hrj", q_nope.float(), k_nope.float())
+              + torch.einsum("rhd,jd->hrj", q_pe.float(), k_pe.float()))
+    probs = scores.mul(softmax_scale).masked_fill(~visible, float("-inf")).softmax(-1).nan_to_num()
+    result = torch.einsum("hrj,jhv->rhv", probs, v.float()).to(out.dtype)
+    out[fresh] = result[fresh]
+    return out
+
+
 def routed_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
                    gate_up: torch.Tensor, gate_up_scale: torch.Tensor | None,
                    down: torch.Tensor, down_scale: torch.Tensor | None) -> torch.Tensor:

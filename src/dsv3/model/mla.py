@@ -41,12 +41,24 @@ class PagedBatch:
     latent_caches: list[torch.Tensor]  # per layer: (num_blocks, block_size, kv_lora_rank + rope)
     decode_only: bool = False        # every sequence brings exactly one token: the absorbed path
     context_lens_host: list[int] | None = None  # context_lens on the host, when the engine has them
+    # Rows mode with prompt rows: each attention row's sequence's first row in the step. The rows of a prompt that
+    # starts in the step then attend in the expanded form (MLA.rows_attention); None: every row absorbed.
+    first_rows: torch.Tensor | None = None
 
     def host_context_lens(self) -> list[int]:
         """context_lens as a list, read from the device at most once per batch (a read waits for the GPU)."""
         if self.context_lens_host is None:
             self.context_lens_host = self.context_lens.tolist()
         return self.context_lens_host
+
+    def fresh(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """With first_rows: which rows are fresh (their prompt's first row in the step is at position 0, so their
+        whole context is in the step), and the contexts the absorbed attention takes (0 for the fresh rows). Made
+        on the device once per step (inside a graph's capture too)."""
+        if not hasattr(self, "_fresh"):
+            fresh = self.context_lens[self.first_rows.long()] == 1
+            self._fresh = fresh, torch.where(fresh, 0, self.context_lens)
+        return self._fresh
 
     def plan(self) -> PrefillPlan:
         """How a step that is not decode-only splits, made once per step (every layer splits the same way)."""
@@ -155,8 +167,12 @@ class MLA(nn.Module):
             q_pe = dispatch.mla_rope_and_cache(q_pe, kv, rope, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps,
                                                batch.latent_caches[self.layer_idx], batch.slot_mapping,
                                                self.interleaved)
-            out = self.absorbed_decode(q_nope, q_pe, batch) if batch.decode_only else self.paged_prefill(
-                q_nope, q_pe, batch)
+            if not batch.decode_only:
+                out = self.paged_prefill(q_nope, q_pe, batch)
+            elif batch.first_rows is not None:
+                out = self.rows_attention(q_nope, q_pe, batch)
+            else:
+                out = self.absorbed_decode(q_nope, q_pe, batch)
         return self.o_proj(out.flatten(-2))
 
     # ---- expanded form ---------------------------------------------------------------------------
@@ -256,6 +272,25 @@ class MLA(nn.Module):
         return dispatch.mla_decode(q_latent, q_pe, batch.latent_caches[self.layer_idx], batch.block_tables,
                                    batch.context_lens, self.kv_lora_rank, self.softmax_scale,
                                    w_uv=w_uv.to(q_latent.dtype))                   # (S, H, v)
+
+    def rows_attention(self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
+        """A rows-mode step with prompt rows (batch.first_rows): the rows of prompts that start in the step
+        (fresh) attend their prompt's rows in the expanded form, keys and values from one kv_b_proj GEMM over the
+        latents just cached (kernels/mla_prompt.py); the others (decode rows, later chunks) in the absorbed form
+        over their whole context, into which the fresh rows, with no context there, bring zeros and are then
+        overwritten. Returns (N, H, v)."""
+        fresh, absorbed_lens = batch.fresh()
+        cache = batch.latent_caches[self.layer_idx]
+        w_uk, w_uv = self.absorbed_weights()
+        q_latent = dispatch.per_head(q_nope, w_uk.to(q_nope.dtype).transpose(1, 2))
+        out = dispatch.mla_decode(q_latent, q_pe, cache, batch.block_tables, absorbed_lens, self.kv_lora_rank,
+                                  self.softmax_scale, w_uv=w_uv.to(q_latent.dtype))
+        kv = cache.view(-1, cache.shape[-1])[batch.slot_mapping].to(q_nope.dtype)   # (N, C + rope), as cached
+        latent, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        k_nope, v = self.kv_b_proj(latent).unflatten(-1, (self.n_heads, self.nope + self.v_dim)).split(
+            [self.nope, self.v_dim], dim=-1)
+        return dispatch.prompt_attention(q_nope, q_pe, k_nope, k_pe, v, batch.first_rows, fresh, self.softmax_scale,
+                                         out)
 
     def absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
                  causal_offset: int = 0) -> torch.Tensor:
