@@ -12,7 +12,7 @@ server adds.
 A variant names EngineConfig fields: dF prefill_delay_factor, tN max_num_batched_tokens, gN cuda_graph_max_tokens,
 mN mixed_prefill_tokens; and kernel options (dispatch.KernelOptions, for the engine's capture and its steps): oN overlaps the shared experts and kv_a_proj
 on a side stream up to N tokens (overlap_tokens), fN takes bf16 experts' fused MoE up to N pairs an expert
-(fused_pairs).
+(fused_pairs), x0 attends every row of a rows-mode step absorbed (expand_prompts=False).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from dsv3.model import DeepseekV3ForCausalLM, init_weights
 
 FIELDS = {"d": ("prefill_delay_factor", float), "t": ("max_num_batched_tokens", int),
           "g": ("cuda_graph_max_tokens", int), "m": ("mixed_prefill_tokens", int)}
-KERNEL_FIELDS = {"o": ("overlap_tokens", int), "f": ("fused_pairs", int)}
+KERNEL_FIELDS = {"o": ("overlap_tokens", int), "f": ("fused_pairs", int), "x": ("expand_prompts", lambda v: v != "0")}
 
 
 def parse_variant(name: str) -> tuple[dict, dict]:

@@ -2,7 +2,7 @@
 
 CUDA tensors take the Triton kernels when Triton is installed; everything else (CPU runs, tests, CI)
 takes the PyTorch path. The switches for A/B runs (DSV3_KERNELS=reference: the PyTorch path everywhere;
-DSV3_OVERLAP=0, DSV3_SHARED_INLINE=0, DSV3_OVERLAP_TOKENS, DSV3_FUSED_PAIRS) are read once, into the frozen `OPTIONS`; `configure(...)` replaces it,
+DSV3_OVERLAP=0, DSV3_SHARED_INLINE=0, DSV3_OVERLAP_TOKENS, DSV3_FUSED_PAIRS, DSV3_EXPAND_PROMPTS) are read once, into the frozen `OPTIONS`; `configure(...)` replaces it,
 `using(...)` for the length of a `with` block.
 
 The deterministic mode (`KernelOptions.deterministic`, the engine's `--deterministic`) makes every row's result
@@ -40,6 +40,9 @@ class KernelOptions:
     # bf16: (token, expert) pairs per expert, on average, up to which the fused MoE runs (fused_experts_available;
     # DSV3_FUSED_PAIRS); beyond, the grouped GEMM.
     fused_pairs: int = 32
+    # Rows mode's fresh prompt rows in the expanded form where the engine marks them (MLA.rows_attention); False:
+    # every row absorbed, as before (DSV3_EXPAND_PROMPTS=0).
+    expand_prompts: bool = True
     # One token: the shared experts inside the routed experts' launches, shared_experts_inline (DSV3_SHARED_INLINE).
     shared_inline: bool = True
     # DeepSeek's scheme (activations to e4m3 per 128 columns) on the FP8 tensor cores; False keeps bf16 activations
@@ -59,7 +62,8 @@ class KernelOptions:
         return cls(kernels=os.environ.get("DSV3_KERNELS", "auto"), overlap=os.environ.get("DSV3_OVERLAP", "1") != "0",
                    shared_inline=os.environ.get("DSV3_SHARED_INLINE", "1") != "0",
                    overlap_tokens=int(os.environ.get("DSV3_OVERLAP_TOKENS", "256")),
-                   fused_pairs=int(os.environ.get("DSV3_FUSED_PAIRS", "32")))
+                   fused_pairs=int(os.environ.get("DSV3_FUSED_PAIRS", "32")),
+                   expand_prompts=os.environ.get("DSV3_EXPAND_PROMPTS", "1") != "0")
 
 
 OPTIONS = KernelOptions.from_env()

@@ -169,7 +169,7 @@ class MLA(nn.Module):
                                                self.interleaved)
             if not batch.decode_only:
                 out = self.paged_prefill(q_nope, q_pe, batch)
-            elif batch.first_rows is not None:
+            elif batch.first_rows is not None and dispatch.OPTIONS.expand_prompts:
                 out = self.rows_attention(q_nope, q_pe, batch)
             else:
                 out = self.absorbed_decode(q_nope, q_pe, batch)
