@@ -184,19 +184,25 @@ def test_rotary_table_gives_the_computed_rotations_and_only_grows():
     assert torch.equal(rotary(positions), computed)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"q_lora_rank": None, "rope_scaling": YARN}])
-def test_mixed_step_equals_full_forward(overrides):
-    """One continuous-batching step that mixes all three kinds of sequence (PrefillPlan): decoding ones, fresh
-    prompts of two lengths (one length twice) and a later chunk of a chunked prefill; then every sequence decodes.
-    Each sequence's logits are those of one full forward of its tokens."""
+def before_the_mixed_step(overrides: dict):
+    """Five sequences of 12 tokens over a paged cache; sequences 0 and 1 prefilled 6 and 5 tokens, sequence 4 its
+    first 3 (chunked). -> model, caches, tables, token ids, block size."""
     model = random_model(**overrides)
     block_size, n = 4, 5
     seqs = [torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(s)).tolist() for s in range(n)]
     caches = [torch.zeros(32, block_size, model.config.latent_dim) for _ in model.model.layers]
     tables = [[5 * s + b for b in range(5)] for s in range(n)]
-    # Before the mixed step: sequences 0 and 1 prefilled 6 and 5 tokens, sequence 4 its first 3 (chunked).
     paged_step(model, caches, [tables[0], tables[1], tables[4]], [seqs[0][:6], seqs[1][:5], seqs[4][:3]],
                [0, 0, 0], block_size)
+    return model, caches, tables, seqs, block_size
+
+
+@pytest.mark.parametrize("overrides", [{}, {"q_lora_rank": None, "rope_scaling": YARN}])
+def test_mixed_step_equals_full_forward(overrides):
+    """One continuous-batching step that mixes all three kinds of sequence (PrefillPlan): decoding ones, fresh
+    prompts of two lengths (one length twice) and a later chunk of a chunked prefill; then every sequence decodes.
+    Each sequence's logits are those of one full forward of its tokens."""
+    model, caches, tables, seqs, block_size = before_the_mixed_step(overrides)
     # The mixed step: 0 and 1 decode one token each, 2 and 3 bring fresh prompts (7 and 4 tokens), 4 its next 5.
     chunks = [(6, 7), (5, 6), (0, 7), (0, 4), (3, 8)]
     logits = paged_step(model, caches, tables, [s[a:b] for s, (a, b) in zip(seqs, chunks)], [a for a, _ in chunks],
@@ -240,13 +246,7 @@ def test_rows_mode_mixed_step_equals_full_forward(overrides, expand):
     """The mixed step of test_mixed_step_equals_full_forward in rows mode: decoding sequences, fresh prompts (the
     expanded form's rows when expand) and a later chunk (absorbed either way) in one flat batch of rows; each
     sequence's logits are those of one full forward."""
-    model = random_model(**overrides)
-    block_size, n = 4, 5
-    seqs = [torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(s)).tolist() for s in range(n)]
-    caches = [torch.zeros(32, block_size, model.config.latent_dim) for _ in model.model.layers]
-    tables = [[5 * s + b for b in range(5)] for s in range(n)]
-    paged_step(model, caches, [tables[0], tables[1], tables[4]], [seqs[0][:6], seqs[1][:5], seqs[4][:3]],
-               [0, 0, 0], block_size)
+    model, caches, tables, seqs, block_size = before_the_mixed_step(overrides)
     chunks = [(6, 7), (5, 6), (0, 7), (0, 4), (3, 8)]    # per sequence, as in test_mixed_step_equals_full_forward
     order = [0, 2, 1, 3, 4]                               # a decode row first, a fresh prompt straight after it
     chunks = [chunks[i] for i in order]
