@@ -199,8 +199,8 @@ class ModelRunner:
         values = dict(ids=ids, positions=positions, slots=slots, sources=fill, continues=cont, rows=rows,
                       context_lens=context_lens, tables=tables, first_rows=first_rows)
         step = self.stage(fields, values, self.static[graph_size][0].buffer if graph_size else None)
-        if not self.expands_prompts(rows_mode, fields.n):
-            step.batch.first_rows = None
+        if self.expands_prompts(rows_mode, fields.n):
+            step.batch.first_rows = fields.views(step.buffer)["first_rows"]
         step.batch.query_starts, step.batch.decode_only = starts, rows_mode
         step.batch.context_lens_host = None if rows_mode else context_lens
         step.rows, step.graph_size, step.greedy_draft = step.rows[:len(rows)], graph_size, greedy_draft
@@ -247,8 +247,7 @@ class ModelRunner:
     def as_step(self, fields: Fields, buffer: torch.Tensor, starts: list[int]) -> StepInputs:
         v = fields.views(buffer)
         batch = PagedBatch(query_starts=starts, context_lens=v["context_lens"], block_tables=v["tables"],
-                           slot_mapping=v["slots"], latent_caches=self.latent_caches, decode_only=True,
-                           first_rows=v["first_rows"])
+                           slot_mapping=v["slots"], latent_caches=self.latent_caches, decode_only=True)
         return StepInputs(v["ids"], v["positions"], batch, v["rows"], sources=v["sources"], rows_prefix=True,
                           continues=v["continues"], fields=fields, buffer=buffer)
 
@@ -431,8 +430,8 @@ class ModelRunner:
                           sources=[-1] * size, rows=list(range(fields.r)), context_lens=[1] * size, tables=[])
             static = self.stage(fields, values, torch.empty(fields.nbytes, dtype=torch.uint8, device=self.device))
             static.graph_size, static.drafts = size, self.drafts
-            if not self.expands_prompts(True, size):
-                static.batch.first_rows = None
+            if self.expands_prompts(True, size):
+                static.batch.first_rows = fields.views(static.buffer)["first_rows"]
 
             def forward():
                 hidden = self.model.model(self.fill_pending(static.ids, static.sources), static.positions, static.batch)
@@ -503,8 +502,8 @@ class ModelRunner:
         step = self.as_step(fields, buffer, starts.tolist())
         step.rows, step.graph_size, step.mtp_depth, step.hidden_rows = step.rows[:kept], graph_size, depth, hidden_rows
         step.batch.decode_only, step.greedy_draft, step.rows_prefix = bool(decode_only), bool(draft), bool(rows_prefix)
-        if not self.expands_prompts(step.batch.decode_only, graph_size or n):
-            step.batch.first_rows = None
+        if self.expands_prompts(step.batch.decode_only, graph_size or n):
+            step.batch.first_rows = fields.views(buffer)["first_rows"]
         step.drafts = drafts
         return step
 

@@ -54,7 +54,8 @@ class PagedBatch:
     def fresh(self) -> tuple[torch.Tensor, torch.Tensor]:
         """With first_rows: which rows are fresh (their prompt's first row in the step is at position 0, so their
         whole context is in the step), and the contexts the absorbed attention takes (0 for the fresh rows). Made
-        on the device once per step (inside a graph's capture too)."""
+        on the device once per batch, by its first layer (inside a graph's capture: the replays remake them); the
+        runner makes a batch per step."""
         if not hasattr(self, "_fresh"):
             fresh = self.context_lens[self.first_rows.long()] == 1
             self._fresh = fresh, torch.where(fresh, 0, self.context_lens)
