@@ -2,8 +2,8 @@
 
 CUDA tensors take the Triton kernels when Triton is installed; everything else (CPU runs, tests, CI)
 takes the PyTorch path. The switches for A/B runs (DSV3_KERNELS=reference: the PyTorch path everywhere;
-DSV3_OVERLAP=0, DSV3_SHARED_INLINE=0, DSV3_OVERLAP_TOKENS, DSV3_FUSED_PAIRS, DSV3_EXPAND_PROMPTS) are read once, into the frozen `OPTIONS`; `configure(...)` replaces it,
-`using(...)` for the length of a `with` block.
+DSV3_OVERLAP=0, DSV3_SHARED_INLINE=0, DSV3_OVERLAP_TOKENS, DSV3_FUSED_PAIRS, DSV3_EXPAND_PROMPTS) are read once,
+into the frozen `OPTIONS`; `configure(...)` replaces it, `using(...)` for the length of a `with` block.
 
 The deterministic mode (`KernelOptions.deterministic`, the engine's `--deterministic`) makes every row's result
 independent of the other rows of its batch: on a GPU every matmul takes one fixed-launch GEMM

@@ -25,8 +25,8 @@ LOG2_E = 1.4426950408889634
 
 @triton.jit
 def _prompt_attention(q_nope, q_pe, k_nope, k_pe, v, first_rows, fresh, out, softmax_scale,  # scale * log2(e)
-                      num_rows, nope, rope, v_dim, stride_qn, stride_qh, stride_pn, stride_ph, stride_kn, stride_kh, stride_en,
-                      stride_vn, stride_vh, stride_on, stride_oh,
+                      num_rows, nope, rope, v_dim, stride_qn, stride_qh, stride_pn, stride_ph, stride_kn, stride_kh,
+                      stride_en, stride_vn, stride_vh, stride_on, stride_oh,
                       NOPE: tl.constexpr, ROPE: tl.constexpr, V: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, USE_GDC: tl.constexpr):
     """NOPE, ROPE, V: the head dims, each rounded up to a power of two >= 16 in its tiles (the rest masked)."""
@@ -40,8 +40,8 @@ def _prompt_attention(q_nope, q_pe, k_nope, k_pe, v, first_rows, fresh, out, sof
     hi = tl.max(tl.where(mine, rows + 1, 0), 0)
     d, r, e = tl.arange(0, NOPE), tl.arange(0, ROPE), tl.arange(0, V)
     d_ok, r_ok, e_ok = d < nope, r < rope, e < v_dim
-    qn = tl.load(q_nope + rows[:, None] * stride_qn + head * stride_qh + d[None, :], mask=mine[:, None] & d_ok[None, :],
-                 other=0.0)
+    qn = tl.load(q_nope + rows[:, None] * stride_qn + head * stride_qh + d[None, :],
+                 mask=mine[:, None] & d_ok[None, :], other=0.0)
     qp = tl.load(q_pe + rows[:, None] * stride_pn + head * stride_ph + r[None, :], mask=mine[:, None] & r_ok[None, :],
                  other=0.0)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -80,6 +80,7 @@ def prompt_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Ten
     for name, t in (("q_nope", q_nope), ("q_pe", q_pe), ("k_nope", k_nope), ("k_pe", k_pe), ("v", v), ("out", out)):
         if t.stride(-1) != 1:
             raise ValueError(f"prompt_attention needs {name}'s last dim contiguous")
+
     def tile(dim: int) -> int:
         return max(16, triton.next_power_of_2(dim))
 
@@ -87,6 +88,6 @@ def prompt_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Ten
         q_nope, q_pe, k_nope, k_pe, v, first_rows, fresh, out, softmax_scale * LOG2_E, n, nope, rope, v_dim,
         q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1), k_nope.stride(0), k_nope.stride(1),
         k_pe.stride(0), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        NOPE=tile(nope), ROPE=tile(rope), V=tile(v_dim), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
-        **pdl.launch(q_nope))
+        NOPE=tile(nope), ROPE=tile(rope), V=tile(v_dim), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        num_stages=num_stages, **pdl.launch(q_nope))
     return out

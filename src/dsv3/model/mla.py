@@ -266,13 +266,15 @@ class MLA(nn.Module):
         w = w.unflatten(0, (self.n_heads, self.nope + self.v_dim))
         return w[:, : self.nope], w[:, self.nope:]
 
-    def absorbed_decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
-        """One query per sequence, attention computed in the latent space (no keys or values expanded)."""
+    def absorbed_decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: PagedBatch,
+                        context_lens: torch.Tensor | None = None) -> torch.Tensor:
+        """One query per sequence (or attention row), attention computed in the latent space (no keys or values
+        expanded), over batch.context_lens or the context_lens given."""
         w_uk, w_uv = self.absorbed_weights()
         q_latent = dispatch.per_head(q_nope, w_uk.to(q_nope.dtype).transpose(1, 2))  # (S, H, C)
         return dispatch.mla_decode(q_latent, q_pe, batch.latent_caches[self.layer_idx], batch.block_tables,
-                                   batch.context_lens, self.kv_lora_rank, self.softmax_scale,
-                                   w_uv=w_uv.to(q_latent.dtype))                   # (S, H, v)
+                                   batch.context_lens if context_lens is None else context_lens, self.kv_lora_rank,
+                                   self.softmax_scale, w_uv=w_uv.to(q_latent.dtype))  # (S, H, v)
 
     def rows_attention(self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
         """A rows-mode step with prompt rows (batch.first_rows): the rows of prompts that start in the step
@@ -282,10 +284,7 @@ class MLA(nn.Module):
         overwritten. Returns (N, H, v)."""
         fresh, absorbed_lens = batch.fresh()
         cache = batch.latent_caches[self.layer_idx]
-        w_uk, w_uv = self.absorbed_weights()
-        q_latent = dispatch.per_head(q_nope, w_uk.to(q_nope.dtype).transpose(1, 2))
-        out = dispatch.mla_decode(q_latent, q_pe, cache, batch.block_tables, absorbed_lens, self.kv_lora_rank,
-                                  self.softmax_scale, w_uv=w_uv.to(q_latent.dtype))
+        out = self.absorbed_decode(q_nope, q_pe, batch, absorbed_lens)
         kv = cache.view(-1, cache.shape[-1])[batch.slot_mapping].to(q_nope.dtype)   # (N, C + rope), as cached
         latent, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         k_nope, v = self.kv_b_proj(latent).unflatten(-1, (self.n_heads, self.nope + self.v_dim)).split(
