@@ -36,6 +36,7 @@ from dsv3.model import DeepseekV3ForCausalLM, init_weights
 
 FIELDS = {"d": ("prefill_delay_factor", float), "t": ("max_num_batched_tokens", int),
           "g": ("cuda_graph_max_tokens", int), "m": ("mixed_prefill_tokens", int)}
+MIXED_TOP = 30  # kernels the mixed-step profile lists, by their largest time in any step
 KERNEL_FIELDS = {"o": ("overlap_tokens", int), "f": ("fused_pairs", int), "x": ("expand_prompts", lambda v: v != "0")}
 
 
@@ -203,7 +204,7 @@ def mixed_kernels(engine: LLMEngine, vocab: int, prompt_rows: list[int], decodin
         tables.append((p, step.graph_size, by_name))
         per_step.append(sum(by_name.values()))
     base = tables[0][2]
-    names = sorted(set().union(*(t[2] for t in tables)), key=lambda n: -max(t[2].get(n, 0) for t in tables))[:18]
+    names = sorted(set().union(*(t[2] for t in tables)), key=lambda n: -max(t[2].get(n, 0) for t in tables))[:MIXED_TOP]
     head = f"{'kernel (us a step; then us each prompt row adds)':44s}" + "".join(
         f"{f'+{p} ({g})':>16s}" for p, g, _ in tables)
     lines = [f"rows-mode steps of {decoding} decode rows at {context} tokens beside P prompt rows (graph size):", head,

@@ -451,7 +451,7 @@ def check_expert_blocks(gen: torch.Generator) -> dict[str, float]:
 
     errors = {}
     for pairs, experts, block_m, k in [(18, 6, 16, 3), (6, 64, 16, 6), (300, 64, 16, 6), (1000, 256, 64, 8),
-                                       (40, 10, 16, 4)]:
+                                       (40, 10, 16, 4), (5000, 64, 64, 6), (20000, 256, 16, 8), (0, 64, 16, 6)]:
         ids = torch.randint(-1, experts + 2, (pairs,), generator=gen)          # -1 and >= experts: other ranks
         got = expert_blocks(ids, experts, block_m, k)
         ref = reference.expert_blocks(ids, experts, block_m, k)
@@ -648,8 +648,10 @@ def sm90_cases():
         (glue._record_speculation, dict.fromkeys(["ids", "tokens", "record"], "i64"), set(), {"BLOCK": 1024}),
         (glue._argmax_parts, {"x": "fp32", "values": "fp32", "indices": "i64"}, set(), {"BLOCK": glue.ARGMAX_BLOCK}),
         (glue._argmax_rows, {"values": "fp32", "indices": "i64", "out": "i64"}, set(), {"PARTS_POW2": 128}),
-        (moe._expert_blocks, dict.fromkeys(["ids", "token_at", "row_at", "block_expert", "row_of_pair"], "i64"), set(),
-         {"BLOCK_M": 16, "E_POW2": 256, "BLOCK": 32}),
+        (moe._expert_counts, {"ids": "i64", "counts": "i32", "token_at": "i64", "row_at": "i64"}, set(),
+         {"E_POW2": 256, "BLOCK": 16}),
+        (moe._expert_rows, {**dict.fromkeys(["ids", "token_at", "row_at", "block_expert", "row_of_pair"], "i64"),
+                            "counts": "i32"}, set(), {"BLOCK_M": 16, "E_POW2": 256, "C_POW2": 64, "BLOCK": 16}),
         *((moe._weighted_sum, {"y": "bf16", "row_of_pair": "i64", "weights": "fp32", "shared": "bf16", "out": out},
            set(), {"K": 8, "HAS_SHARED": out == "bf16", "EXTRA": extra, "ROWS_IN_ORDER": extra > 0, "BLOCK": 1024})
           for out, extra in (("fp32", 0), ("bf16", 0), ("bf16", 2))),
