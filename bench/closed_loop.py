@@ -10,7 +10,7 @@ server adds.
         [--variants "d2-t8192-g2048 d2-t8192-g8192"] [--profile-prefill 256] [--out DIR]
 
 A variant names EngineConfig fields: dF prefill_delay_factor, tN max_num_batched_tokens, gN cuda_graph_max_tokens,
-mN mixed_prefill_tokens; and kernel options (dispatch.KernelOptions, for the engine's capture and its steps): oN overlaps the shared experts and kv_a_proj
+mN mixed_step_tokens (m0: prompts in whole steps); and kernel options (dispatch.KernelOptions, for the engine's capture and its steps): oN overlaps the shared experts and kv_a_proj
 on a side stream up to N tokens (overlap_tokens), fN takes bf16 experts' fused MoE up to N pairs an expert
 (fused_pairs), x0 attends every row of a rows-mode step absorbed (expand_prompts=False).
 """
@@ -35,7 +35,7 @@ from dsv3.kernels import dispatch
 from dsv3.model import DeepseekV3ForCausalLM, init_weights
 
 FIELDS = {"d": ("prefill_delay_factor", float), "t": ("max_num_batched_tokens", int),
-          "g": ("cuda_graph_max_tokens", int), "m": ("mixed_prefill_tokens", int)}
+          "g": ("cuda_graph_max_tokens", int), "m": ("mixed_step_tokens", int)}
 MIXED_TOP = 30  # kernels the mixed-step profile lists, by their largest time in any step
 KERNEL_FIELDS = {"o": ("overlap_tokens", int), "f": ("fused_pairs", int), "x": ("expand_prompts", lambda v: v != "0")}
 

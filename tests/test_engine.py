@@ -318,14 +318,15 @@ def test_admission_delay_changes_no_output(model, expected):
     assert [s.output_token_ids for s in seqs] == expected
 
 
-def test_mixed_prefill_tokens_caps_prompt_chunks_beside_decoding_ones():
-    """mixed_prefill_tokens: while a sequence decodes, a step prefills at most that many prompt tokens (chunks of
-    a prompt admitted earlier count too); with nothing decoding the step's whole budget goes to prompts."""
+def test_mixed_step_tokens_caps_a_decoding_step():
+    """mixed_step_tokens: while a sequence decodes, a step computes at most that many tokens, the decoding rows
+    first and prompt tokens (chunks of a prompt admitted earlier too) in the rest; with nothing decoding the step's
+    whole budget goes to prompts."""
     from dsv3.engine.cache import BlockManager
     from dsv3.engine.scheduler import Scheduler
     from dsv3.engine.sequence import Sequence
 
-    scheduler = Scheduler(BlockManager(64, 4), 8, 16, mixed_prefill_tokens=4)
+    scheduler = Scheduler(BlockManager(64, 4), 8, 16, mixed_step_tokens=5)
     first = Sequence(list(range(10)), GREEDY)
     scheduler.add(first, 14)
     assert scheduler.schedule() == [(first, 10)]                      # nothing decodes: the whole prompt
@@ -334,16 +335,24 @@ def test_mixed_prefill_tokens_caps_prompt_chunks_beside_decoding_ones():
     long, short = Sequence(list(range(20, 26)), GREEDY), Sequence(list(range(30, 33)), GREEDY)  # no prefix hit
     scheduler.add(long, 10)
     scheduler.add(short, 7)
-    assert scheduler.schedule() == [(first, 1), (long, 4)]            # 4 prompt tokens beside the decode row
+    assert scheduler.schedule() == [(first, 1), (long, 4)]            # 4 prompt tokens beside the decode row: 5 in all
     scheduler.computed(first, 1)
     scheduler.computed(long, 4)
     first.all_token_ids.append(7)
     assert scheduler.schedule() == [(first, 1), (long, 2), (short, 2)]  # the rest of long, then short's first 2
+    for seq, n in ((first, 1), (long, 2), (short, 2)):
+        scheduler.computed(seq, n)
+    first.all_token_ids.append(7)
+    long.all_token_ids.append(7)                                      # two decode, short has one prompt token left
+    late = Sequence(list(range(40, 44)), GREEDY)
+    scheduler.add(late, 6)
+    scheduler.mixed_step_tokens = 2
+    assert scheduler.schedule() == [(first, 1), (long, 1), (short, 1)]  # one-token rows never wait; late does
 
 
-def test_mixed_prefill_tokens_changes_no_output(model, expected):
+def test_mixed_step_tokens_changes_no_output(model, expected):
     params = [GREEDY] * len(PROMPTS)
-    engine = LLMEngine(model, None, num_blocks=64, block_size=4, mixed_prefill_tokens=3)
+    engine = LLMEngine(model, None, num_blocks=64, block_size=4, mixed_step_tokens=4)
     seqs, _ = run_staggered(engine, PROMPTS, params, every=1)
     assert [s.output_token_ids for s in seqs] == expected
     assert engine.stats["prefill_steps"] > len(PROMPTS)  # prompts did arrive in chunks

@@ -52,9 +52,11 @@ class EngineConfig:
                 "eagerly. Each captured size holds its outputs' memory and adds to the start-up time"})
     async_scheduling: bool = field(default=True, metadata={
         "help": "launch each step before reading the one before's tokens (host work hides behind the GPU's)"})
-    mixed_prefill_tokens: int = field(default=0, metadata={
-        "help": "while sequences decode, a step prefills at most this many prompt tokens beside them, so a long "
-                "prompt does not stall them for a whole step; costs throughput (0: up to max_num_batched_tokens)"})
+    mixed_step_tokens: int = field(default=512, metadata={
+        "help": "while sequences decode, a step computes at most this many tokens, their rows first and prompt "
+                "tokens in the rest (Sarathi-Serve's token budget): prompts ride in decode steps, whose weight reads "
+                "are paid anyway, and a long prompt never stalls the decoding ones for a whole compute-bound step "
+                "(0: up to max_num_batched_tokens)"})
     prefill_delay_factor: float = field(default=0.0, metadata={
         "help": "while requests decode, hold new prompts until the oldest waited this many times the last "
                 "prefilling step, so one step prefills them together (0: admit at once; serve's default differs)"})
@@ -81,7 +83,7 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be at least 1; got {value}")
         if not 0 < self.cache_memory_fraction <= 1:
             raise ValueError(f"EngineConfig.cache_memory_fraction must be in (0, 1]; got {self.cache_memory_fraction}")
-        for name in ("speculative_tokens", "prefill_delay_factor", "cuda_graph_max_tokens", "mixed_prefill_tokens"):
+        for name in ("speculative_tokens", "prefill_delay_factor", "cuda_graph_max_tokens", "mixed_step_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"EngineConfig.{name} cannot be negative; got {getattr(self, name)}")
 

@@ -89,7 +89,7 @@ class LLMEngine:
         model.model.rotary.cache(self.max_model_len + speculative_tokens + 1)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, options.max_num_batched_tokens,
                                    options.prefill_delay_factor, graphed=self._prefills_in_graph,
-                                   mixed_prefill_tokens=options.mixed_prefill_tokens)
+                                   mixed_step_tokens=options.mixed_step_tokens)
         draft_rows = (1 + speculative_tokens) * min(max_num_seqs, speculative_max_batch) if speculative_tokens else 0
         self.runner = ModelRunner(model, self.latent_caches, block_size, self.max_model_len,
                                   max_num_seqs * (1 + speculative_tokens), options.cuda_graphs, par, draft_rows,

@@ -3,10 +3,12 @@ prefilled in chunks, within a token budget and without ever over-committing the 
 When the cache runs out, the newest running sequence is preempted: its blocks are freed and it is
 recomputed later from its tokens (nothing is lost).
 
-While sequences decode, `mixed_prefill_tokens` (if set) caps the prompt tokens a step takes beside them
-(Sarathi-Serve's stall-free batching), so that a long prompt never stalls every decoding sequence for a whole
-compute-bound step. It costs throughput: on an H200 a prompt token beside 256 decode rows cost 14.8 us against
-10.9 us in a large prefilling step (moonlight-16b, 256 clients at 69-77% of the engine against 83%; bench/NOTES.md).
+While sequences decode, a step computes at most `mixed_step_tokens` tokens (Sarathi-Serve's token budget): the
+decoding rows first, prompt tokens (new prompts, and later chunks of admitted ones) in the rest. A decode step's
+time goes to reading the weights, so prompt rows beside it cost little, and a long prompt never stalls every
+decoding sequence for a whole compute-bound step. On an H200 (moonlight-16b) a 512-row step of 256 decode rows and
+256 prompt rows replays in 12.3 ms against 11.2 for the 256 decode rows alone: 4.1 us a prompt row, against 10.6 us
+in a large prefilling step (bench/NOTES.md). With nothing decoding, prompts take the whole max_num_batched_tokens.
 
 Admission can wait a little (`prefill_delay_factor`, vLLM's scheduler delay): while sequences decode, a step
 that prefills costs several decode steps (on a GPU one with long prompts runs eagerly, outside the graphs), and
@@ -30,10 +32,10 @@ from dsv3.engine.sequence import Sequence, Status
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  prefill_delay_factor: float = 0.0, clock: Callable[[], float] = time.monotonic,
-                 graphed: Callable[[list[tuple[Sequence, int]]], bool] | None = None, mixed_prefill_tokens: int = 0):
+                 graphed: Callable[[list[tuple[Sequence, int]]], bool] | None = None, mixed_step_tokens: int = 0):
         self.blocks = blocks
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
-        self.mixed_prefill_tokens = mixed_prefill_tokens  # prompt tokens a step takes beside decoding ones (0: any)
+        self.mixed_step_tokens = mixed_step_tokens  # tokens of a step while sequences decode (0: no such cap)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -62,8 +64,9 @@ class Scheduler:
         if self.last_schedule[1]:
             self.prefill_latency = now - self.last_schedule[0]
         budget, scheduled = self.max_num_batched_tokens, []
-        decoding = any(seq.status == Status.RUNNING and seq.num_uncomputed == 1 for seq in self.running)
-        prompt_budget = self.mixed_prefill_tokens if decoding and self.mixed_prefill_tokens else budget
+        decoding = sum(1 + len(seq.draft) for seq in self.running
+                       if seq.status == Status.RUNNING and seq.num_uncomputed == 1)  # rows, drafts included
+        prompt_budget = max(0, self.mixed_step_tokens - decoding) if decoding and self.mixed_step_tokens else budget
         for seq in list(self.running):
             if budget == 0:
                 break

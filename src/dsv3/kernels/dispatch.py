@@ -39,7 +39,7 @@ class KernelOptions:
     overlap_tokens: int = 256          # the most tokens a forward overlaps that work for (DSV3_OVERLAP_TOKENS)
     # bf16: (token, expert) pairs per expert, on average, up to which the fused MoE runs (fused_experts_available;
     # DSV3_FUSED_PAIRS); beyond, the grouped GEMM.
-    fused_pairs: int = 32
+    fused_pairs: int = 128
     # Rows mode's fresh prompt rows in the expanded form where the engine marks them (MLA.rows_attention); False:
     # every row absorbed, as before (DSV3_EXPAND_PROMPTS=0).
     expand_prompts: bool = True
@@ -62,7 +62,7 @@ class KernelOptions:
         return cls(kernels=os.environ.get("DSV3_KERNELS", "auto"), overlap=os.environ.get("DSV3_OVERLAP", "1") != "0",
                    shared_inline=os.environ.get("DSV3_SHARED_INLINE", "1") != "0",
                    overlap_tokens=int(os.environ.get("DSV3_OVERLAP_TOKENS", "256")),
-                   fused_pairs=int(os.environ.get("DSV3_FUSED_PAIRS", "32")),
+                   fused_pairs=int(os.environ.get("DSV3_FUSED_PAIRS", "128")),
                    expand_prompts=os.environ.get("DSV3_EXPAND_PROMPTS", "1") != "0")
 
 
@@ -258,8 +258,9 @@ def fused_experts_available(x: torch.Tensor, gate_up: torch.Tensor, pairs: int) 
     dequantizes them. bf16 experts take it too for decode-sized batches: torch._grouped_mm reads every
     expert's weights even when most got no token (moonlight-16b, batch 1 on an H100: 9.1 ms a step, the
     time to read all experts). Prefill-sized bf16 batches stay on the grouped GEMM, 10-20% faster there; the
-    bound is OPTIONS.fused_pairs pairs an expert (moonlight-16b batch 256 on an H100, 24 an expert: 15.73 ms a step
-    fused against 16.66 on the grouped GEMM with its sort, gathers and scans)."""
+    bound is OPTIONS.fused_pairs pairs an expert (moonlight-16b on an H200, 256 decode rows beside 256 prompt rows,
+    48 an expert: a step 12.3 ms fused against 16.4 on the grouped GEMM with its sort, gathers and scans; beside 512,
+    14.5 against 16.8; bench/results/*-closed-loop-mixed-d04ab53.txt)."""
     if not use_triton(x) or x.dtype not in (torch.bfloat16, torch.float16):  # the kernels are checked in 16 bits
         return False
     if OPTIONS.deterministic:  # the fixed GEMM at every batch size

@@ -174,10 +174,14 @@ PREFILL_FP8_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num
 
 
 def moe_block_m(pairs: int, n_experts: int, fp8: bool) -> int:
-    """Rows a block of the fused MoE holds: 16 up to 4 pairs an expert in 16 bits, 8 in FP8, else 64. DeepSeek-V3's
-    FP8 experts at batch 256 (8 pairs an expert), H100: 4.04 ms a layer in 16-row blocks against 7.36 in 64-row
-    ones (bench/results/*-tune-moe-fp8-b256-2aff41e.txt)."""
-    return 16 if pairs <= (8 if fp8 else 4) * n_experts else 64
+    """Rows a block of the fused MoE holds: 16 up to 4 pairs an expert in 16 bits, 8 in FP8, else 64; 16-bit experts
+    past 64 pairs an expert 128 (a block reads its expert's weights: moonlight-16b at 768 tokens, 72 pairs an
+    expert, H200: both GEMMs 363 us a layer in 128-row blocks against 455 in 64-row ones; 64 stays best at 512
+    tokens, bench/results/*-tune-moe-b512-d04ab53.txt). DeepSeek-V3's FP8 experts at batch 256 (8 pairs an expert),
+    H100: 4.04 ms a layer in 16-row blocks against 7.36 in 64-row ones (bench/results/*-tune-moe-fp8-b256-2aff41e.txt)."""
+    if pairs <= (8 if fp8 else 4) * n_experts:
+        return 16
+    return 128 if not fp8 and pairs > 64 * n_experts else 64
 
 
 def moe_config(block_m: int, n: int, pairs: int, n_experts: int, fp8: bool) -> dict:
