@@ -2,8 +2,9 @@
 # The product path beside the engine in one lease (run on the GPU machine from the repository root, with the
 # server's wheels carried in .whl/ as the device tool's README says):
 #   bash bench/lease_product.sh engine-serve   # moonlight-16b: bench.py's engine, then bench/serve.py per variant
-#                                              # (VARIANTS="DELAY:API_SERVERS[:TOKENS_A_STEP[:REQUESTS_A_CLIENT]] ...",
-#                                              # default "2:4 2:4:8192:8": the defaults, then a longer closed loop)
+#                                              # (VARIANTS="DELAY:API_SERVERS[:TOKENS_A_STEP[:REQUESTS_A_CLIENT[:MIXED]]]
+#                                              # ...", default "2:4 2:4:8192:8": the defaults, then a longer closed
+#                                              # loop; MIXED: --mixed-step-tokens)
 #   bash bench/lease_product.sh closed-loop    # bench/closed_loop.py: serve's workload in-process, per step kind
 #                                              # (CLOSED_LOOP="d2-t8192-g2048 ..." the EngineConfig variants)
 #   bash bench/lease_product.sh fp8            # v3-slice FP8 written to disk: dsv3.LLM and `dsv3 serve` on it
@@ -26,10 +27,11 @@ case $part in
 engine-serve)
     python3 bench/bench.py --model moonlight-16b --peer '' --prefill '' --speculative '' 2>&1 | tee -a "$log"
     for variant in ${VARIANTS:-2:4 2:4:8192:8}; do
-        IFS=: read -r factor servers tokens per_client <<<"$variant"
+        IFS=: read -r factor servers tokens per_client mixed <<<"$variant"
         python3 bench/serve.py --shape moonlight-16b --prefill-delay-factor "$factor" --api-servers "$servers" \
             ${tokens:+--max-num-batched-tokens $tokens} ${per_client:+--requests-per-client $per_client} \
-            --tag=-d"$factor"-a"$servers"${tokens:+-t$tokens}${per_client:+-r$per_client} 2>&1 | tee -a "$log"
+            ${mixed:+--mixed-step-tokens $mixed} \
+            --tag=-d"$factor"-a"$servers"${tokens:+-t$tokens}${per_client:+-r$per_client}${mixed:+-m$mixed} 2>&1 | tee -a "$log"
     done
     python3 bench/product.py table --engine "$OUT"/*-moonlight-16b.json --serve "$OUT"/*-serve-moonlight-16b-d*.json \
         2>&1 | tee -a "$log";;

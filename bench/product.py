@@ -154,7 +154,8 @@ def table(args) -> None:
     for path in args.serve:
         serve = json.loads(Path(path).read_text())
         label = (f"delay factor {serve.get('prefill_delay_factor', '?')}, {serve.get('api_servers', 1)} front-end(s), "
-                 f"{serve.get('max_num_batched_tokens') or 'default'} tokens a step, {serve.get('served_by', '')}")
+                 f"{serve.get('max_num_batched_tokens') or 'default'} tokens a step, "
+                 f"{serve.get('mixed_step_tokens', 'no')} while decoding, {serve.get('served_by', '')}")
         for r in serve["rows"]:
             e = decode.get(r["concurrency"])
             ratio = r["output_tokens_per_s"] / e["tokens_per_s"] if e else float("nan")

@@ -96,13 +96,15 @@ def serve(args) -> int:
     built = time.perf_counter()
     # As `dsv3 serve --max-num-seqs N --prefill-delay-factor F` makes it.
     engine = LLMEngine(model, tokenizer, max_num_seqs=args.max_num_seqs, prefill_delay_factor=args.prefill_delay_factor,
-                       **({"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}))
+                       **({"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}),
+                       **({"mixed_step_tokens": args.mixed_step_tokens} if args.mixed_step_tokens is not None else {}))
     info = {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
             "vocab": min(tokenizer.vocab_size, model.config.vocab_size), "build_s": built - start,
             "engine_s": time.perf_counter() - built, "pool_tokens": engine.cache_tokens,
             "graphs": list(engine.runner.graphs), "max_num_seqs": args.max_num_seqs,
             "prefill_delay_factor": args.prefill_delay_factor, "api_servers": args.api_servers,
             "max_num_batched_tokens": engine.scheduler.max_num_batched_tokens,
+            "mixed_step_tokens": engine.scheduler.mixed_step_tokens,
             "served_by": "bench/serve.py's child (LLMEngine)",
             "parameters": sum(p.numel() for p in model.parameters())}
     Path(args.serve_only).write_text(json.dumps(info))
@@ -265,6 +267,7 @@ def start_server(args, info_path: str) -> tuple[subprocess.Popen, str]:
     engine_flags += ["--device", args.device] if args.device else []
     engine_flags += ["--api-servers", str(args.api_servers)]
     engine_flags += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)] if args.max_num_batched_tokens else []
+    engine_flags += ["--mixed-step-tokens", str(args.mixed_step_tokens)] if args.mixed_step_tokens is not None else []
     if args.model:
         child = [sys.executable, "-m", "dsv3", "serve", "--model", args.model, "--port", str(port),
                  "--served-model-name", args.name, "--log-level", "warning", *engine_flags]
@@ -306,6 +309,7 @@ def main() -> None:
                     help="the engine's admission delay (default: dsv3 serve's)")
     ap.add_argument("--tag", default="", help="a suffix for the results files")
     ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="(default: dsv3 serve's)")
+    ap.add_argument("--mixed-step-tokens", type=int, default=None, help="(default: dsv3 serve's)")
     ap.add_argument("--api-servers", type=int, default=None, help="front-end processes (default: dsv3 serve's)")
     ap.add_argument("--client-processes", type=int, default=8,
                     help=f"client processes, each with up to {CLIENTS_PER_PROCESS} streams")
