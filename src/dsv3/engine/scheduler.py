@@ -7,8 +7,10 @@ While sequences decode, a step computes at most `mixed_step_tokens` tokens (Sara
 decoding rows first, prompt tokens (new prompts, and later chunks of admitted ones) in the rest. A decode step's
 time goes to reading the weights, so prompt rows beside it cost little, and a long prompt never stalls every
 decoding sequence for a whole compute-bound step. On an H200 (moonlight-16b) a 512-row step of 256 decode rows and
-256 prompt rows replays in 12.3 ms against 11.2 for the 256 decode rows alone: 4.1 us a prompt row, against 10.6 us
-in a large prefilling step (bench/NOTES.md). With nothing decoding, prompts take the whole max_num_batched_tokens.
+256 prompt rows replays in 11.7-12.7 ms against 10.7-11.4 for the 256 decode rows alone: 3.5-7 us a prompt row,
+against ~9 us in a large prefilling step; 64 clients of serve 93% of the engine against 90% with whole prompt waves,
+TTFT p50 38 ms against 68 (bench/NOTES.md, session 15). With nothing decoding, prompts take the whole
+max_num_batched_tokens.
 
 Admission can wait a little (`prefill_delay_factor`, vLLM's scheduler delay): while sequences decode, a step
 that prefills costs several decode steps (on a GPU one with long prompts runs eagerly, outside the graphs), and

@@ -36,7 +36,10 @@ class KernelOptions:
     # Independent work of a small batch (the shared experts beside the router and routed experts; kv_a_proj beside
     # q_proj) on a second CUDA stream: at decode sizes each kernel is too short to use the whole GPU (DSV3_OVERLAP).
     overlap: bool = True
-    overlap_tokens: int = 256          # the most tokens a forward overlaps that work for (DSV3_OVERLAP_TOKENS)
+    # The most tokens a forward overlaps that work for (DSV3_OVERLAP_TOKENS): the engine's 512-token mixed steps
+    # (EngineConfig.mixed_step_tokens) too, moonlight-16b on an H200: 256 decode + 256 prompt rows 11.7-12.0 ms
+    # against 12.0 at 256, 256 clients 19,506-19,775 tok/s against 19,280 (bench/results/*-o512-093d08a*).
+    overlap_tokens: int = 512
     # bf16: (token, expert) pairs per expert, on average, up to which the fused MoE runs (fused_experts_available;
     # DSV3_FUSED_PAIRS); beyond, the grouped GEMM.
     fused_pairs: int = 128
@@ -61,7 +64,7 @@ class KernelOptions:
     def from_env(cls) -> KernelOptions:
         return cls(kernels=os.environ.get("DSV3_KERNELS", "auto"), overlap=os.environ.get("DSV3_OVERLAP", "1") != "0",
                    shared_inline=os.environ.get("DSV3_SHARED_INLINE", "1") != "0",
-                   overlap_tokens=int(os.environ.get("DSV3_OVERLAP_TOKENS", "256")),
+                   overlap_tokens=int(os.environ.get("DSV3_OVERLAP_TOKENS", "512")),
                    fused_pairs=int(os.environ.get("DSV3_FUSED_PAIRS", "128")),
                    expand_prompts=os.environ.get("DSV3_EXPAND_PROMPTS", "1") != "0")
 
