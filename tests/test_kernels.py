@@ -189,6 +189,7 @@ def check_fused_experts(gen: torch.Generator) -> dict[str, float]:
     for block_m in (16, 64, 128):
         out = fused_experts(x, ids, weights, gate_up, None, down, None, block_m=block_m)
         errors[f"fused_experts/plain/block_m={block_m}"] = rel_err(out, ref)
+    plain_gate_up, plain_down = gate_up, down
     gate_up, gate_up_scale = reference.fp8_quantize(gate_up)
     down, down_scale = reference.fp8_quantize(down)
     ref = reference.routed_experts(x.double(), ids, weights, gate_up, gate_up_scale, down, down_scale)
@@ -208,6 +209,12 @@ def check_fused_experts(gen: torch.Generator) -> dict[str, float]:
     ref = reference.routed_experts(big_x.double(), big_ids, big_w, gate_up, gate_up_scale, down, down_scale)
     out = fused_experts(big_x, big_ids, big_w, gate_up, gate_up_scale, down, down_scale, quantize_activations=False)
     errors["fused_experts/fp8/prefill_tiles"] = rel_err(out, ref)
+    # 16-bit experts past 64 pairs an expert: 128-row blocks, chosen by fused_experts itself.
+    assert moe_block_m(pairs, n_experts, False) == 128 and moe_block_m(64 * n_experts, n_experts, False) == 64
+    ref = reference.routed_experts(big_x.double(), big_ids, big_w, plain_gate_up.double(), None, plain_down.double(),
+                                   None)
+    out = fused_experts(big_x, big_ids, big_w, plain_gate_up, None, plain_down, None)
+    errors["fused_experts/plain/many_pairs"] = rel_err(out, ref)
     # One token, every expert on this rank: the layout without its kernel (a block per pair).
     one = torch.randperm(n_experts, generator=gen)[:k][None]
     ref = reference.routed_experts(x[:1].double(), one, weights[:1], gate_up, gate_up_scale, down, down_scale)
