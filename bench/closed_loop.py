@@ -252,7 +252,13 @@ def main() -> None:
             for clients in levels:
                 closed_loop(engine, clients, 1, cfg.vocab_size, seed=7)  # new shapes compile here, not in the timed run
                 if clients not in engine_tok_s:  # the engine's decode-only figure (bench.py's), in this process
-                    engine_tok_s[clients] = clients / dsv3_decode(engine, clients, 128, 128, cfg.vocab_size)[0]
+                    per_token, outs = dsv3_decode(engine, clients, 128, 128, cfg.vocab_size)
+                    engine_tok_s[clients] = clients / per_token
+                    # Greedy tokens of random weights may repeat across the batch (and route alike), unlike the
+                    # closed loop's random prompts: how many distinct tokens a step of the engine's figure decodes.
+                    distinct = sum(len(set(step)) for step in zip(*outs)) / len(outs[0])
+                    print(f"engine's decode at {clients}: {clients / per_token:,.0f} tok/s, {distinct:.1f} distinct "
+                          f"tokens a step of {clients} on average", flush=True)
                 row = {"variant": variant, **closed_loop(engine, clients, args.requests, cfg.vocab_size, seed=clients)}
                 row["engine_tok_s"] = engine_tok_s[clients]
                 row["ratio"] = row["output_tokens_per_s"] / engine_tok_s[clients]
