@@ -10,9 +10,10 @@ server adds.
         [--variants "d2-t8192-g2048 d2-t8192-g8192"] [--profile-prefill 256] [--out DIR]
 
 A variant names EngineConfig fields: dF prefill_delay_factor, tN max_num_batched_tokens, gN cuda_graph_max_tokens,
-mN mixed_step_tokens (m0: prompts in whole steps); and kernel options (dispatch.KernelOptions, for the engine's capture and its steps): oN overlaps the shared experts and kv_a_proj
-on a side stream up to N tokens (overlap_tokens), fN takes bf16 experts' fused MoE up to N pairs an expert
-(fused_pairs), x0 attends every row of a rows-mode step absorbed (expand_prompts=False).
+mN mixed_step_tokens (m0: prompts in whole steps); and kernel options (dispatch.KernelOptions, for the engine's
+capture and its steps): oN overlaps the shared experts and kv_a_proj on a side stream up to N tokens
+(overlap_tokens), fN takes bf16 experts' fused MoE up to N pairs an expert (fused_pairs), x0 attends every row of a
+rows-mode step absorbed (expand_prompts=False).
 """
 
 from __future__ import annotations

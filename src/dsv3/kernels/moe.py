@@ -7,8 +7,8 @@ device value on the host: the padded layout has a size fixed by the shapes alone
 can be present may waste BLOCK_M - 1 rows), so a decode step can be captured in a CUDA graph. The
 layout is two kernels (a counting sort: counts per chunk of pairs, then each chunk's rows; none for one
 token), the first GEMM ends with the SwiGLU product, and one kernel makes each token's weighted sum over
-its experts plus the shared experts' output: five kernels in all. One token with 16-bit experts takes two GEMV launches
-instead (gemv.routed, `one_token_gemv`), the shared experts inside them, and the weighted sum: three.
+its experts plus the shared experts' output: five kernels in all. One token with 16-bit experts takes two GEMV
+launches instead (gemv.routed, `one_token_gemv`), the shared experts inside them, and the weighted sum: three.
 """
 
 from __future__ import annotations
@@ -20,13 +20,17 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3.kernels import gemv, pdl
+from dsv3.kernels import gemv, pdl, reference
 from dsv3.kernels.fp8_gemm import FIXED_CONFIG, block_scaled_matmul, gemm_config
 
 # The layout's two kernels give each program CHUNK pairs, its counts one row of a (chunks, experts) table that
 # every program of the second kernel reads whole: at most MAX_CHUNKS rows, so past MAX_CHUNKS * CHUNK pairs
-# a program takes more (the FP8 prefill: 65,536 pairs of DeepSeek-V3 at 8,192 tokens, 1,024 a program).
+# a program takes more.
 MAX_CHUNKS = 64
+# Up to this many pairs the two kernels lay them out: measured up to 4,608 (moonlight-16b, 768 tokens), the most the
+# bf16 experts' fused path takes is 8,192. Past it (FP8 prefills: 65,536 pairs of DeepSeek-V3 at 8,192 tokens) the
+# PyTorch layout, a few dozen parallel kernels, as before the two kernels; not measured against them there.
+KERNEL_PAIRS = 8192
 
 
 @triton.jit
@@ -88,9 +92,12 @@ def _expert_rows(ids, counts, token_at, row_at, block_expert, row_of_pair, pairs
 
 def expert_blocks(local_ids: torch.Tensor, n_experts: int, block_m: int, k: int
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Same arguments and result as reference.expert_blocks, in two launches of up to MAX_CHUNKS programs (one
-    program walking every pair: 53 us a layer of moonlight-16b's batch 256 on an H200, 102 us at 512)."""
+    """Same arguments and result as reference.expert_blocks: up to KERNEL_PAIRS pairs in two launches of up to
+    MAX_CHUNKS programs (one program walking every pair took 53 us a layer of moonlight-16b's batch 256 on an H200,
+    102 us at 512; the two, 12 us), past it the reference's PyTorch layout."""
     pairs = local_ids.numel()
+    if pairs > KERNEL_PAIRS:
+        return reference.expert_blocks(local_ids, n_experts, block_m, k)
     capacity = -(-(pairs + min(n_experts, pairs) * (block_m - 1)) // block_m) * block_m
 
     def empty(n: int) -> torch.Tensor:
@@ -178,7 +185,8 @@ def moe_block_m(pairs: int, n_experts: int, fp8: bool) -> int:
     past 64 pairs an expert 128 (a block reads its expert's weights: moonlight-16b at 768 tokens, 72 pairs an
     expert, H200: both GEMMs 363 us a layer in 128-row blocks against 455 in 64-row ones; 64 stays best at 512
     tokens, bench/results/*-tune-moe-b512-d04ab53.txt). DeepSeek-V3's FP8 experts at batch 256 (8 pairs an expert),
-    H100: 4.04 ms a layer in 16-row blocks against 7.36 in 64-row ones (bench/results/*-tune-moe-fp8-b256-2aff41e.txt)."""
+    H100: 4.04 ms a layer in 16-row blocks against 7.36 in 64-row ones
+    (bench/results/*-tune-moe-fp8-b256-2aff41e.txt)."""
     if pairs <= (8 if fp8 else 4) * n_experts:
         return 16
     return 128 if not fp8 and pairs > 64 * n_experts else 64
